@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set up .venv (idempotent) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+python -m pytest -q "$@"
