@@ -1,0 +1,54 @@
+"""The `apet` command: one dispatcher, each stage registers its own subcommands.
+
+    apet build    (export/cli.py)   checkpoint or preset -> engine directory
+    apet inspect  (runtime/cli.py)  print a manifest and verify the files against it
+    apet run      (runtime/cli.py)  image + prompt through an engine directory
+    apet bench    (scripts/bench.py) latency per stage, compressed vs uncompressed
+
+Errors the user can act on are printed as one line (no traceback) and exit with status 2;
+set APET_DEBUG=1 to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# (module, description) - imported lazily so `apet --help` stays fast and a missing optional
+# dependency only affects the subcommand that needs it.
+_STAGES = ("export.cli", "runtime.cli", "scripts.bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apet", description="ApET visual-token compression in exported VLM engines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _STAGES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(name.split(".")[0]):
+                continue  # stage not present in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("apet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the traceback on request
+        if os.environ.get("APET_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"apet {args.command}: error: {type(exc).__name__}: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
