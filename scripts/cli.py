@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for the user; the traceback on request
         if os.environ.get("APET_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"apet {args.command}: error: {type(exc).__name__}: {msg}", file=sys.stderr)
         return 2
 
