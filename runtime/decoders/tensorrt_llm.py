@@ -1,0 +1,187 @@
+"""TensorRT-LLM decoders (imported lazily: `pip install apet-trt[tensorrt-llm]`, NVIDIA GPU).
+
+TensorRTLLMDecoder: `tensorrt_llm.runtime.ModelRunnerCpp` on an engine built by `trtllm-build`
+(with `--max_multimodal_len` >= max_batch * T). The visual embeddings go in through the prompt
+table exactly as DESIGN.md says; the construction is `prompt_table.build_prompt_table_inputs`.
+API read from TensorRT-LLM's source, tensorrt_llm/runtime/model_runner_cpp.py:
+  ModelRunnerCpp.from_dir(engine_dir, rank=..., max_batch_size=..., max_input_len=..., ...)
+  runner.generate(batch_input_ids: list[Tensor], prompt_table=Tensor, prompt_tasks="0,1,...",
+                  max_new_tokens=, end_id=, pad_id=, temperature=, top_k=, top_p=, random_seed=,
+                  streaming=, return_dict=, output_sequence_lengths=)
+  -> {"output_ids": [B, beams, max_seq_len] (the input ids followed by the generated ones),
+      "sequence_lengths": [B, beams]}; with streaming=True a generator of such dicts.
+  runner.vocab_size, runner.max_prompt_embedding_table_size, runner.dtype, runner.max_input_len.
+(examples/multimodal/README.md: "--max_multimodal_len ... [batch_size, num_visual_features,
+visual_hidden_dim] is flattened ... and passed like a prompt embedding table".)
+
+TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for the models it lists
+with precomputed embeddings: `LLM(model=hf_dir).generate([{"prompt": text,
+"multi_modal_embeddings": {"image": [tensor(T, H)]}}], SamplingParams(...))`. The prompt is the
+conversation text with one image placeholder (the LLM API's input processor expands it).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..prompt import AssembledPrompt
+from . import Decoder, DecodeOutput, SamplingConfig
+from .prompt_table import build_prompt_table_inputs
+
+_INSTALL = "pip install apet-trt[tensorrt-llm] (TensorRT-LLM, on a machine with an NVIDIA GPU)"
+
+
+def _import_tensorrt_llm():
+    try:
+        import tensorrt_llm  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"the TensorRT-LLM decoder needs the tensorrt_llm package: {_INSTALL}") from exc
+    if not torch.cuda.is_available():
+        raise RuntimeError("the TensorRT-LLM decoder needs a CUDA GPU, and torch sees none")
+    return tensorrt_llm
+
+
+def _sampling_kwargs(s: SamplingConfig) -> dict:
+    """SamplingConfig -> ModelRunnerCpp.generate keyword arguments (they override its
+    trtllm.SamplingConfig fields; "random_seed" is renamed to "seed" there)."""
+    if not s.do_sample:
+        return {"top_k": 1, "temperature": 1.0}
+    kw = {"temperature": s.temperature, "top_k": s.top_k or 0, "top_p": s.top_p}
+    if s.seed is not None:
+        kw["random_seed"] = int(s.seed)
+    return kw
+
+
+class TensorRTLLMDecoder(Decoder):
+    name = "tensorrt_llm"
+
+    def __init__(self, engine_dir: str | Path, *, vocab_size: int, num_visual_tokens: int,
+                 eos_token_id: int, pad_token_id: int, dtype: torch.dtype):
+        _import_tensorrt_llm()
+        from tensorrt_llm.runtime import ModelRunnerCpp
+
+        engine_dir = Path(engine_dir)
+        if not (engine_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{engine_dir}: not a TensorRT-LLM engine directory (no config.json)")
+        self.runner = ModelRunnerCpp.from_dir(engine_dir=str(engine_dir), rank=0)
+        self.vocab_size = int(vocab_size)
+        if int(self.runner.vocab_size) != self.vocab_size:
+            raise ValueError(f"{engine_dir}: the TensorRT-LLM engine's vocab_size {self.runner.vocab_size} differs "
+                             f"from the manifest's {self.vocab_size}")
+        self.dtype = self.runner.dtype if dtype is None else dtype
+        if self.runner.dtype != self.dtype:
+            raise ValueError(f"{engine_dir}: the TensorRT-LLM engine runs in {self.runner.dtype}, the manifest says "
+                             f"{self.dtype}; the prompt table must be in the engine's dtype")
+        self.num_visual_tokens = int(num_visual_tokens)
+        # ModelRunnerCpp gives each request its own table and rejects one longer than
+        # max_prompt_embedding_table_size / max_batch_size (DESIGN.md).
+        per_request = int(self.runner.max_prompt_embedding_table_size) // max(1, int(self.runner.max_batch_size))
+        if per_request < self.num_visual_tokens:
+            raise ValueError(f"{engine_dir}: built with max_multimodal_len "
+                             f"{self.runner.max_prompt_embedding_table_size} for max_batch_size "
+                             f"{self.runner.max_batch_size}: {per_request} rows per request < T="
+                             f"{self.num_visual_tokens}; rebuild with --max_multimodal_len >= "
+                             f"{self.num_visual_tokens * int(self.runner.max_batch_size)}")
+        self.max_length = int(self.runner.max_sequence_length)
+        self.max_batch_size = int(self.runner.max_batch_size)
+        self.max_input_len = int(self.runner.max_input_len)
+        self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
+
+    def check_lengths(self, prompts, max_new_tokens):
+        super().check_lengths(prompts, max_new_tokens)
+        for b, p in enumerate(prompts):
+            if p.input_ids.numel() > self.max_input_len:
+                raise ValueError(f"prompt {b}: {p.input_ids.numel()} tokens exceed the TensorRT-LLM engine's "
+                                 f"max_input_len {self.max_input_len}")
+
+    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
+                 sampling: SamplingConfig) -> DecodeOutput:
+        self.check_batch(prompts, embeddings)
+        self.check_lengths(prompts, sampling.max_new_tokens)
+        ids: list[list[int]] = []
+        first_ms = decode_ms = 0.0
+        for start in range(0, len(prompts), self.max_batch_size):  # the engine's batch limit
+            chunk = slice(start, start + self.max_batch_size)
+            out = self._generate_chunk(prompts[chunk], embeddings[chunk], sampling)
+            ids += out.ids
+            first_ms += out.first_token_ms
+            decode_ms += out.decode_ms
+        return DecodeOutput(ids=ids, first_token_ms=first_ms, decode_ms=decode_ms)
+
+    def _generate_chunk(self, prompts, embeddings, sampling) -> DecodeOutput:
+        inputs = build_prompt_table_inputs(
+            [p.input_ids for p in prompts], [p.image_slots for p in prompts], embeddings,
+            vocab_size=self.vocab_size, dtype=self.dtype,
+        )
+        t0 = time.perf_counter()
+        first = None
+        final = None
+        # streaming=True yields after every step: the first yield marks the first token.
+        for final in self.runner.generate(
+            inputs.batch_input_ids,
+            prompt_table=inputs.prompt_table.cuda(),
+            prompt_tasks=inputs.prompt_tasks,
+            max_new_tokens=sampling.max_new_tokens,
+            end_id=self.eos_token_id,
+            pad_id=self.pad_token_id,
+            streaming=True,
+            return_dict=True,
+            output_sequence_lengths=True,
+            **_sampling_kwargs(sampling),
+        ):
+            if first is None:
+                torch.cuda.synchronize()
+                first = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if final is None:
+            raise RuntimeError("TensorRT-LLM returned no output (is this process MPI rank 0?)")
+        output_ids = final["output_ids"].cpu()
+        lengths = final["sequence_lengths"].cpu()
+        ids = []
+        for b, p in enumerate(prompts):
+            n_in = int(p.input_ids.numel())
+            ids.append(output_ids[b, 0, n_in:int(lengths[b, 0])].tolist())
+        first = first or t2
+        return DecodeOutput(ids=ids, first_token_ms=(first - t0) * 1e3, decode_ms=(t2 - first) * 1e3)
+
+
+class TensorRTLLMAPIDecoder(Decoder):
+    """The LLM API path (`multi_modal_embeddings`); for the models TensorRT-LLM's LLM API lists as
+    accepting precomputed multimodal embeddings (e.g. LLaVA-NeXT; not LLaVA-1.5)."""
+
+    name = "tensorrt_llm_api"
+
+    def __init__(self, hf_checkpoint: str | Path, *, image_token: str, max_length: int):
+        _import_tensorrt_llm()
+        from tensorrt_llm import LLM
+
+        self.llm = LLM(model=str(hf_checkpoint))
+        self.image_token = image_token
+        self.max_length = int(max_length)
+
+    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
+                 sampling: SamplingConfig) -> DecodeOutput:
+        from tensorrt_llm import SamplingParams
+
+        self.check_batch(prompts, embeddings)
+        self.check_lengths(prompts, sampling.max_new_tokens)
+        params = SamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature if sampling.do_sample else 0.0,
+            top_k=(sampling.top_k or None) if sampling.do_sample else 1,
+            top_p=sampling.top_p if sampling.do_sample else 1.0,
+            seed=sampling.seed,
+        )
+        requests = [{"prompt": p.text, "multi_modal_embeddings": {"image": [embeddings[b].cuda()]}}
+                    for b, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(requests, sampling_params=params)
+        t1 = time.perf_counter()
+        ids = [list(o.outputs[0].token_ids) for o in outputs]
+        # The LLM API returns whole requests: the split between prefill and decode is not
+        # observable here, so all of it is reported as decode time.
+        return DecodeOutput(ids=ids, first_token_ms=0.0, decode_ms=(t1 - t0) * 1e3)

@@ -1,0 +1,143 @@
+"""TransformersDecoder: the checkpoint's language model (PyTorch, Transformers) fed `inputs_embeds`.
+
+The prompt ids are embedded with the model's own input embeddings, the T image slots are replaced by
+the visual embeddings (what LlavaModel does with `masked_scatter`), and tokens are generated with
+the KV cache: one prefill forward over the whole prompt, then one forward per new token. Batches
+are left-padded with the attention mask and position ids that `GenerationMixin.generate` uses
+(position = cumsum(mask) - 1), so greedy ids equal `generate(inputs_embeds=...)`.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Sequence
+
+import torch
+
+from ..prompt import AssembledPrompt
+from . import Decoder, DecodeOutput, SamplingConfig
+
+
+def _sample_filter(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order of Transformers' logits warpers)."""
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1 - s.top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+class TransformersDecoder(Decoder):
+    name = "transformers"
+
+    def __init__(self, model: torch.nn.Module, *, image_token_id: int, pad_token_id: int | None,
+                 eos_token_id: int | Sequence[int] | None, max_length: int):
+        self.model = model.eval()
+        self.embed = model.get_input_embeddings()
+        self.image_token_id = int(image_token_id)
+        self.pad_token_id = int(pad_token_id if pad_token_id is not None else 0)
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        self.eos_token_ids = torch.tensor(eos, dtype=torch.int64)
+        self.max_length = int(max_length)
+        params = inspect.signature(model.forward).parameters
+        # Transformers >= 5.x names the KV cache argument `cache` (older: `past_key_values`).
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def build_inputs_embeds(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor):
+        """-> (inputs_embeds [B, L, H], attention_mask [B, L], position_ids [B, L]), left-padded."""
+        self.check_batch(prompts, embeddings)
+        b, length = len(prompts), max(int(p.input_ids.numel()) for p in prompts)
+        ids = torch.full((b, length), self.pad_token_id, dtype=torch.int64)
+        mask = torch.zeros((b, length), dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            n = int(p.input_ids.numel())
+            ids[i, length - n:] = p.input_ids
+            mask[i, length - n:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        inputs_embeds = self.embed(ids)
+        visual = embeddings.to(device=self.device, dtype=inputs_embeds.dtype)
+        for i, p in enumerate(prompts):
+            offset = length - int(p.input_ids.numel())
+            inputs_embeds[i, p.image_slots.to(self.device) + offset] = visual[i]
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        return inputs_embeds, mask, position_ids
+
+    def _forward(self, cache, **inputs):
+        kwargs = {self._cache_kw: cache, "use_cache": True, **inputs}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :].float(), new_cache
+
+    def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+        if not s.do_sample:
+            return logits.argmax(dim=-1)
+        probs = _sample_filter(logits, s).softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
+                 sampling: SamplingConfig) -> DecodeOutput:
+        self.check_lengths(prompts, sampling.max_new_tokens)
+        gen = None
+        if sampling.do_sample:
+            gen = torch.Generator()
+            if sampling.seed is not None:
+                gen.manual_seed(int(sampling.seed))
+            else:
+                gen.seed()
+        eos = self.eos_token_ids.to(self.device)
+        b = len(prompts)
+
+        t0 = time.perf_counter()
+        inputs_embeds, mask, position_ids = self.build_inputs_embeds(prompts, embeddings)
+        logits, cache = self._forward(None, inputs_embeds=inputs_embeds, attention_mask=mask,
+                                      position_ids=position_ids)
+        token = self._pick(logits, sampling, gen)
+        _sync(self.device)
+        t1 = time.perf_counter()
+
+        out = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        position = position_ids[:, -1:]
+        for step in range(sampling.max_new_tokens):
+            token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+            for i in range(b):
+                if not done[i]:
+                    out[i].append(int(token[i]))
+            if eos.numel():
+                done = done | torch.isin(token, eos)
+            if bool(done.all()) or step == sampling.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            position = position + 1
+            logits, cache = self._forward(cache, input_ids=token.unsqueeze(-1), attention_mask=mask,
+                                          position_ids=position)
+            token = self._pick(logits, sampling, gen)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return DecodeOutput(ids=out, first_token_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,126 @@
+"""Images in, pixel_values out: load and validate what users pass, then run the checkpoint's own
+Hugging Face image processor (saved in the engine directory's processor/).
+
+Accepted per image: a PIL image, a path (str / os.PathLike), or an array (numpy or torch) shaped
+[H, W, 3], uint8 in 0..255 or floating point in [0, 1]. Everything else is a clear error that
+names the image (its index in the batch, or its path).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ImageLike = Any  # PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
+
+
+def _from_path(path: str | os.PathLike, where: str) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{where}: image file {p} does not exist")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{where}: {p} is not an image PIL can read") from exc
+    except OSError as exc:  # truncated or otherwise unreadable image data
+        raise ValueError(f"{where}: {p} could not be read as an image ({exc})") from exc
+
+
+def _from_array(array: Any, where: str) -> Image.Image:
+    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
+        array = array.detach().cpu().numpy()
+    a = np.asarray(array)
+    if a.ndim != 3:
+        raise ValueError(f"{where}: an image array must have rank 3 [H, W, 3], got shape {tuple(a.shape)}")
+    if a.shape[-1] != 3:
+        raise ValueError(f"{where}: an image array must have 3 channels last [H, W, 3], got shape {tuple(a.shape)}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{where}: zero-size image, shape {tuple(a.shape)}")
+    if a.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(a))
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{where}: image array holds NaN or Inf values")
+        if a.min() < 0.0 or a.max() > 1.0:
+            raise ValueError(f"{where}: a floating-point image must lie in [0, 1], got range "
+                             f"[{float(a.min()):.4g}, {float(a.max()):.4g}]")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8))
+    raise TypeError(f"{where}: image arrays must be uint8 or floating point, got dtype {a.dtype}")
+
+
+def to_pil(image: ImageLike, index: int = 0) -> Image.Image:
+    """One image of any accepted kind -> an RGB PIL image."""
+    where = f"image {index}"
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{where}: zero-size image ({image.width}x{image.height})")
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        return _from_path(image, where)
+    if isinstance(image, (np.ndarray, list, tuple)) or hasattr(image, "detach"):
+        return _from_array(image, where)
+    raise TypeError(f"{where}: expected a PIL image, a path or an [H, W, 3] array, got {type(image).__name__}")
+
+
+def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """A single image or a sequence of images -> a non-empty list (not yet converted)."""
+    if isinstance(images, (Image.Image, str, os.PathLike)) or hasattr(images, "detach"):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim != 4 else list(images)
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("empty batch: pass at least one image")
+        return list(images)
+    raise TypeError(f"images: expected an image or a list of images, got {type(images).__name__}")
+
+
+class ImagePreprocessor:
+    """The checkpoint's own HF image processor (loaded from the engine dir's processor/),
+    plus input validation. `__call__(images) -> pixel_values` float32 numpy [B, 3, S, S]."""
+
+    def __init__(self, processor_dir: str | os.PathLike, image_size: int):
+        from transformers import AutoImageProcessor
+
+        processor_dir = Path(processor_dir)
+        if not (processor_dir / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"{processor_dir}: no preprocessor_config.json (the image processor "
+                                    "is missing from the engine directory)")
+        # The PIL ("slow") processors need no torchvision; AutoImageProcessor picks them when
+        # torchvision is absent, and use_fast=False asks for them explicitly where supported.
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), use_fast=False)
+        except TypeError:
+            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir))
+        self.image_size = int(image_size)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(getattr(self.processor, "image_mean", [0.0, 0.0, 0.0]), dtype=np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.asarray(getattr(self.processor, "image_std", [1.0, 1.0, 1.0]), dtype=np.float32)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        pil = [to_pil(img, i) for i, img in enumerate(as_image_list(images))]
+        out = self.processor(images=pil, return_tensors="np")
+        pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+        expected = (len(pil), 3, self.image_size, self.image_size)
+        if pixel_values.shape != expected:
+            raise ValueError(f"the image processor produced pixel_values {pixel_values.shape}, the engine "
+                             f"expects {expected}")
+        if not np.isfinite(pixel_values).all():
+            bad = int(np.argmax(~np.isfinite(pixel_values).reshape(len(pil), -1).all(axis=1)))
+            raise ValueError(f"image {bad}: preprocessing produced NaN or Inf pixel values")
+        return pixel_values
+
+    def unnormalize(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[3, S, S] normalized -> [S, S, 3] uint8 (the crop the engine saw; for overlays)."""
+        x = pixel_values.transpose(1, 2, 0) * self.std + self.mean
+        return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
