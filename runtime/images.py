@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 ImageLike = Any  # PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
@@ -32,7 +33,7 @@ def _from_path(path: str | os.PathLike, where: str) -> Image.Image:
 
 
 def _from_array(array: Any, where: str) -> Image.Image:
-    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
+    if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     a = np.asarray(array)
     if a.ndim != 3:
@@ -62,16 +63,16 @@ def to_pil(image: ImageLike, index: int = 0) -> Image.Image:
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         return _from_path(image, where)
-    if isinstance(image, (np.ndarray, list, tuple)) or hasattr(image, "detach"):
+    if isinstance(image, (np.ndarray, torch.Tensor, list, tuple)):
         return _from_array(image, where)
     raise TypeError(f"{where}: expected a PIL image, a path or an [H, W, 3] array, got {type(image).__name__}")
 
 
 def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     """A single image or a sequence of images -> a non-empty list (not yet converted)."""
-    if isinstance(images, (Image.Image, str, os.PathLike)) or hasattr(images, "detach"):
+    if isinstance(images, (Image.Image, str, os.PathLike)):
         return [images]
-    if isinstance(images, np.ndarray):
+    if isinstance(images, (np.ndarray, torch.Tensor)):
         return [images] if images.ndim != 4 else list(images)
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
@@ -91,12 +92,12 @@ class ImagePreprocessor:
         if not (processor_dir / "preprocessor_config.json").is_file():
             raise FileNotFoundError(f"{processor_dir}: no preprocessor_config.json (the image processor "
                                     "is missing from the engine directory)")
-        # The PIL ("slow") processors need no torchvision; AutoImageProcessor picks them when
-        # torchvision is absent, and use_fast=False asks for them explicitly where supported.
+        # The PIL processors need no torchvision: Transformers 5 selects them with backend="pil"
+        # (older releases: use_fast=False).
         try:
+            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), backend="pil")
+        except (TypeError, ValueError):
             self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), use_fast=False)
-        except TypeError:
-            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir))
         self.image_size = int(image_size)
 
     @property

@@ -1,0 +1,83 @@
+"""The vision engine on TensorRT (>= 10) through its Python API, with torch CUDA buffers and a stream.
+
+API (TensorRT Python docs, "Runtime", "ICudaEngine", "IExecutionContext"):
+  trt.Runtime(logger).deserialize_cuda_engine(bytes) -> ICudaEngine (None on failure)
+  engine.num_io_tensors, engine.get_tensor_name(i), engine.get_tensor_mode(name),
+  engine.get_tensor_dtype(name), engine.create_execution_context()
+  context.set_input_shape(name, shape), context.get_tensor_shape(name),
+  context.set_tensor_address(name, ptr), context.execute_async_v3(stream_handle) -> bool
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from ..images import ImagePreprocessor
+from ..manifest import Manifest
+from . import TENSORRT_INSTALL, VisionBackend, tensorrt_available
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+             trt.int8: torch.int8, trt.bool: torch.bool}
+    for name, tdt in (("int64", torch.int64), ("bf16", torch.bfloat16)):
+        if hasattr(trt, name):
+            table[getattr(trt, name)] = tdt
+    if dtype not in table:
+        raise RuntimeError(f"TensorRT tensor dtype {dtype} has no torch equivalent here")
+    return table[dtype]
+
+
+class TensorRTBackend(VisionBackend):
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, preprocessor: ImagePreprocessor, *, device: str | None = None):
+        super().__init__(manifest, preprocessor)
+        ok, why = tensorrt_available()
+        if not ok:
+            raise RuntimeError(f"backend='tensorrt' needs TensorRT and an NVIDIA GPU: {why}. "
+                               f"Install with `{TENSORRT_INSTALL}` on a GPU machine, or use backend='onnxruntime'")
+        plan = manifest.engine_path("tensorrt")
+        if plan is None or not plan.is_file():
+            raise FileNotFoundError(f"{manifest.root}: no TensorRT plan in this engine directory (it was built "
+                                    "without TensorRT); rebuild on a machine with TensorRT or use backend='onnxruntime'")
+        import tensorrt as trt
+
+        self.trt = trt
+        self.device = torch.device(device if device is not None and str(device).startswith("cuda") else "cuda")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{plan}: TensorRT could not deserialize the plan (built by another TensorRT "
+                               "version or for another GPU?); rebuild it with `apet build`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        want_in = [manifest.data["io"]["inputs"][0]["name"]]
+        if self.inputs != want_in or sorted(self.outputs) != ["embeddings", "positions"]:
+            raise RuntimeError(f"{plan}: engine tensors {self.inputs} -> {self.outputs} differ from the manifest")
+        self.stream = torch.cuda.Stream(device=self.device)
+        self._lock = threading.Lock()  # one execution context: one inference at a time
+
+    def _run_chunk(self, pixel_values: np.ndarray):
+        name = self.inputs[0]
+        with self._lock, torch.cuda.stream(self.stream):
+            x = torch.from_numpy(pixel_values).to(self.device, non_blocking=False)
+            x = x.to(_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+            outputs = {}
+            for out in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(out))
+                buf = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(out)),
+                                  device=self.device)
+                self.context.set_tensor_address(out, buf.data_ptr())
+                outputs[out] = buf
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            self.stream.synchronize()
+        return outputs["embeddings"], outputs["positions"]

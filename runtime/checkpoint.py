@@ -1,0 +1,58 @@
+"""The Transformers checkpoint an engine directory names for its decoder (and the torch backend):
+manifest["decoder"]["transformers"] = {"checkpoint": "hf" | "/abs/path", "weights": "saved"} or
+{"checkpoint": ..., "weights": "random-seeded", "seed": S, "config": "hf/config.json"}."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .manifest import Manifest
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def llm_dtype(manifest: Manifest) -> torch.dtype:
+    name = manifest.llm.get("dtype", "float32")
+    if name not in _DTYPES:
+        raise ValueError(f"{manifest.root}: llm.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _model_class(family: str):
+    if family == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+def load_transformers_model(manifest: Manifest, *, device: torch.device, dtype: torch.dtype | None = None):
+    """The VLM (vision tower, projector, language model) as a Transformers model, in eval mode."""
+    entry = (manifest.data.get("decoder") or {}).get("transformers")
+    if not entry:
+        raise RuntimeError(f"{manifest.root}: the manifest names no Transformers checkpoint (decoder.transformers)")
+    dtype = dtype or llm_dtype(manifest)
+    cls = _model_class(manifest.family)
+    weights = entry.get("weights", "saved")
+    if weights == "saved":
+        path = manifest.path_of(entry["checkpoint"])
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: the Transformers checkpoint named by the manifest does not exist")
+        model = cls.from_pretrained(str(path), dtype=dtype)
+    elif weights == "random-seeded":
+        from transformers import AutoConfig
+
+        config_path = manifest.path_of(entry.get("config") or Path(entry["checkpoint"]) / "config.json")
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: the config for the seeded random weights does not exist")
+        config = AutoConfig.from_pretrained(str(config_path.parent))
+        torch.manual_seed(int(entry["seed"]))
+        model = cls(config) if cls.__name__ != "AutoModelForImageTextToText" else cls.from_config(config)
+        model = model.to(dtype)
+    else:
+        raise ValueError(f"{manifest.root}: decoder.transformers.weights must be 'saved' or 'random-seeded', "
+                         f"got {weights!r}")
+    return model.to(device).eval()

@@ -1,0 +1,90 @@
+"""`apet run` and `apet inspect` (registered into the dispatcher scripts/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    run = subparsers.add_parser("run", help="image + prompt through an engine directory",
+                                description="Run one image and prompt through an engine directory: prints the "
+                                            "text, the tokens kept (N -> T) and per-stage timings.")
+    run.add_argument("--engine", required=True, help="engine directory (built by `apet build`)")
+    run.add_argument("--image", required=True, help="image file")
+    run.add_argument("--prompt", required=True, help="question or instruction about the image")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    run.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--overlay", default=None, metavar="OUT.png", help="write the kept patches over the image")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    run.set_defaults(func=run_command)
+
+    inspect = subparsers.add_parser("inspect", help="print an engine directory's manifest and verify its files")
+    inspect.add_argument("engine", help="engine directory")
+    inspect.set_defaults(func=inspect_command)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from .manifest import read_manifest, verify_files
+
+    manifest = read_manifest(args.engine)
+    print(manifest.summary())
+    verify_files(manifest, progress=sys.stderr.isatty())  # raises, naming the file at fault
+    print("OK")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from . import load
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder)
+    [result] = pipe.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    overlay_path = None
+    if args.overlay:
+        overlay_path = write_overlay(pipe, args.image, result.positions, args.overlay)
+    if args.json:
+        payload = {"text": result.text, "ids": result.ids, "positions": result.positions,
+                   "num_patches": result.num_patches, "num_kept": result.num_kept, "timings": result.timings,
+                   "backend": pipe.backend, "decoder": pipe.decoder.name,
+                   "overlay": None if overlay_path is None else str(overlay_path)}
+        print(json.dumps(payload))
+        return 0
+    t = result.timings
+    apet = pipe.manifest.apet
+    how = (f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression")
+    print(f"engine   {args.engine}  (vision: {pipe.backend} [{pipe.backend_reason}], decoder: {pipe.decoder.name})")
+    print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
+    print(f"text     {result.text!r}")
+    print(f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
+          f"prefill/first token {t['first_token_ms']:.1f} ms | decode {t['decode_ms']:.1f} ms "
+          f"({int(t['new_tokens'])} tokens) | total {t['total_ms']:.1f} ms")
+    if overlay_path:
+        print(f"overlay  {overlay_path}")
+    return 0
+
+
+def write_overlay(pipe, image, positions, out) -> Path:
+    from .overlay import draw_kept_patches
+
+    pixel_values = pipe.preprocessor(image)
+    crop = pipe.preprocessor.unnormalize(pixel_values[0])
+    v = pipe.manifest.vision
+    picture = draw_kept_patches(crop, positions, patch_size=int(v["patch_size"]),
+                                drop_cls=v.get("select_strategy", "default") == "default")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    return out
