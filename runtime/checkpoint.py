@@ -19,6 +19,15 @@ def llm_dtype(manifest: Manifest) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """from_pretrained's dtype argument: `dtype` since Transformers 4.56, `torch_dtype` before (the
+    4.x line is what TensorRT-LLM installs pin)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _model_class(family: str):
     if family == "llava":
         from transformers import LlavaForConditionalGeneration
@@ -41,7 +50,7 @@ def load_transformers_model(manifest: Manifest, *, device: torch.device, dtype: 
         path = manifest.path_of(entry["checkpoint"])
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: the Transformers checkpoint named by the manifest does not exist")
-        model = cls.from_pretrained(str(path), dtype=dtype)
+        model = cls.from_pretrained(str(path), **_dtype_kwarg(dtype))
     elif weights == "random-seeded":
         from transformers import AutoConfig
 
