@@ -38,11 +38,11 @@ def make_tokenizer():
                                    extra_special_tokens={"image_token": "<image>"})
 
 
-def make_model(tokenizer, seed: int = 0):
+def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vocab = len(tokenizer)
-    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=PATCH, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
     text = LlamaConfig(vocab_size=vocab, hidden_size=TEXT_HIDDEN, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
@@ -58,11 +58,11 @@ def make_model(tokenizer, seed: int = 0):
     return model
 
 
-def _export_vision_onnx(model, apet: dict | None, path: Path) -> None:
+def _export_vision_onnx(model, apet: dict | None, path: Path, image_size: int) -> None:
     from runtime.backends.torch_eager import TorchVision
 
     module = TorchVision(model, feature_layer=-2, select_strategy="default", apet=apet).eval()
-    example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    example = torch.randn(2, 3, image_size, image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), input_names=["pixel_values"],
@@ -82,18 +82,19 @@ def write_manifest(root: Path, data: dict) -> None:
 
 
 def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed: int = 0,
-                     max_position_embeddings: int = 160) -> Path:
+                     max_position_embeddings: int = 160, image_size: int = IMAGE_SIZE) -> Path:
     from transformers import CLIPImageProcessorPil
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer, seed)
+    model = make_model(tokenizer, seed, image_size)
+    n = (image_size // PATCH) ** 2
     apet = None if keep is None else {"keep": keep, "basis": basis, "merge": True, "ridge": 1e-5, "start": 0}
-    t = N if keep is None else keep
-    _export_vision_onnx(model, apet, root / "vision.onnx")
-    processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                      crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    t = n if keep is None else keep
+    _export_vision_onnx(model, apet, root / "vision.onnx", image_size)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                      crop_size={"height": image_size, "width": image_size})
     processor.save_pretrained(str(root / "processor"))
     tokenizer.save_pretrained(str(root / "tokenizer"))
     model.save_pretrained(str(root / "hf"))
@@ -101,8 +102,8 @@ def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed:
     data = {
         "format": "apet-trt-engine", "manifest_version": 1, "created_utc": "2026-01-01T00:00:00Z",
         "model": {"id": "test-llava", "source": "preset", "family": "llava", "path": None},
-        "vision": {"feature_layer": -2, "select_strategy": "default", "image_size": IMAGE_SIZE,
-                   "patch_size": PATCH, "num_patches": N, "feature_dim": 32},
+        "vision": {"feature_layer": -2, "select_strategy": "default", "image_size": image_size,
+                   "patch_size": PATCH, "num_patches": n, "feature_dim": 32},
         "apet": apet,
         "num_visual_tokens": t,
         "llm": {"hidden_size": TEXT_HIDDEN, "vocab_size": text.vocab_size,
@@ -110,7 +111,7 @@ def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed:
                 "max_position_embeddings": max_position_embeddings, "pad_token_id": tokenizer.pad_token_id,
                 "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id},
         "prompt_template": TEMPLATE, "image_token": "<image>",
-        "io": {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]}],
+        "io": {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, image_size, image_size]}],
                "outputs": [{"name": "embeddings", "dtype": "float32", "shape": ["batch", t, TEXT_HIDDEN]},
                            {"name": "positions", "dtype": "int64", "shape": ["batch", t]}]},
         "batch": {"min": 1, "opt": 1, "max": 4},
