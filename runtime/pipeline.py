@@ -77,10 +77,9 @@ class Pipeline:
             raise ValueError("empty batch: pass at least one prompt")
         if len(image_list) != len(prompt_list):
             raise ValueError(f"{len(image_list)} image(s) but {len(prompt_list)} prompt(s): pass one image per prompt")
-        assembled = [self.assembler(p, i) for i, p in enumerate(prompt_list)]
-        self.decoder.check_lengths(assembled, sampling.max_new_tokens)  # fail before any heavy work
-
-        with self._lock:
+        with self._lock:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
+            assembled = [self.assembler(p, i) for i, p in enumerate(prompt_list)]
+            self.decoder.check_lengths(assembled, sampling.max_new_tokens)  # fail before any heavy work
             t0 = time.perf_counter()
             pixel_values = self.vision.preprocess(image_list)
             t1 = time.perf_counter()
@@ -88,6 +87,7 @@ class Pipeline:
             t2 = time.perf_counter()
             out = self.decoder.generate(assembled, embeddings, sampling)
             t3 = time.perf_counter()
+            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.ids]
         timings = {
             "preprocess_ms": (t1 - t0) * 1e3,
             "vision_ms": (t2 - t1) * 1e3,
@@ -98,7 +98,7 @@ class Pipeline:
         }
         return [
             GenerationResult(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                text=texts[b],
                 ids=list(ids),
                 positions=positions[b].tolist(),
                 num_patches=self.manifest.num_patches,
