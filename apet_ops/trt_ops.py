@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import onnx
 from onnx import AttributeProto, numpy_helper
 
@@ -217,11 +218,11 @@ class _Checker:
             return numpy_helper.to_array(ref)
         if isinstance(ref, onnx.NodeProto):  # Constant
             for attr in ref.attribute:
+                if attr.ref_attr_name:
+                    raise _NotReadable("its Constant node takes its value from a function attribute")
                 if attr.type == AttributeProto.TENSOR:
                     return self.value(attr.t)
                 if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
-                    import numpy as np
-
                     return np.asarray(onnx.helper.get_attribute_value(attr))
             raise _NotReadable("its Constant node holds no numeric value")
         raise _NotReadable("it is not a constant")
@@ -250,14 +251,11 @@ class _Checker:
             scope.names[init.name] = init
         return scope
 
-    def check_graph(self, graph: onnx.GraphProto, scope: _Scope, where: str, stack: tuple) -> None:
-        self.check_nodes(graph.node, scope, where, stack)
-
     def check_nodes(self, nodes, scope: _Scope, where: str, stack: tuple) -> None:
         for node in nodes:
             self.check_node(node, scope, where)
             for attr_name, sub in _subgraphs(node):
-                self.check_graph(sub, self.graph_scope(sub, scope), f"{where}/{_node_label(node)}.{attr_name}", stack)
+                self.check_nodes(sub.node, self.graph_scope(sub, scope), f"{where}/{_node_label(node)}.{attr_name}", stack)
             function = self.functions.get(_function_key(node.domain, node.op_type))
             if function is not None and function.name not in stack:
                 self.check_function(function, node, scope, where, stack + (function.name,))
@@ -389,7 +387,7 @@ def _restrictions(model: onnx.ModelProto, external_dir: Path | None) -> list[str
                                         f"{TRT_SOURCE['tensorrt_version']} parses ({lo} to {hi})")
     root = checker.graph_scope(model.graph, None)
     root.ranks = _ranks(model)
-    checker.check_graph(model.graph, root, "graph", ())
+    checker.check_nodes(model.graph.node, root, "graph", ())
     return checker.problems
 
 
