@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-from apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
-
-try:
-    from scripts.timing import machine_info, measure_interleaved
-except ImportError:  # run as a file: python scripts/bench_ops.py
+if __package__ in (None, ""):  # run as a file: python scripts/bench_ops.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.timing import machine_info, measure_interleaved
+
+from apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
+from scripts.timing import machine_info, measure_interleaved
 
 
 def parse_args(argv=None):
