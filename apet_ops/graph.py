@@ -61,7 +61,9 @@ def ridge_projection(s: torch.Tensor, x: torch.Tensor, ridge: float) -> torch.Te
     span of the earlier seeds; that part is set to zero rather than left as amplified round-off.
     """
     b, k, d = s.shape
-    ridge_rows = (ridge ** 0.5) * torch.eye(k, dtype=s.dtype, device=s.device).expand(b, k, k)
+    # a literal constant, not torch.eye (EyeLike wants static input dims in TensorRT's parser)
+    identity = torch.tensor([[float(i == j) for j in range(k)] for i in range(k)], dtype=s.dtype, device=s.device)
+    ridge_rows = (ridge ** 0.5) * identity.expand(b, k, k)
     columns = torch.cat([s, ridge_rows], dim=-1)            # [B, k, D + k], column j of [S^T; rI]
     qs: list[torch.Tensor] = []
     for j in range(k):
