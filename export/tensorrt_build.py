@@ -1,0 +1,86 @@
+"""TensorRT engine from the vision ONNX, with Polygraphy, then TensorRT vs ONNX Runtime.
+
+Polygraphy's documented loaders (polygraphy.backend.trt, Polygraphy >= 0.49 / TensorRT 10):
+  NetworkFromOnnxPath(path)                         parse the ONNX model
+  PostprocessNetwork(network, func)                 here: pin the compressor's layers to float32
+  CreateConfig(fp16=..., profiles=[Profile().add(name, min, opt, max)],
+               precision_constraints="obey", load_timing_cache=path)
+  EngineFromNetwork(network, config, save_timing_cache=path); SaveEngine(engine, path)
+  Comparator.run([TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(path))], data_loader)
+  Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=..., rtol=...))
+(docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/backend/trt/loader.html, .../comparator/)
+
+With --fp16 the tower and projector may run in half precision, but every layer the ONNX parser
+made from the compressor's nodes (named /compressor/... by the exporter) is set to float32 compute
+and float32 outputs, and "obey" makes TensorRT honour it: squared norms of CLIP features overflow
+fp16, and the kept set must not depend on the precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+COMPRESSOR_SCOPE = "/compressor/"
+INSTALL_HINT = "pip install apet-trt[tensorrt]"
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt
+
+        return tensorrt.__version__
+    except ImportError:
+        return None
+
+
+@dataclass
+class TensorRTBuild:
+    plan: Path
+    timing_cache: Path
+    compare_passed: bool
+    fp32_layers: int
+
+
+def pin_compressor_fp32(network):
+    """PostprocessNetwork callback: float32 compute and outputs for the compressor's layers."""
+    import tensorrt as trt
+
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if COMPRESSOR_SCOPE not in layer.name:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output_type(j) in (trt.float16, trt.bfloat16, trt.float32):
+                layer.set_output_type(j, trt.float32)
+        count += 1
+    pin_compressor_fp32.count = count
+    return network
+
+
+def build_tensorrt(onnx_path: Path, plan_path: Path, *, input_name: str, image_size: int, max_batch: int,
+                   opt_batch: int = 1, fp16: bool = False, atol: float = 1e-2, rtol: float = 1e-2) -> TensorRTBuild:
+    """Build and save the plan, then compare TensorRT with ONNX Runtime on random inputs."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessNetwork,
+                                        Profile, SaveEngine, TrtRunner)
+    from polygraphy.common import TensorMetadata
+    from polygraphy.comparator import CompareFunc, Comparator, DataLoader
+
+    shape = lambda b: (b, 3, image_size, image_size)
+    profile = Profile().add(input_name, min=shape(1), opt=shape(opt_batch), max=shape(max_batch))
+    cache = plan_path.with_name("timing.cache")
+    network = PostprocessNetwork(NetworkFromOnnxPath(str(onnx_path)), pin_compressor_fp32, name="pin_compressor_fp32")
+    config = CreateConfig(fp16=fp16, profiles=[profile], precision_constraints="obey" if fp16 else None,
+                          load_timing_cache=str(cache) if cache.exists() else None)
+    engine = SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(cache)), path=str(plan_path))
+    runners = [TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
+    # the batch axis is dynamic: give the data loader a concrete shape inside the profile
+    metadata = TensorMetadata().add(input_name, dtype=np.float32, shape=shape(min(2, max_batch)))
+    loader = DataLoader(iterations=2, val_range=(-2.0, 2.0), input_metadata=metadata)
+    results = Comparator.run(runners, data_loader=loader)
+    passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
+    return TensorRTBuild(plan_path, cache, passed, getattr(pin_compressor_fp32, "count", 0))
