@@ -20,7 +20,7 @@ if [ -f "$ENGINE/manifest.json" ] && apet inspect "$ENGINE" >/dev/null 2>&1; the
   echo "[quickstart] $ENGINE already built and verified"
 else
   echo "[quickstart] building $ENGINE"
-  apet build --model tiny-llava --keep 64 --basis 10 --out "$ENGINE"
+  apet build --model tiny-llava --keep 64 --basis 10 --out "$ENGINE" --force
 fi
 apet inspect "$ENGINE"
 apet run --engine "$ENGINE" --image assets/grace_hopper.jpg \
