@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     run.add_argument("--image", required=True, help="image file")
     run.add_argument("--prompt", required=True, help="question or instruction about the image")
     run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--keep", type=int, default=None, metavar="T",
+                     help="the T you expect; refused if the engine was built for another T")
     run.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     run.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -49,7 +51,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image}: no such file")
-    pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder)
+    pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
     [result] = pipe.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     overlay_path = None

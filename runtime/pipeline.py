@@ -160,13 +160,29 @@ def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.de
                                  max_length=int(llm["max_position_embeddings"]))
 
 
+def check_keep(manifest: Manifest, keep: int | None) -> None:
+    """An engine's T is fixed when it is built: asking one built for T=64 for another T is an error,
+    never a silent substitution."""
+    if keep is None:
+        return
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive int (T, visual tokens per image), got {keep!r}")
+    t, n = manifest.num_visual_tokens, manifest.num_patches
+    if keep != t:
+        raise ValueError(f"{manifest.root}: engine built for T={t} visual tokens (N={n} -> {t}), asked for "
+                         f"T={keep}; T is fixed at build time: build one with `apet build --keep {keep}`"
+                         + (" (or --no-apet for all N)" if keep == n else ""))
+
+
 def load(engine_dir: str | os.PathLike, backend: str = "auto", device: str | None = None, *,
-         decoder: str = "auto", verify: bool = True) -> Pipeline:
+         decoder: str = "auto", verify: bool = True, keep: int | None = None) -> Pipeline:
     """Verify the engine directory's manifest (every file's size and sha256), then build the
     pipeline: the vision backend ("auto" | "tensorrt" | "onnxruntime" | "torch") and the decoder
     ("auto" | "transformers" | "tensorrt_llm" | "tensorrt_llm_api"). The chosen backend and why
-    are logged (logger "apet.runtime") and kept in `pipeline.backend` / `pipeline.backend_reason`."""
+    are logged (logger "apet.runtime") and kept in `pipeline.backend` / `pipeline.backend_reason`.
+    `keep`, when given, is the T the caller expects; an engine built for another T is refused."""
     manifest = load_manifest(engine_dir, verify=verify, progress=True)
+    check_keep(manifest, keep)
     root = Path(engine_dir)
     torch_device = _default_device(device)
 

@@ -38,6 +38,17 @@ class VisionBackend(ABC):
         self.hidden_size = int(manifest.llm["hidden_size"])
         self.batch_max = manifest.batch_max
 
+    def check_output_shape(self, source, embeddings_shape) -> None:
+        """At load: the engine's static embeddings shape [batch, T, H] must be the manifest's (an
+        engine built for another T, or a manifest edited after the build, is refused here rather
+        than at the first request)."""
+        dims = list(embeddings_shape)[1:]
+        want = [self.num_visual_tokens, self.hidden_size]
+        if len(dims) != 2 or any(isinstance(d, int) and d >= 0 and d != w for d, w in zip(dims, want)):
+            raise RuntimeError(f"{source}: the engine emits embeddings [batch, {', '.join(map(str, dims))}], the "
+                               f"manifest promises [batch, T={want[0]}, H={want[1]}]: the engine was built for another "
+                               "T or model; rebuild it with `apet build`")
+
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         return self.preprocessor(images)
 

@@ -47,6 +47,7 @@ class OnnxRuntimeBackend(VisionBackend):
         if got_in != [self.input_name] or sorted(got_out) != sorted(self.output_names):
             raise RuntimeError(f"{path}: inputs {got_in} / outputs {got_out} differ from the manifest's "
                                f"{[self.input_name]} / {self.output_names}")
+        self.check_output_shape(path, next(o.shape for o in self.session.get_outputs() if o.name == "embeddings"))
 
     def _run_chunk(self, pixel_values: np.ndarray):
         emb, pos = self.session.run(["embeddings", "positions"], {self.input_name: pixel_values})

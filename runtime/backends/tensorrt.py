@@ -60,6 +60,7 @@ class TensorRTBackend(VisionBackend):
         want_in = [manifest.data["io"]["inputs"][0]["name"]]
         if self.inputs != want_in or sorted(self.outputs) != ["embeddings", "positions"]:
             raise RuntimeError(f"{plan}: engine tensors {self.inputs} -> {self.outputs} differ from the manifest")
+        self.check_output_shape(plan, tuple(self.engine.get_tensor_shape("embeddings")))  # -1: dynamic batch
         self.stream = torch.cuda.Stream(device=self.device)
         self._lock = threading.Lock()  # one execution context: one inference at a time
 
