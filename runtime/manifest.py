@@ -170,7 +170,7 @@ def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc="verify", unit="file", leave=False)
+        items = tqdm(items, desc="verify", unit="file", leave=False, disable=None)  # None: off when not a TTY
     for rel, entry in items:
         path = root / rel
         if not path.is_file():
