@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--overlay", default=None, metavar="OUT.png", help="write the kept patches over the image")
+    run.add_argument("--grid", action="store_true", help="also print the patch grid, kept patches as '#'")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=run_command)
 
@@ -69,6 +70,9 @@ def run_command(args: argparse.Namespace) -> int:
     how = (f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression")
     print(f"engine   {args.engine}  (vision: {pipe.backend} [{pipe.backend_reason}], decoder: {pipe.decoder.name})")
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
+    print(f"kept     patches {', '.join(map(str, result.positions))}")
+    if args.grid:
+        print(patch_grid(result.positions, pipe.manifest))
     print(f"text     {result.text!r}")
     print(f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
           f"prefill/first token {t['first_token_ms']:.1f} ms | decode {t['decode_ms']:.1f} ms "
@@ -76,6 +80,16 @@ def run_command(args: argparse.Namespace) -> int:
     if overlay_path:
         print(f"overlay  {overlay_path}")
     return 0
+
+
+def patch_grid(positions, manifest) -> str:
+    """The image's patch grid as text, '#' where a patch was kept (row-major, CLS excluded)."""
+    v = manifest.vision
+    side = int(v["image_size"]) // int(v["patch_size"])
+    offset = 0 if v.get("select_strategy", "default") == "default" else 1  # "full": position 0 is CLS
+    kept = {p - offset for p in positions}
+    return "\n".join("         " + "".join("#" if r * side + c in kept else "." for c in range(side))
+                     for r in range(side))
 
 
 def write_overlay(pipe, image, positions, out) -> Path:

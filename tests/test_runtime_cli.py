@@ -31,6 +31,19 @@ def test_run_prints_text_tokens_timings_and_writes_overlay(engine, tmp_path, cap
     assert picture.size == (2 * IMAGE_SIZE, 2 * IMAGE_SIZE)
 
 
+def test_run_prints_the_kept_positions_and_grid(engine, capsys):
+    assert main(["run", "--engine", str(engine), "--image", PHOTO, "--prompt", "x", "--max-new-tokens", "1",
+                 "--grid"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    [kept] = [line for line in out if line.startswith("kept     patches ")]
+    positions = [int(p) for p in kept.split("patches ")[1].split(", ")]
+    assert len(positions) == 10 and positions == sorted(positions)
+    side = IMAGE_SIZE // 14
+    grid = [line.strip() for line in out if line.strip() and set(line.strip()) <= {"#", "."} and len(line.strip()) == side]
+    assert len(grid) == side
+    assert [i for i, ch in enumerate("".join(grid)) if ch == "#"] == positions
+
+
 def test_run_json_and_backends_agree(engine, capsys):
     payloads = {}
     for backend in ("onnxruntime", "torch"):
