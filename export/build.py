@@ -21,9 +21,9 @@ import torch
 from apet_ops import ApetConfig
 
 from . import manifest as manifest_writer
-from .models.llava import LlavaVisionEngine, facts, load_checkpoint
+from .models.llava import LlavaVisionEngine, checkpoint_config, facts, load_checkpoint
 from .onnx_export import INPUT, OUTPUTS, compare_with_torch, export_vision_onnx
-from .presets import PRESETS, PROMPT_TEMPLATE, build_preset
+from .presets import PRESETS, PROMPT_TEMPLATE, build_preset, preset_config
 from .tensorrt_build import INSTALL_HINT as TRT_HINT
 from .tensorrt_build import build_tensorrt, tensorrt_version
 from .trtllm_build import INSTALL_HINT as TRTLLM_HINT
@@ -91,54 +91,91 @@ def _versions() -> dict:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} exists and is not a directory; refusing to replace it")
+    if out.exists() and any(out.iterdir()):
         if not force:
-            raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-        if out.is_dir() and not (out / manifest_writer.MANIFEST).exists():
-            raise FileExistsError(f"{out} exists and is not an engine directory (no manifest.json); "
+            raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+        if not (out / manifest_writer.MANIFEST).is_file():
+            raise FileExistsError(f"--out {out} exists and is not an engine directory (no manifest.json); "
                                   "refusing to replace it even with --force")
 
 
-def _load(model: str):
-    """-> (model, config, image processor, tokenizer, source, decoder entry writer)."""
+def _resolve(model: str):
+    """-> (source, config): which kind of model, and its config, without reading any weights."""
     if model in PRESETS:
-        m, config, processor, tokenizer, preset = build_preset(model)
-        return m, config, processor, tokenizer, "preset", preset
+        return "preset", preset_config(model)[0]
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                                 "nor an existing checkpoint directory")
-    m, config, processor, tokenizer = load_checkpoint(path)
-    return m, config, processor, tokenizer, "path", None
+    return "path", checkpoint_config(path)
+
+
+def _load(model: str, source: str):
+    """-> (model, config, image processor, tokenizer, preset or None)."""
+    if source == "preset":
+        m, config, processor, tokenizer, preset = build_preset(model)
+        return m, config, processor, tokenizer, preset
+    m, config, processor, tokenizer = load_checkpoint(Path(model).expanduser())
+    return m, config, processor, tokenizer, None
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The ancestors of `path` that do not exist yet, deepest first (created by mkdir(parents=True))."""
+    return [p for p in path.parents if not p.exists()]
+
+
+def _replace_dir(work: Path, out: Path) -> None:
+    """Move `work` to `out`; an existing `out` is moved aside first and restored if the move fails."""
+    backup = None
+    if out.exists():
+        backup = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+    try:
+        work.rename(out)
+    except BaseException:
+        if backup is not None:
+            backup.rename(out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _llm_dtype(config, source: str, preset) -> str:
     if source == "preset":
         return "float32" if preset.materialise_language_model else "float16"
-    dtype = getattr(config.text_config, "torch_dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = next((d for cfg in (config.text_config, config) for attr in ("dtype", "torch_dtype")
+                  if (d := getattr(cfg, attr, None)) is not None), None)
     name = str(dtype).replace("torch.", "") if dtype is not None else "float16"
     return name if name in ("float16", "bfloat16", "float32") else "float16"
 
 
 def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     """Build the engine directory; returns its manifest."""
-    if config.max_batch < 1 or not 1 <= config.opt_batch <= config.max_batch:
-        raise ValueError(f"need 1 <= opt_batch <= max_batch, got opt_batch={config.opt_batch}, "
-                         f"max_batch={config.max_batch}")
-    apet = config.apet()
+    if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
+        raise ValueError(f"--max-batch must be an integer >= 1, got max_batch={config.max_batch!r}")
+    if isinstance(config.opt_batch, bool) or not isinstance(config.opt_batch, int) \
+            or not 1 <= config.opt_batch <= config.max_batch:
+        raise ValueError(f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, "
+                         f"got opt_batch={config.opt_batch!r}")
+    apet = config.apet()              # keep / basis / start / ridge checked here
     out = Path(config.out)
     _check_out(out, config.force)
+    source, hf_config = _resolve(config.model)
+    f = facts(hf_config)
+    if apet is not None:
+        apet.validate_for(f.num_patches)  # keep <= N, start < N: before any weights are built
+    t = apet.keep if apet else f.num_patches
     steps = Steps(7, quiet)
 
     steps(f"loading {config.model}")
-    model, hf_config, processor, tokenizer, source, preset = _load(config.model)
-    f = facts(hf_config)
-    if apet is not None:
-        apet.validate_for(f.num_patches)
-    t = apet.keep if apet else f.num_patches
+    model, hf_config, processor, tokenizer, preset = _load(config.model, source)
     engine = LlavaVisionEngine(model, apet).float().eval()  # vision export in float32
 
     work = out.parent / f".{out.name}.building"
+    created = _missing_dirs(work)     # removed again if the build fails
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -192,8 +229,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         elif decoder["weights"] != "saved":
             steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
         else:
-            cfg = TrtllmBuildConfig(max_batch_size=config.max_batch, num_visual_tokens=t,
-                                    dtype="float16" if llm_dtype == "float32" else llm_dtype)
+            # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
+            # TensorRT-LLM rejects a table whose dtype differs from the engine's
+            cfg = TrtllmBuildConfig(max_batch_size=config.max_batch, num_visual_tokens=t, dtype=llm_dtype)
             trtllm = build_trtllm(Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work)
             trtllm["engine_dir"] = "llm"
 
@@ -225,11 +263,14 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         }
         data = manifest_writer.write_manifest(work, fields)
         steps.done()
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for d in created:             # deepest first; only the empty ones this build made
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
 
     if not quiet:

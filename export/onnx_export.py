@@ -25,6 +25,8 @@ class Comparison:
 
 def export_vision_onnx(module: torch.nn.Module, path: Path, *, image_size: int, opset: int = 17) -> Path:
     """Trace `module` (eval, float32 inputs) to `path`. Weights over ~1.8 GB go to external data."""
+    import onnx
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -35,11 +37,13 @@ def export_vision_onnx(module: torch.nn.Module, path: Path, *, image_size: int, 
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
                           opset_version=opset, dynamo=False)
     if weight_bytes > PROTOBUF_LIMIT:
-        import onnx
-
         model = onnx.load(str(path))
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
+    # The tracer leaves some output dims symbolic (TopK's K, the baseline's N); shape inference
+    # knows them. Written back so the file declares what the manifest's io says: [batch, T, H],
+    # [batch, T]. Path to path, so it also works for models with external data.
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True)
     validate_onnx(path)  # checker, shape inference, TensorRT op allowlist (apet_ops.trt_ops)
     return path
 

@@ -82,25 +82,38 @@ def llava_config(preset: Preset, tokenizer):
                        vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
 
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(preset_names())} (or give a checkpoint path)")
+    return PRESETS[name]
+
+
+def preset_config(name: str):
+    """-> (config, image processor, tokenizer, preset), no weights: cheap, so a build can check its
+    options against N before it materialises anything."""
+    preset = _preset(name)
+    tokenizer = byte_level_tokenizer(preset.image_token_id)
+    return llava_config(preset, tokenizer), image_processor(preset.vision["image_size"]), tokenizer, preset
+
+
 def build_preset(name: str):
     """-> (model-like parts, config, image processor, tokenizer, preset).
 
     For a materialised preset the parts are the whole LlavaForConditionalGeneration; otherwise a
-    VisionParts holding only the CLIP tower and the projector."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(preset_names())} (or give a checkpoint path)")
-    preset = PRESETS[name]
-    tokenizer = byte_level_tokenizer(preset.image_token_id)
-    config = llava_config(preset, tokenizer)
-    torch.manual_seed(preset.seed)
-    if preset.materialise_language_model:
-        from transformers import LlavaForConditionalGeneration
+    VisionParts holding only the CLIP tower and the projector. The weights depend only on the
+    preset's seed: the global torch RNG is used under fork_rng, so callers' random state is left
+    as it was."""
+    config, processor, tokenizer, preset = preset_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.seed)
+        if preset.materialise_language_model:
+            from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration(config).eval()
-        with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
-            model.lm_head.weight.mul_(8.0)
-    else:
-        from .models.llava import VisionParts
+            model = LlavaForConditionalGeneration(config).eval()
+            with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
+                model.lm_head.weight.mul_(8.0)
+        else:
+            from .models.llava import VisionParts
 
-        model = VisionParts.from_config(config)
-    return model, config, image_processor(preset.vision["image_size"]), tokenizer, preset
+            model = VisionParts.from_config(config)
+    return model, config, processor, tokenizer, preset

@@ -43,18 +43,74 @@ class TensorRTBuild:
     fp32_layers: int
 
 
+def _in_scope(layer) -> bool:
+    """A layer the ONNX parser named after one of the compressor's nodes: by its own name, or by
+    the name of one of its outputs (the parser gives a node's output tensors the ONNX names,
+    /compressor/..._output_0)."""
+    if COMPRESSOR_SCOPE in (layer.name or ""):
+        return True
+    return any(COMPRESSOR_SCOPE in (_name(layer.get_output(j))) for j in range(layer.num_outputs))
+
+
+def _name(tensor) -> str:
+    return "" if tensor is None else (tensor.name or "")
+
+
+def compressor_layers(network) -> list[int]:
+    """Indices of the layers that make up the compressor: those named in its scope, plus every
+    layer that lies between two of them (descendant of one and ancestor of another), which is
+    where the parser's own helper layers (broadcast shuffles, casts, auto-named) end up."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    producer, consumers = {}, {}
+    for i, layer in enumerate(layers):
+        for j in range(layer.num_outputs):
+            producer[_name(layer.get_output(j))] = i
+        for j in range(layer.num_inputs):
+            name = _name(layer.get_input(j))
+            if name:
+                consumers.setdefault(name, []).append(i)
+    seeds = {i for i, layer in enumerate(layers) if _in_scope(layer)}
+
+    def reach(step) -> set[int]:
+        seen, todo = set(), list(seeds)
+        while todo:
+            for nxt in step(todo.pop()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    down = reach(lambda i: [c for j in range(layers[i].num_outputs)
+                            for c in consumers.get(_name(layers[i].get_output(j)), [])])
+    up = reach(lambda i: [producer[n] for j in range(layers[i].num_inputs)
+                          if (n := _name(layers[i].get_input(j))) in producer])
+    return sorted(seeds | (down & up))
+
+
 def pin_compressor_fp32(network):
-    """PostprocessNetwork callback: float32 compute and outputs for the compressor's layers."""
+    """PostprocessNetwork callback: float32 compute and float32 outputs for the compressor's layers
+    (compressor_layers).
+
+    Only layers that compute on a floating-point tensor are pinned: shape layers, shape
+    arithmetic, index math and other integer-only layers run in INT32/INT64 whatever is asked
+    ("A shape layer can only run in INT32 precision"), and a float precision on them is at best a
+    warning."""
     import tensorrt as trt
 
+    floats = (trt.float16, trt.bfloat16, trt.float32)
+    shape = getattr(trt.LayerType, "SHAPE", None)
     count = 0
-    for i in range(network.num_layers):
+    for i in compressor_layers(network):
         layer = network.get_layer(i)
-        if COMPRESSOR_SCOPE not in layer.name:
+        if shape is not None and layer.type == shape:
+            continue
+        tensors = [layer.get_input(j) for j in range(layer.num_inputs)] + \
+                  [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not any(x is not None and x.dtype in floats for x in tensors):
             continue
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
-            if layer.get_output_type(j) in (trt.float16, trt.bfloat16, trt.float32):
+            if layer.get_output_type(j) in floats:
                 layer.set_output_type(j, trt.float32)
         count += 1
     pin_compressor_fp32.count = count

@@ -93,14 +93,14 @@ class LlavaVisionEngine(nn.Module):
         if self.compressor is not None:
             tokens, positions = self.compressor(features)   # float32 inside, input dtype out
         else:
-            tokens = features
-            positions = torch.arange(features.shape[1], device=features.device).expand_as(features[:, :, 0])
+            tokens = features  # positions 0..N-1 with N a constant, so the exported T axis is static
+            positions = torch.arange(self.num_patches, device=features.device).expand_as(features[:, :, 0])
         return self.projector(tokens).float(), positions
 
 
-def load_checkpoint(path: str | Path):
-    """A local LLaVA checkpoint (offline): -> (model, config, image processor, tokenizer)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+def checkpoint_config(path: str | Path):
+    """A local LLaVA checkpoint's config (offline, no weights read)."""
+    from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -108,10 +108,19 @@ def load_checkpoint(path: str | Path):
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if config.model_type != "llava":
         raise ValueError(f"{path}: model_type {config.model_type!r} is not supported yet (supported: llava)")
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True).eval()
+    return config
+
+
+def load_checkpoint(path: str | Path):
+    """A local LLaVA checkpoint (offline): -> (model, config, image processor, tokenizer)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    path = Path(path)
+    config = checkpoint_config(path)
     try:
         processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, use_fast=False)
     except Exception as exc:
         raise FileNotFoundError(f"{path}: no image processor config (preprocessor_config.json): {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True).eval()
     return model, config, processor, tokenizer
