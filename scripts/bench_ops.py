@@ -1,13 +1,15 @@
 """Benchmark the ApET op alone: the oracle (literal, eager, per image - the shape of the authors'
 code path) vs ApetCompressor eager vs ApetCompressor in ONNX Runtime, measured interleaved in one
-process. Prints a table with ratios against the oracle and writes JSON.
+process; where a GPU is present, also ApetCompressor eager on CUDA and ONNX Runtime's CUDA provider
+(timed with CUDA events). Prints a table with ratios against the oracle and writes JSON.
 
     python scripts/bench_ops.py                       # N=576 D=1024 T=64 k=10, B in 1 4 8
     python scripts/bench_ops.py --batch 1 --repeats 5 --json bench_out/ops.json
 
 JSON schema: {"config": {...}, "machine": {...}, "results": [{"batch": B, "timings": {name:
 {"median_s", "p90_s", "min_s", "repeats"}}, "ratios_vs_oracle": {name: oracle_median /
-median}}], "agreement": {"batch": B, "positions_equal": bool}}.
+median}, "unavailable": {name: reason}}], "agreement": [{"batch": B, "positions_equal_<name>": bool}]}.
+`apet bench` (scripts/bench.py) calls `measure_op` for its "op" section.
 """
 from __future__ import annotations
 
@@ -25,6 +27,77 @@ if __package__ in (None, ""):  # run as a file: python scripts/bench_ops.py
 from apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
 from scripts.timing import machine_info, measure_interleaved
 
+# (name, device) in the order they are reported; the first is the reference for ratios
+OP_CANDIDATES = (("oracle_eager", "cpu"), ("graph_eager", "cpu"), ("graph_onnxruntime", "cpu"),
+                 ("graph_eager_cuda", "cuda"), ("graph_onnxruntime_cuda", "cuda"))
+
+
+def _ort_session(path: Path, cuda: bool):
+    """-> (session, None) or (None, why not)."""
+    import onnxruntime as ort
+
+    if not cuda:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, (f"ONNX Runtime offers no CUDAExecutionProvider (providers: {ort.get_available_providers()}; "
+                      "pip install apet-trt[gpu])")
+    session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return None, f"ONNX Runtime could not start the CUDA provider (session providers: {session.get_providers()})"
+    return session, None
+
+
+def measure_op(config: ApetConfig, *, tokens: int, dim: int, batch: int, repeats: int, warmup: int,
+               onnx_path: Path, seed: int = 0, desc: str | None = None) -> list[dict]:
+    """Time every candidate of OP_CANDIDATES on one random batch [batch, tokens, dim], interleaved.
+    -> one entry per candidate: {"name", "device", "available", "reason", "clock", "timing",
+    "ratio_vs_oracle", "positions_equal_oracle"}; unavailable ones have a reason and null numbers."""
+    x = torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
+    feed = {"features": x.numpy()}
+    ref_pos = compress_reference(x, config)[1]
+    compressor = ApetCompressor(config).eval()
+    calls, positions, reasons = {}, {}, {}
+
+    def eager(module, inp):
+        def call():
+            with torch.inference_mode():
+                return module(inp)[1]
+        return call
+
+    calls["oracle_eager"] = lambda: compress_reference(x, config)[1]
+    calls["graph_eager"] = eager(compressor, x)
+    session, _ = _ort_session(onnx_path, cuda=False)
+    calls["graph_onnxruntime"] = lambda: session.run(None, feed)[1]
+    if torch.cuda.is_available():
+        x_cuda, comp_cuda = x.cuda(), ApetCompressor(config).eval().cuda()
+        calls["graph_eager_cuda"] = eager(comp_cuda, x_cuda)
+        cuda_session, why = _ort_session(onnx_path, cuda=True)
+        if cuda_session is None:
+            reasons["graph_onnxruntime_cuda"] = why
+        else:
+            calls["graph_onnxruntime_cuda"] = lambda: cuda_session.run(None, feed)[1]
+    else:
+        reasons["graph_eager_cuda"] = reasons["graph_onnxruntime_cuda"] = "no CUDA GPU is visible to torch"
+    for name, call in calls.items():
+        pos = call()
+        positions[name] = torch.as_tensor(pos).cpu().to(torch.int64)
+    cuda_names = [n for n, dev in OP_CANDIDATES if dev == "cuda" and n in calls]
+    timings = measure_interleaved(calls, repeats=repeats, warmup=warmup, cuda_events=cuda_names,
+                                  desc=desc or f"op B={batch}")
+    base = timings["oracle_eager"]["median_s"]
+    out = []
+    for name, device in OP_CANDIDATES:
+        available = name in calls
+        out.append({
+            "name": name, "device": device, "available": available,
+            "reason": None if available else f"not available: {reasons[name]}",
+            "clock": ("cuda_events" if name in cuda_names else "wall") if available else None,
+            "timing": timings.get(name),
+            "ratio_vs_oracle": base / timings[name]["median_s"] if available else None,
+            "positions_equal_oracle": bool(torch.equal(positions[name], ref_pos)) if available else None,
+        })
+    return out
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,51 +113,37 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import onnxruntime as ort
-
     args = parse_args(argv)
     config = ApetConfig(keep=args.keep, basis=args.basis)
-    compressor = ApetCompressor(config).eval()
+    results, agreement = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = export_compressor_onnx(config, Path(tmp) / "apet.onnx", num_tokens=args.tokens,
                                       dim=args.dim, max_batch=max(args.batch))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for batch in args.batch:
+            entries = measure_op(config, tokens=args.tokens, dim=args.dim, batch=batch, repeats=args.repeats,
+                                 warmup=args.warmup, onnx_path=path, desc=f"B={batch}")
+            ok = [e for e in entries if e["available"]]
+            results.append({"batch": batch, "timings": {e["name"]: e["timing"] for e in ok},
+                            "ratios_vs_oracle": {e["name"]: e["ratio_vs_oracle"] for e in ok},
+                            "unavailable": {e["name"]: e["reason"] for e in entries if not e["available"]}})
+            agreement.append({"batch": batch, **{f"positions_equal_{e['name'].removeprefix('graph_')}":
+                                                 e["positions_equal_oracle"] for e in ok if e["name"] != "oracle_eager"}})
 
-    results, agreement = [], []
-    for batch in args.batch:
-        x = torch.randn(batch, args.tokens, args.dim)
-        feed = {"features": x.numpy()}
-        ref_pos = compress_reference(x, config)[1]
-        with torch.inference_mode():
-            eager_pos = compressor(x)[1]
-        agreement.append({"batch": batch,
-                          "positions_equal_eager": bool(torch.equal(ref_pos, eager_pos)),
-                          "positions_equal_onnxruntime": bool((session.run(None, feed)[1] == ref_pos.numpy()).all())})
-
-        def run_eager():
-            with torch.inference_mode():
-                compressor(x)
-
-        timings = measure_interleaved(
-            {"oracle_eager": lambda: compress_reference(x, config),
-             "graph_eager": run_eager,
-             "graph_onnxruntime": lambda: session.run(None, feed)},
-            repeats=args.repeats, warmup=args.warmup, desc=f"B={batch}")
-        base = timings["oracle_eager"]["median_s"]
-        ratios = {name: base / t["median_s"] for name, t in timings.items()}
-        results.append({"batch": batch, "timings": timings, "ratios_vs_oracle": ratios})
-
+    names = [n for n, _ in OP_CANDIDATES if n in results[0]["timings"]]
     print(f"ApET op, N={args.tokens} D={args.dim} T={args.keep} k={args.basis}, "
           f"median of {args.repeats} interleaved runs (ms); speed-up = oracle / candidate")
-    print("| B | oracle eager | graph eager | graph ONNX Runtime | eager speed-up | ORT speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| B | " + " | ".join(n.replace("_", " ") for n in names) + " | "
+          + " | ".join(f"{n.replace('_', ' ')} speed-up" for n in names[1:]) + " |")
+    print("|---" * (2 * len(names)) + "|")
     for r in results:
         t, q = r["timings"], r["ratios_vs_oracle"]
-        print(f"| {r['batch']} | {1e3 * t['oracle_eager']['median_s']:.1f} | {1e3 * t['graph_eager']['median_s']:.1f} "
-              f"| {1e3 * t['graph_onnxruntime']['median_s']:.1f} | {q['graph_eager']:.1f}x | {q['graph_onnxruntime']:.1f}x |")
+        print(f"| {r['batch']} | " + " | ".join(f"{1e3 * t[n]['median_s']:.1f}" for n in names) + " | "
+              + " | ".join(f"{q[n]:.1f}x" for n in names[1:]) + " |")
     for a in agreement:
-        print(f"B={a['batch']}: kept positions equal to the oracle's - eager {a['positions_equal_eager']}, "
-              f"ONNX Runtime {a['positions_equal_onnxruntime']}")
+        print(f"B={a['batch']}: kept positions equal to the oracle's - "
+              + ", ".join(f"{k.removeprefix('positions_equal_')} {v}" for k, v in a.items() if k != "batch"))
+    for name, why in results[0]["unavailable"].items():
+        print(f"{name}: {why}")
     out = {"config": {"tokens": args.tokens, "dim": args.dim, **config.to_dict()},
            "machine": machine_info(), "results": results, "agreement": agreement}
     args.json.parent.mkdir(parents=True, exist_ok=True)
