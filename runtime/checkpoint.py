@@ -12,11 +12,15 @@ from .manifest import Manifest
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def llm_dtype(manifest: Manifest) -> torch.dtype:
-    name = manifest.llm.get("dtype", "float32")
+def dtype_named(name: str, where: str) -> torch.dtype:
+    """A manifest dtype name -> torch dtype; `where` names the field for the error."""
     if name not in _DTYPES:
-        raise ValueError(f"{manifest.root}: llm.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+        raise ValueError(f"{where} must be one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+def llm_dtype(manifest: Manifest) -> torch.dtype:
+    return dtype_named(manifest.llm.get("dtype", "float32"), f"{manifest.root}: llm.dtype")
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .backends import VisionBackend, choose_backend, create_backend
-from .checkpoint import llm_dtype, load_transformers_model
+from .checkpoint import dtype_named, llm_dtype, load_transformers_model
 from .decoders import Decoder, SamplingConfig
 from .images import ImageLike, ImagePreprocessor, as_image_list
 from .manifest import Manifest, load_manifest
@@ -152,7 +152,8 @@ def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.de
         return TensorRTLLMDecoder(manifest.path_of(trt_entry["engine_dir"]), vocab_size=int(llm["vocab_size"]),
                                   num_visual_tokens=manifest.num_visual_tokens, eos_token_id=int(llm["eos_token_id"]),
                                   pad_token_id=int(pad if pad is not None else llm["eos_token_id"]),
-                                  dtype=llm_dtype(manifest))
+                                  dtype=dtype_named(trt_entry["dtype"], f"{manifest.root}: decoder.tensorrt_llm.dtype")
+                                  if trt_entry.get("dtype") else llm_dtype(manifest))  # the engine's: the table's
     from .decoders import TensorRTLLMAPIDecoder
 
     hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
