@@ -60,13 +60,14 @@ def preset_names() -> list[str]:
 
 
 def image_processor(image_size: int = 336):
-    """CLIP's processor settings (what llava-1.5 ships), PIL backend: no torchvision needed."""
-    from transformers import CLIPImageProcessorPil
+    """CLIP's processor settings (what llava-1.5 ships), PIL backend: no torchvision needed
+    (CLIPImageProcessorPil in Transformers 5; CLIPImageProcessor is the PIL/numpy one in 4.x)."""
+    import transformers
 
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                 do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
-                                 do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
-                                 resample=3)
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+               do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
+               do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, resample=3)
 
 
 def llava_config(preset: Preset, tokenizer):
