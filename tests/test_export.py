@@ -777,7 +777,8 @@ def network_like_the_parse(onnx_path: Path) -> FakeNetwork:
                        and l._inputs[0].dtype == "float32"),
                  first(lambda l: "/compressor/" in l.name and l._inputs[0].name in scoped_outputs
                        and l._inputs[0].dtype == "int64"),
-                 first(lambda l: l.name.startswith("/vision_tower/encoder/") and l._inputs[0].dtype == "float32")]
+                 first(lambda l: l.name.startswith("/vision_tower/") and "/encoder/" in l.name  # 4.x: /vision_model/encoder/
+                       and l._inputs[0].dtype == "float32")]
     for k, consumer in enumerate(consumers):
         name = f"(Unnamed Layer* {900 + k}) [Shuffle]"
         src = consumer._inputs[0]

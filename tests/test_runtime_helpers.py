@@ -38,6 +38,14 @@ def make_tokenizer():
                                    extra_special_tokens={"image_token": "<image>"})
 
 
+def clip_processor_class():
+    """The PIL-backed CLIP image processor: CLIPImageProcessorPil in Transformers 5, CLIPImageProcessor
+    (PIL/numpy) in 4.x."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -83,8 +91,6 @@ def write_manifest(root: Path, data: dict) -> None:
 
 def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed: int = 0,
                      max_position_embeddings: int = 160, image_size: int = IMAGE_SIZE) -> Path:
-    from transformers import CLIPImageProcessorPil
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
@@ -93,7 +99,7 @@ def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed:
     apet = None if keep is None else {"keep": keep, "basis": basis, "merge": True, "ridge": 1e-5, "start": 0}
     t = n if keep is None else keep
     _export_vision_onnx(model, apet, root / "vision.onnx", image_size)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+    processor = clip_processor_class()(size={"shortest_edge": image_size},
                                       crop_size={"height": image_size, "width": image_size})
     processor.save_pretrained(str(root / "processor"))
     tokenizer.save_pretrained(str(root / "tokenizer"))

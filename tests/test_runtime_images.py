@@ -3,15 +3,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil
 
 from runtime.images import ImagePreprocessor
+from test_runtime_helpers import clip_processor_class
 
 
 @pytest.fixture(scope="module")
 def pre(tmp_path_factory):
     d = tmp_path_factory.mktemp("processor")
-    CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(str(d))
+    clip_processor_class()(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(str(d))
     return ImagePreprocessor(d, image_size=56)
 
 
