@@ -831,3 +831,24 @@ def test_summary_names_n_to_t_and_file_sizes(t64):
     total = sum(e["bytes"] for e in data["files"].values()) / 2**20
     assert f"{len(data['files'])} files, {total:.1f} MiB in all" in stdout
     assert stdout.index("[1/7]") < stdout.index("[7/7]") < stdout.index("engine directory")
+
+
+def test_weights_over_the_protobuf_limit_go_to_external_data(t64, tmp_path, monkeypatch):
+    """Vision models over ~1.8 GB of weights (beyond LLaVA-1.5-7B's 1.2 GB tower) are written as
+    vision.onnx + vision.onnx.data; the limit is lowered here so tiny-llava takes that path. The
+    directory verifies, lists the data file, and the runtime keeps what the single-file engine keeps."""
+    import runtime
+    from export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
+    engine, _ = build_cli(tmp_path / "external", "--keep", str(T), "--basis", str(K))
+    files = manifest_of(engine)["files"]
+    assert "vision.onnx.data" in files
+    assert files["vision.onnx"]["bytes"] < files["vision.onnx.data"]["bytes"]
+    single = onnx.load(str(t64[0] / "vision.onnx"))
+    large = sum(len(i.raw_data) for i in single.graph.initializer if len(i.raw_data) >= 1024)
+    assert large > 0 and files["vision.onnx.data"]["bytes"] >= large  # every tensor of 1 KiB or more moved out
+    photo = str(ROOT / "assets" / "grace_hopper.jpg")
+    emb_ext, pos_ext = runtime.load(engine, backend="onnxruntime").encode(photo)
+    emb, pos = runtime.load(t64[0], backend="onnxruntime").encode(photo)
+    assert torch.equal(pos_ext, pos) and torch.equal(emb_ext, emb)
