@@ -24,7 +24,7 @@ from .checkpoint import dtype_named, llm_dtype, load_transformers_model
 from .decoders import Decoder, SamplingConfig
 from .images import ImageLike, ImagePreprocessor, as_image_list
 from .manifest import Manifest, load_manifest
-from .prompt import PromptAssembler, PromptFormat
+from .prompt import PromptAssembler, engine_prompting
 
 log = logging.getLogger("apet.runtime")
 DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
@@ -202,15 +202,6 @@ def load(engine_dir: str | os.PathLike, backend: str = "auto", device: str | Non
         log.info("vision backend %s (%s)", name, reason)
     vision = create_backend(name, manifest, preprocessor, device=device, hf_model_loader=model_loader)
 
-    from transformers import AutoTokenizer
-
-    tok_dir = root / "tokenizer"
-    if not tok_dir.is_dir():
-        raise FileNotFoundError(f"{tok_dir}: the tokenizer is missing from the engine directory")
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    fmt = PromptFormat(template=manifest.prompt_template, image_token=manifest.image_token,
-                       image_token_id=int(manifest.llm["image_token_id"]),
-                       num_visual_tokens=manifest.num_visual_tokens)
+    tokenizer, assembler = engine_prompting(manifest)
     dec = _build_decoder(_choose_decoder(manifest, decoder), manifest, model_loader, torch_device)
-    return Pipeline(manifest, preprocessor, vision, dec, tokenizer, PromptAssembler(fmt, tokenizer),
-                    backend_reason=reason)
+    return Pipeline(manifest, preprocessor, vision, dec, tokenizer, assembler, backend_reason=reason)

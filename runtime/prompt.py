@@ -71,3 +71,18 @@ class PromptAssembler:
                 f"{fmt.image_token!r} to a single special token, or the prompt text contains that id"
             )
         return AssembledPrompt(input_ids=input_ids, image_slots=slots, text=text)
+
+
+def engine_prompting(manifest) -> tuple[object, PromptAssembler]:
+    """An engine directory's tokenizer (its tokenizer/ folder) and the assembler for its
+    conversation format and T: what runtime.load and the benchmark both build a pipeline from."""
+    from transformers import AutoTokenizer
+
+    tok_dir = manifest.root / "tokenizer"
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"{tok_dir}: the tokenizer is missing from the engine directory")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    fmt = PromptFormat(template=manifest.prompt_template, image_token=manifest.image_token,
+                       image_token_id=int(manifest.llm["image_token_id"]),
+                       num_visual_tokens=manifest.num_visual_tokens)
+    return tokenizer, PromptAssembler(fmt, tokenizer)

@@ -649,28 +649,19 @@ def _make_decoder(model, manifest, text_shape: dict):
 
 
 def _pipeline(manifest, backend, decoder):
-    from transformers import AutoTokenizer
-
     from runtime.pipeline import Pipeline
-    from runtime.prompt import PromptAssembler, PromptFormat
+    from runtime.prompt import engine_prompting
 
-    tokenizer = AutoTokenizer.from_pretrained(str(manifest.root / "tokenizer"))
-    fmt = PromptFormat(template=manifest.prompt_template, image_token=manifest.image_token,
-                       image_token_id=int(manifest.llm["image_token_id"]), num_visual_tokens=manifest.num_visual_tokens)
-    return Pipeline(manifest, backend.preprocessor, backend, decoder, tokenizer, PromptAssembler(fmt, tokenizer),
-                    backend_reason="apet bench")
+    tokenizer, assembler = engine_prompting(manifest)
+    return Pipeline(manifest, backend.preprocessor, backend, decoder, tokenizer, assembler, backend_reason="apet bench")
 
 
 def count_text_tokens(manifest, prompt: str) -> int:
     """Prompt tokens that are not visual slots, with the engine's tokenizer and conversation format."""
-    from transformers import AutoTokenizer
+    from runtime.prompt import engine_prompting
 
-    from runtime.prompt import PromptAssembler, PromptFormat
-
-    tokenizer = AutoTokenizer.from_pretrained(str(manifest.root / "tokenizer"))
-    fmt = PromptFormat(template=manifest.prompt_template, image_token=manifest.image_token,
-                       image_token_id=int(manifest.llm["image_token_id"]), num_visual_tokens=manifest.num_visual_tokens)
-    return int(PromptAssembler(fmt, tokenizer)(prompt).input_ids.numel()) - manifest.num_visual_tokens
+    _, assembler = engine_prompting(manifest)
+    return int(assembler(prompt).input_ids.numel()) - manifest.num_visual_tokens
 
 
 def bench_request(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, model, dcfg, text_shape: dict,
