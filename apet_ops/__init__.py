@@ -4,6 +4,7 @@ Two implementations of one contract (DESIGN.md, "The algorithm"):
   compress_reference  the oracle: eager, literal, float64, torch.linalg.solve
   ApetCompressor      the graph form: float32, static shapes, exports to ONNX TensorRT can parse
 """
+
 from .config import ApetConfig
 from .graph import ApetCompressor
 from .onnx_export import export_compressor_onnx

@@ -1,4 +1,5 @@
 """ApetConfig: the parameters of one ApET compressor (DESIGN.md, "The algorithm")."""
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ class ApetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ApetConfig":
+    def from_dict(cls, data: dict) -> ApetConfig:
         known = {"keep", "basis", "merge", "ridge", "start"}
         unknown = set(data) - known
         if unknown:

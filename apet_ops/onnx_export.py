@@ -1,4 +1,5 @@
 """Export the compressor alone to ONNX, and the checks every exported graph of ours must pass."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ Ties (exactly equal values) are broken the same way everywhere, in both forms:
   * merge: among equal largest cosine similarities, the kept token with the lowest position wins;
     a zero vector has cosine 0 with everything.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,12 +87,12 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ImageDecisions:
     """Every discrete choice the oracle makes for one image (tests use it to find near-ties)."""
 
-    seeds: list[int]              # FPS order
-    errors: torch.Tensor          # [N] float64
-    order: list[int]              # all N indices by error, largest first
-    kept: list[int]               # ascending positions, length T
-    seed_slots: list[int]         # ascending positions that receive the seed features
-    merge_targets: dict[int, int] # dropped index -> kept non-seed position it is merged into
+    seeds: list[int]  # FPS order
+    errors: torch.Tensor  # [N] float64
+    order: list[int]  # all N indices by error, largest first
+    kept: list[int]  # ascending positions, length T
+    seed_slots: list[int]  # ascending positions that receive the seed features
+    merge_targets: dict[int, int]  # dropped index -> kept non-seed position it is merged into
 
 
 def decide(x: torch.Tensor, config: ApetConfig) -> ImageDecisions:
@@ -102,7 +103,7 @@ def decide(x: torch.Tensor, config: ApetConfig) -> ImageDecisions:
     errors = reconstruction_errors(x, seeds, config.ridge)
     order = rank_by_error(errors)
     kept_by_error = order[:t]
-    seed_slots = sorted(kept_by_error[t - k:])  # step 4: the k lowest-error kept positions
+    seed_slots = sorted(kept_by_error[t - k :])  # step 4: the k lowest-error kept positions
     kept = sorted(kept_by_error)
     targets: dict[int, int] = {}
     if config.merge:

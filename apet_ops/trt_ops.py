@@ -12,13 +12,14 @@ A model is an onnx.ModelProto or a path to a .onnx file (read without its extern
 Op names come back as the bare op type for the default ONNX domain ("NonZero") and as
 "domain::OpType" for any other domain ("com.microsoft::FusedMatMul").
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -77,9 +78,7 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str, Path | None]:
         except Exception as exc:  # DecodeError and friends: not an ONNX file
             raise ValueError(f"{path}: not a readable ONNX model ({exc})") from exc
         return model, str(path), path.parent
-    raise TypeError(
-        f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model_or_path).__name__}"
-    )
+    raise TypeError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model_or_path).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +163,7 @@ _DYNAMIC = object()  # a name known to be a runtime value
 @dataclass
 class _Scope:
     names: dict = field(default_factory=dict)  # name -> TensorProto | NodeProto | _DYNAMIC
-    parent: "_Scope | None" = None
+    parent: _Scope | None = None
     attributes: dict = field(default_factory=dict)  # function attribute bindings (ref_attr_name)
     ranks: dict | None = None  # tensor name -> rank; set on a root scope
 
@@ -255,7 +254,9 @@ class _Checker:
         for node in nodes:
             self.check_node(node, scope, where)
             for attr_name, sub in _subgraphs(node):
-                self.check_nodes(sub.node, self.graph_scope(sub, scope), f"{where}/{_node_label(node)}.{attr_name}", stack)
+                self.check_nodes(
+                    sub.node, self.graph_scope(sub, scope), f"{where}/{_node_label(node)}.{attr_name}", stack
+                )
             function = self.functions.get(_function_key(node.domain, node.op_type))
             if function is not None and function.name not in stack:
                 self.check_function(function, node, scope, where, stack + (function.name,))
@@ -263,14 +264,15 @@ class _Checker:
                 if out:
                     scope.names[out] = node if node.op_type == "Constant" and _is_default(node) else _DYNAMIC
 
-    def check_function(self, function: onnx.FunctionProto, call: onnx.NodeProto, caller: _Scope,
-                       where: str, stack: tuple) -> None:
+    def check_function(
+        self, function: onnx.FunctionProto, call: onnx.NodeProto, caller: _Scope, where: str, stack: tuple
+    ) -> None:
         # Function bodies see only their formal inputs (bound to the call's actual arguments) and
         # their own nodes: not the caller's other names.
         scope = _Scope(ranks={})  # names inside a body are its own: no ranks from the model's graphs
         for formal, actual in zip(function.input, call.input):
             scope.names[formal] = caller.lookup(actual) if actual else _DYNAMIC
-        for formal in function.input[len(call.input):]:
+        for formal in function.input[len(call.input) :]:
             scope.names[formal] = _DYNAMIC
         scope.attributes = {a.name: a for a in call.attribute}
         for attr in function.attribute_proto:  # defaults for attributes the call leaves out
@@ -291,24 +293,40 @@ class _Checker:
                 if scope.lookup(node.input[index]) is not _DYNAMIC:
                     continue
                 if op == "TopK":
-                    self.report(node, where, f"K {node.input[index]!r} is computed at run time, so K <= "
-                                f"{TOPK_MAX_K} cannot be checked and the output shape is data-dependent; "
-                                "make K an initializer or Constant")
+                    self.report(
+                        node,
+                        where,
+                        f"K {node.input[index]!r} is computed at run time, so K <= "
+                        f"{TOPK_MAX_K} cannot be checked and the output shape is data-dependent; "
+                        "make K an initializer or Constant",
+                    )
                 else:
-                    self.report(node, where, f"input {index} ({input_name}) {node.input[index]!r} must be a "
-                                "build-time constant (initializer or Constant) for TensorRT, but is computed at run time")
+                    self.report(
+                        node,
+                        where,
+                        f"input {index} ({input_name}) {node.input[index]!r} must be a "
+                        "build-time constant (initializer or Constant) for TensorRT, but is computed at run time",
+                    )
         if op == "TopK":
             self.check_topk(node, scope, where)
         elif op in ("ScatterElements", "ScatterND"):
             reduction = self.attr(node, "reduction", "none", scope)
             if reduction != "none":
                 if op == "ScatterND":
-                    self.report(node, where, f"reduction={reduction!r}: TensorRT's parser rejects ScatterND with a "
-                                "reduction (express the scatter-add as a one-hot MatMul)")
+                    self.report(
+                        node,
+                        where,
+                        f"reduction={reduction!r}: TensorRT's parser rejects ScatterND with a "
+                        "reduction (express the scatter-add as a one-hot MatMul)",
+                    )
                 else:
-                    self.report(node, where, f"reduction={reduction!r}: not a core TensorRT layer; needs the "
-                                "ScatterElements plugin library at build and run time (express the scatter-add "
-                                "as a one-hot MatMul)")
+                    self.report(
+                        node,
+                        where,
+                        f"reduction={reduction!r}: not a core TensorRT layer; needs the "
+                        "ScatterElements plugin library at build and run time (express the scatter-add "
+                        "as a one-hot MatMul)",
+                    )
 
     def check_topk(self, node: onnx.NodeProto, scope: _Scope, where: str) -> None:
         if self.attr(node, "sorted", 1, scope) != 1:
@@ -320,8 +338,9 @@ class _Checker:
                 try:
                     k = int(self.value(ref).reshape(-1)[0])
                 except (_NotReadable, IndexError, ValueError, TypeError) as exc:
-                    self.report(node, where, f"K {node.input[1]!r} cannot be read ({exc}); "
-                                f"TensorRT needs K <= {TOPK_MAX_K}")
+                    self.report(
+                        node, where, f"K {node.input[1]!r} cannot be read ({exc}); TensorRT needs K <= {TOPK_MAX_K}"
+                    )
         if k is not None and k > TOPK_MAX_K:
             self.report(node, where, f"K={k} exceeds TensorRT's TopK limit of {TOPK_MAX_K}")
         rank = scope.rank(node.input[0]) if node.input else None
@@ -329,8 +348,12 @@ class _Checker:
             axis = self.attr(node, "axis", -1, scope)
             axis = axis + rank if axis < 0 else axis
             if not rank - _TOPK_LAST_AXES <= axis < rank:
-                self.report(node, where, f"axis {axis} of a rank-{rank} input: TensorRT's TopK reduces only "
-                            f"one of the last {_TOPK_LAST_AXES} dimensions")
+                self.report(
+                    node,
+                    where,
+                    f"axis {axis} of a rank-{rank} input: TensorRT's TopK reduces only "
+                    f"one of the last {_TOPK_LAST_AXES} dimensions",
+                )
 
 
 def _is_default(node: onnx.NodeProto) -> bool:
@@ -383,8 +406,10 @@ def _restrictions(model: onnx.ModelProto, external_dir: Path | None) -> list[str
         if opset.domain in _DEFAULT_DOMAINS:
             lo, hi = TRT_SOURCE["opset_min"], TRT_SOURCE["opset_max"]
             if not lo <= opset.version <= hi:
-                checker.problems.append(f"default-domain opset {opset.version} is outside the range TensorRT "
-                                        f"{TRT_SOURCE['tensorrt_version']} parses ({lo} to {hi})")
+                checker.problems.append(
+                    f"default-domain opset {opset.version} is outside the range TensorRT "
+                    f"{TRT_SOURCE['tensorrt_version']} parses ({lo} to {hi})"
+                )
     root = checker.graph_scope(model.graph, None)
     root.ranks = _ranks(model)
     checker.check_nodes(model.graph.node, root, "graph", ())

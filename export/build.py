@@ -9,6 +9,7 @@ tensorrt_llm imports) -> manifest with checksums. The directory is assembled bes
 and moved into place at the end, so a failed build never leaves half a directory or destroys an
 existing one.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from apet_ops import ApetConfig
+from apet_trt.apet_ops import ApetConfig
 
 from . import manifest as manifest_writer
 from .models.llava import LlavaVisionEngine, checkpoint_config, facts, load_checkpoint
@@ -32,9 +33,9 @@ from .trtllm_build import TrtllmBuildConfig, build_trtllm, tensorrt_llm_version
 
 @dataclass
 class BuildConfig:
-    model: str                        # a preset name or a local checkpoint directory
+    model: str  # a preset name or a local checkpoint directory
     out: str
-    keep: int | None = None           # T; None (or no_apet) builds the uncompressed baseline
+    keep: int | None = None  # T; None (or no_apet) builds the uncompressed baseline
     basis: int = 10
     merge: bool = True
     start: int = 0
@@ -43,9 +44,9 @@ class BuildConfig:
     max_batch: int = 8
     opt_batch: int = 1
     fp16: bool = False
-    force: bool = False               # replace an existing directory
-    tensorrt: bool = True             # build the TensorRT plan where tensorrt imports
-    tensorrt_llm: bool = True         # build the TensorRT-LLM decoder where tensorrt_llm imports
+    force: bool = False  # replace an existing directory
+    tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
+    tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
 
     def apet(self) -> ApetConfig | None:
         if self.no_apet or self.keep is None:
@@ -85,9 +86,15 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"apet_trt": ver("apet-trt") or "0.1.0", "torch": torch.__version__, "onnx": ver("onnx"),
-            "onnxruntime": ver("onnxruntime") or ver("onnxruntime-gpu"), "transformers": ver("transformers"),
-            "tensorrt": tensorrt_version(), "tensorrt_llm": tensorrt_llm_version()}
+    return {
+        "apet_trt": ver("apet-trt") or "0.1.0",
+        "torch": torch.__version__,
+        "onnx": ver("onnx"),
+        "onnxruntime": ver("onnxruntime") or ver("onnxruntime-gpu"),
+        "transformers": ver("transformers"),
+        "tensorrt": tensorrt_version(),
+        "tensorrt_llm": tensorrt_llm_version(),
+    }
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -97,8 +104,10 @@ def _check_out(out: Path, force: bool) -> None:
         if not force:
             raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
         if not (out / manifest_writer.MANIFEST).is_file():
-            raise FileExistsError(f"--out {out} exists and is not an engine directory (no manifest.json); "
-                                  "refusing to replace it even with --force")
+            raise FileExistsError(
+                f"--out {out} exists and is not an engine directory (no manifest.json); "
+                "refusing to replace it even with --force"
+            )
 
 
 def _resolve(model: str):
@@ -107,8 +116,9 @@ def _resolve(model: str):
         return "preset", preset_config(model)[0]
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                                "nor an existing checkpoint directory")
+        raise FileNotFoundError(
+            f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing checkpoint directory"
+        )
     return "path", checkpoint_config(path)
 
 
@@ -146,8 +156,15 @@ def _replace_dir(work: Path, out: Path) -> None:
 def _llm_dtype(config, source: str, preset) -> str:
     if source == "preset":
         return "float32" if preset.materialise_language_model else "float16"
-    dtype = next((d for cfg in (config.text_config, config) for attr in ("dtype", "torch_dtype")
-                  if (d := getattr(cfg, attr, None)) is not None), None)
+    dtype = next(
+        (
+            d
+            for cfg in (config.text_config, config)
+            for attr in ("dtype", "torch_dtype")
+            if (d := getattr(cfg, attr, None)) is not None
+        ),
+        None,
+    )
     name = str(dtype).replace("torch.", "") if dtype is not None else "float16"
     return name if name in ("float16", "bfloat16", "float32") else "float16"
 
@@ -156,11 +173,15 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     """Build the engine directory; returns its manifest."""
     if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
         raise ValueError(f"--max-batch must be an integer >= 1, got max_batch={config.max_batch!r}")
-    if isinstance(config.opt_batch, bool) or not isinstance(config.opt_batch, int) \
-            or not 1 <= config.opt_batch <= config.max_batch:
-        raise ValueError(f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, "
-                         f"got opt_batch={config.opt_batch!r}")
-    apet = config.apet()              # keep / basis / start / ridge checked here
+    if (
+        isinstance(config.opt_batch, bool)
+        or not isinstance(config.opt_batch, int)
+        or not 1 <= config.opt_batch <= config.max_batch
+    ):
+        raise ValueError(
+            f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
+        )
+    apet = config.apet()  # keep / basis / start / ridge checked here
     out = Path(config.out)
     _check_out(out, config.force)
     source, hf_config = _resolve(config.model)
@@ -175,19 +196,22 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     engine = LlavaVisionEngine(model, apet).float().eval()  # vision export in float32
 
     work = out.parent / f".{out.name}.building"
-    created = _missing_dirs(work)     # removed again if the build fails
+    created = _missing_dirs(work)  # removed again if the build fails
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        steps(f"exporting vision tower + {'ApET' if apet else 'no compression'} + projector to ONNX (N={f.num_patches} -> T={t})")
+        what = "ApET" if apet else "no compression"
+        steps(f"exporting vision tower + {what} + projector to ONNX (N={f.num_patches} -> T={t})")
         onnx_path = export_vision_onnx(engine, work / "vision.onnx", image_size=f.image_size)
         steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
 
         steps("ONNX Runtime vs PyTorch")
         batches = sorted({1, min(3, config.max_batch)})
         for c in compare_with_torch(engine, onnx_path, image_size=f.image_size, batches=batches):
-            steps.note(f"batch {c.batch}: max |diff| {c.max_abs_diff:.2e} ({c.max_rel_diff:.1e} of max), "
-                       f"positions equal: {c.positions_equal}")
+            steps.note(
+                f"batch {c.batch}: max |diff| {c.max_abs_diff:.2e} ({c.max_rel_diff:.1e} of max), "
+                f"positions equal: {c.positions_equal}"
+            )
             if not c.positions_equal or c.max_rel_diff > 1e-3:
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c}")
 
@@ -211,13 +235,24 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         elif tensorrt_version() is None:
             steps.note(f"TensorRT is not importable: wrote the ONNX engine only ({TRT_HINT})")
         else:
-            result = build_tensorrt(onnx_path, work / "vision.plan", input_name=INPUT, image_size=f.image_size,
-                                    max_batch=config.max_batch, opt_batch=config.opt_batch, fp16=config.fp16)
+            result = build_tensorrt(
+                onnx_path,
+                work / "vision.plan",
+                input_name=INPUT,
+                image_size=f.image_size,
+                max_batch=config.max_batch,
+                opt_batch=config.opt_batch,
+                fp16=config.fp16,
+            )
             plan = "vision.plan"
-            steps.note(f"saved vision.plan; compressor layers pinned to fp32: {result.fp32_layers}; "
-                       f"TensorRT vs ONNX Runtime: {'passed' if result.compare_passed else 'FAILED'}")
+            steps.note(
+                f"saved vision.plan; compressor layers pinned to fp32: {result.fp32_layers}; "
+                f"TensorRT vs ONNX Runtime: {'passed' if result.compare_passed else 'FAILED'}"
+            )
             if not result.compare_passed:
-                raise RuntimeError("TensorRT outputs differ from ONNX Runtime beyond tolerance (see Polygraphy's report)")
+                raise RuntimeError(
+                    "TensorRT outputs differ from ONNX Runtime beyond tolerance (see Polygraphy's report)"
+                )
 
         steps("TensorRT-LLM decoder engine")
         trtllm = None
@@ -232,27 +267,49 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
             cfg = TrtllmBuildConfig(max_batch_size=config.max_batch, num_visual_tokens=t, dtype=llm_dtype)
-            trtllm = build_trtllm(Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work)
+            trtllm = build_trtllm(
+                Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work
+            )
             trtllm["engine_dir"] = "llm"
 
         steps("manifest")
         text = hf_config.text_config
         fields = {
-            "model": {"id": config.model, "source": source, "family": "llava",
-                      "path": str(Path(config.model).expanduser().resolve()) if source == "path" else None},
-            "vision": {"feature_layer": f.feature_layer, "select_strategy": f.select_strategy,
-                       "image_size": f.image_size, "patch_size": f.patch_size, "num_patches": f.num_patches,
-                       "feature_dim": f.feature_dim},
+            "model": {
+                "id": config.model,
+                "source": source,
+                "family": "llava",
+                "path": str(Path(config.model).expanduser().resolve()) if source == "path" else None,
+            },
+            "vision": {
+                "feature_layer": f.feature_layer,
+                "select_strategy": f.select_strategy,
+                "image_size": f.image_size,
+                "patch_size": f.patch_size,
+                "num_patches": f.num_patches,
+                "feature_dim": f.feature_dim,
+            },
             "apet": apet.to_dict() if apet else None,
             "num_visual_tokens": t,
-            "llm": {"hidden_size": f.hidden_size, "vocab_size": f.vocab_size, "image_token_id": f.image_token_id,
-                    "dtype": llm_dtype, "max_position_embeddings": f.max_position_embeddings,
-                    "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id,
-                    "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id},
-            "prompt_template": PROMPT_TEMPLATE, "image_token": "<image>",
-            "io": {"inputs": [{"name": INPUT, "dtype": "float32", "shape": ["batch", 3, f.image_size, f.image_size]}],
-                   "outputs": [{"name": OUTPUTS[0], "dtype": "float32", "shape": ["batch", t, f.hidden_size]},
-                               {"name": OUTPUTS[1], "dtype": "int64", "shape": ["batch", t]}]},
+            "llm": {
+                "hidden_size": f.hidden_size,
+                "vocab_size": f.vocab_size,
+                "image_token_id": f.image_token_id,
+                "dtype": llm_dtype,
+                "max_position_embeddings": f.max_position_embeddings,
+                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
+            },
+            "prompt_template": PROMPT_TEMPLATE,
+            "image_token": "<image>",
+            "io": {
+                "inputs": [{"name": INPUT, "dtype": "float32", "shape": ["batch", 3, f.image_size, f.image_size]}],
+                "outputs": [
+                    {"name": OUTPUTS[0], "dtype": "float32", "shape": ["batch", t, f.hidden_size]},
+                    {"name": OUTPUTS[1], "dtype": "int64", "shape": ["batch", t]},
+                ],
+            },
             "batch": {"min": 1, "opt": config.opt_batch, "max": config.max_batch},
             "precision": {"vision": "fp16" if (config.fp16 and plan) else "fp32", "compressor": "fp32"},
             "processor": processor.to_dict(),
@@ -266,7 +323,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        for d in created:             # deepest first; only the empty ones this build made
+        for d in created:  # deepest first; only the empty ones this build made
             try:
                 d.rmdir()
             except OSError:

@@ -1,4 +1,5 @@
 """`apet build`: see export/build.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,10 +8,15 @@ from .presets import preset_names
 
 
 def register(sub) -> None:
-    p = sub.add_parser("build", help="checkpoint or preset -> engine directory (ONNX, TensorRT, manifest)",
-                       description="Export vision tower + ApET + projector to ONNX, build TensorRT / TensorRT-LLM "
-                                   "engines where installed, and write one engine directory with a manifest.")
-    p.add_argument("--model", required=True, help=f"local checkpoint directory or a preset: {', '.join(preset_names())}")
+    p = sub.add_parser(
+        "build",
+        help="checkpoint or preset -> engine directory (ONNX, TensorRT, manifest)",
+        description="Export vision tower + ApET + projector to ONNX, build TensorRT / TensorRT-LLM "
+        "engines where installed, and write one engine directory with a manifest.",
+    )
+    p.add_argument(
+        "--model", required=True, help=f"local checkpoint directory or a preset: {', '.join(preset_names())}"
+    )
     p.add_argument("--out", required=True, help="engine directory to write, e.g. engines/NAME")
     p.add_argument("--keep", type=int, default=None, help="T, visual tokens kept per image (omit: no compression)")
     p.add_argument("--basis", type=int, default=10, help="k, FPS basis tokens (default 10)")
@@ -29,8 +35,21 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from .build import BuildConfig, build
 
-    build(BuildConfig(model=args.model, out=args.out, keep=args.keep, basis=args.basis, merge=not args.no_merge,
-                      start=args.start, no_apet=args.no_apet, max_batch=args.max_batch, opt_batch=args.opt_batch,
-                      fp16=args.fp16, force=args.force, tensorrt=not args.no_tensorrt,
-                      tensorrt_llm=not args.no_tensorrt_llm))
+    build(
+        BuildConfig(
+            model=args.model,
+            out=args.out,
+            keep=args.keep,
+            basis=args.basis,
+            merge=not args.no_merge,
+            start=args.start,
+            no_apet=args.no_apet,
+            max_batch=args.max_batch,
+            opt_batch=args.opt_batch,
+            fp16=args.fp16,
+            force=args.force,
+            tensorrt=not args.no_tensorrt,
+            tensorrt_llm=not args.no_tensorrt_llm,
+        )
+    )
     return 0

@@ -1,5 +1,6 @@
 """Write manifest.json for an engine directory (format: docs/ENGINE_DIR.md). Reading and
 verifying it is the runtime's business (runtime/manifest.py); a test round-trips the two."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,12 @@ def file_table(root: Path) -> dict:
 
 def write_manifest(root: Path, fields: dict) -> dict:
     """fields: everything but format/version/created/files; returns the full manifest."""
-    data = {"format": FORMAT, "manifest_version": MANIFEST_VERSION,
-            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    data = {
+        "format": FORMAT,
+        "manifest_version": MANIFEST_VERSION,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+    }
     data["files"] = file_table(root)
     (root / MANIFEST).write_text(json.dumps(data, indent=2, default=str) + "\n")
     return data

@@ -1,4 +1,5 @@
 """Vision engine -> ONNX (opset 17, dynamic batch), validated and compared against PyTorch."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apet_ops.onnx_export import validate_onnx
+from apet_trt.apet_ops.onnx_export import validate_onnx
 
 INPUT = "pixel_values"
 OUTPUTS = ("embeddings", "positions")
@@ -33,13 +34,26 @@ def export_vision_onnx(module: torch.nn.Module, path: Path, *, image_size: int, 
     example = torch.randn(2, 3, image_size, image_size)  # batch 2 keeps the batch axis symbolic
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings: N, D and T are static by design
-        torch.onnx.export(module, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     if weight_bytes > PROTOBUF_LIMIT:
         model = onnx.load(str(path))
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     # The tracer leaves some output dims symbolic (TopK's K, the baseline's N); shape inference
     # knows them. Written back so the file declares what the manifest's io says: [batch, T, H],
     # [batch, T]. Path to path, so it also works for models with external data.
@@ -48,8 +62,9 @@ def export_vision_onnx(module: torch.nn.Module, path: Path, *, image_size: int, 
     return path
 
 
-def compare_with_torch(module: torch.nn.Module, path: Path, *, image_size: int, batches=(1, 3),
-                       seed: int = 0) -> list[Comparison]:
+def compare_with_torch(
+    module: torch.nn.Module, path: Path, *, image_size: int, batches=(1, 3), seed: int = 0
+) -> list[Comparison]:
     """Run ONNX Runtime (CPU) and the PyTorch module on the same random pixels."""
     import onnxruntime as ort
 
@@ -62,6 +77,12 @@ def compare_with_torch(module: torch.nn.Module, path: Path, *, image_size: int, 
         with torch.no_grad():
             ref_emb, ref_pos = module(pixels)
         diff = np.abs(emb - ref_emb.numpy())
-        results.append(Comparison(b, float(diff.max()), float(diff.max() / max(np.abs(ref_emb.numpy()).max(), 1e-30)),
-                                  bool(np.array_equal(pos, ref_pos.numpy()))))
+        results.append(
+            Comparison(
+                b,
+                float(diff.max()),
+                float(diff.max() / max(np.abs(ref_emb.numpy()).max(), 1e-30)),
+                bool(np.array_equal(pos, ref_pos.numpy())),
+            )
+        )
     return results

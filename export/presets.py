@@ -9,6 +9,7 @@
 
 Random weights make the generated text noise; real checkpoints go in by path.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Preset:
     name: str
     vision: dict
     text: dict
-    image_token_id: int | None   # None: right after the tokenizer's base tokens
+    image_token_id: int | None  # None: right after the tokenizer's base tokens
     materialise_language_model: bool
     seed: int = 0
 
@@ -35,20 +36,49 @@ class Preset:
 PRESETS = {
     "tiny-llava": Preset(
         name="tiny-llava",
-        vision=dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, projection_dim=64),
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=2048),
+        vision=dict(
+            image_size=336,
+            patch_size=14,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=64,
+        ),
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
         image_token_id=None,
         materialise_language_model=True,
     ),
     "llava-1.5-7b-arch": Preset(
         name="llava-1.5-7b-arch",
-        vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                    num_hidden_layers=24, num_attention_heads=16, projection_dim=768,
-                    hidden_act="quick_gelu", layer_norm_eps=1e-5),
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064),
+        vision=dict(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            vocab_size=32064,
+        ),
         image_token_id=32000,
         materialise_language_model=False,
     ),
@@ -65,9 +95,19 @@ def image_processor(image_size: int = 336):
     import transformers
 
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-               do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
-               do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True, resample=3)
+    return cls(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+        resample=3,
+    )
 
 
 def llava_config(preset: Preset, tokenizer):
@@ -76,11 +116,20 @@ def llava_config(preset: Preset, tokenizer):
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text = dict(preset.text)
     text.setdefault("vocab_size", len(tokenizer))
-    text_config = LlamaConfig(**text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    return LlavaConfig(vision_config=CLIPVisionConfig(**preset.vision), text_config=text_config,
-                       image_token_id=image_token_id, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    text_config = LlamaConfig(
+        **text,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**preset.vision),
+        text_config=text_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
 
 
 def _preset(name: str) -> Preset:

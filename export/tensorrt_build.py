@@ -15,6 +15,7 @@ made from the compressor's nodes (named /compressor/... by the exporter) is set 
 and float32 outputs, and "obey" makes TensorRT honour it: squared norms of CLIP features overflow
 fp16, and the kept set must not depend on the precision.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,10 +81,12 @@ def compressor_layers(network) -> list[int]:
                     todo.append(nxt)
         return seen
 
-    down = reach(lambda i: [c for j in range(layers[i].num_outputs)
-                            for c in consumers.get(_name(layers[i].get_output(j)), [])])
-    up = reach(lambda i: [producer[n] for j in range(layers[i].num_inputs)
-                          if (n := _name(layers[i].get_input(j))) in producer])
+    down = reach(
+        lambda i: [c for j in range(layers[i].num_outputs) for c in consumers.get(_name(layers[i].get_output(j)), [])]
+    )
+    up = reach(
+        lambda i: [producer[n] for j in range(layers[i].num_inputs) if (n := _name(layers[i].get_input(j))) in producer]
+    )
     return sorted(seeds | (down & up))
 
 
@@ -104,8 +107,9 @@ def pin_compressor_fp32(network):
         layer = network.get_layer(i)
         if shape is not None and layer.type == shape:
             continue
-        tensors = [layer.get_input(j) for j in range(layer.num_inputs)] + \
-                  [layer.get_output(j) for j in range(layer.num_outputs)]
+        tensors = [layer.get_input(j) for j in range(layer.num_inputs)] + [
+            layer.get_output(j) for j in range(layer.num_outputs)
+        ]
         if not any(x is not None and x.dtype in floats for x in tensors):
             continue
         layer.precision = trt.float32
@@ -117,21 +121,42 @@ def pin_compressor_fp32(network):
     return network
 
 
-def build_tensorrt(onnx_path: Path, plan_path: Path, *, input_name: str, image_size: int, max_batch: int,
-                   opt_batch: int = 1, fp16: bool = False, atol: float = 1e-2, rtol: float = 1e-2) -> TensorRTBuild:
+def build_tensorrt(
+    onnx_path: Path,
+    plan_path: Path,
+    *,
+    input_name: str,
+    image_size: int,
+    max_batch: int,
+    opt_batch: int = 1,
+    fp16: bool = False,
+    atol: float = 1e-2,
+    rtol: float = 1e-2,
+) -> TensorRTBuild:
     """Build and save the plan, then compare TensorRT with ONNX Runtime on random inputs."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessNetwork,
-                                        Profile, SaveEngine, TrtRunner)
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        PostprocessNetwork,
+        Profile,
+        SaveEngine,
+        TrtRunner,
+    )
     from polygraphy.common import TensorMetadata
-    from polygraphy.comparator import CompareFunc, Comparator, DataLoader
+    from polygraphy.comparator import Comparator, CompareFunc, DataLoader
 
     shape = lambda b: (b, 3, image_size, image_size)
     profile = Profile().add(input_name, min=shape(1), opt=shape(opt_batch), max=shape(max_batch))
     cache = plan_path.with_name("timing.cache")
     network = PostprocessNetwork(NetworkFromOnnxPath(str(onnx_path)), pin_compressor_fp32, name="pin_compressor_fp32")
-    config = CreateConfig(fp16=fp16, profiles=[profile], precision_constraints="obey" if fp16 else None,
-                          load_timing_cache=str(cache) if cache.exists() else None)
+    config = CreateConfig(
+        fp16=fp16,
+        profiles=[profile],
+        precision_constraints="obey" if fp16 else None,
+        load_timing_cache=str(cache) if cache.exists() else None,
+    )
     engine = SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(cache)), path=str(plan_path))
     runners = [TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
     # the batch axis is dynamic: give the data loader a concrete shape inside the profile

@@ -5,6 +5,7 @@ where it matters to LLaVA: <unk>=0, <s>=1, </s>=2, then the 256 byte tokens, the
 fillers up to the image token's id, then <image> and <pad>. With image_token_id=32000 the
 vocabulary lines up with LLaVA-1.5-7B's (image token 32000, pad 32001, config vocab 32064).
 """
+
 from __future__ import annotations
 
 SPECIALS_BEFORE = ["<unk>", "<s>", "</s>"]
@@ -33,5 +34,11 @@ def byte_level_tokenizer(image_token_id: int | None = None):
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(SPECIALS_BEFORE + [IMAGE_TOKEN, PAD_TOKEN])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token=PAD_TOKEN, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )

@@ -11,6 +11,7 @@ The documented two-step flow (TensorRT-LLM examples/multimodal/README.md, "LLaVA
      T=64 than at 576.)
 The runtime feeds that table as DESIGN.md says (runtime/decoders/prompt_table.py).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -33,8 +34,8 @@ def tensorrt_llm_version() -> str | None:
 @dataclass
 class TrtllmBuildConfig:
     max_batch_size: int
-    num_visual_tokens: int         # T
-    max_text_len: int = 512        # text tokens of a prompt, T excluded
+    num_visual_tokens: int  # T
+    max_text_len: int = 512  # text tokens of a prompt, T excluded
     max_new_tokens: int = 512
     dtype: str = "float16"
 
@@ -59,12 +60,29 @@ def build_trtllm(checkpoint_dir: Path, out_dir: Path, config: TrtllmBuildConfig,
     exe = shutil.which("trtllm-build")
     if exe is None:
         raise RuntimeError("tensorrt_llm imports but the trtllm-build command is not on PATH")
-    cmd = [exe, "--checkpoint_dir", str(ckpt), "--output_dir", str(out_dir), "--gemm_plugin", "auto",
-           "--max_batch_size", str(config.max_batch_size), "--max_input_len", str(config.max_input_len),
-           "--max_seq_len", str(config.max_input_len + config.max_new_tokens),
-           "--max_multimodal_len", str(config.max_multimodal_len)]
+    cmd = [
+        exe,
+        "--checkpoint_dir",
+        str(ckpt),
+        "--output_dir",
+        str(out_dir),
+        "--gemm_plugin",
+        "auto",
+        "--max_batch_size",
+        str(config.max_batch_size),
+        "--max_input_len",
+        str(config.max_input_len),
+        "--max_seq_len",
+        str(config.max_input_len + config.max_new_tokens),
+        "--max_multimodal_len",
+        str(config.max_multimodal_len),
+    ]
     subprocess.run(cmd, check=True)
     shutil.rmtree(ckpt, ignore_errors=True)
-    return {"max_multimodal_len": config.max_multimodal_len, "max_batch_size": config.max_batch_size,
-            "max_input_len": config.max_input_len, "max_seq_len": config.max_input_len + config.max_new_tokens,
-            "dtype": config.dtype}
+    return {
+        "max_multimodal_len": config.max_multimodal_len,
+        "max_batch_size": config.max_batch_size,
+        "max_input_len": config.max_input_len,
+        "max_seq_len": config.max_input_len + config.max_new_tokens,
+        "dtype": config.dtype,
+    }

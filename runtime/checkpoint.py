@@ -1,6 +1,7 @@
 """The Transformers checkpoint an engine directory names for its decoder (and the torch backend):
 manifest["decoder"]["transformers"] = {"checkpoint": "hf" | "/abs/path", "weights": "saved"} or
 {"checkpoint": ..., "weights": "random-seeded", "seed": S, "config": "hf/config.json"}."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,6 +67,7 @@ def load_transformers_model(manifest: Manifest, *, device: torch.device, dtype: 
         model = cls(config) if cls.__name__ != "AutoModelForImageTextToText" else cls.from_config(config)
         model = model.to(dtype)
     else:
-        raise ValueError(f"{manifest.root}: decoder.transformers.weights must be 'saved' or 'random-seeded', "
-                         f"got {weights!r}")
+        raise ValueError(
+            f"{manifest.root}: decoder.transformers.weights must be 'saved' or 'random-seeded', got {weights!r}"
+        )
     return model.to(device).eval()

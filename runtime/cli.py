@@ -1,4 +1,5 @@
 """`apet run` and `apet inspect` (registered into the dispatcher scripts/cli.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,15 +9,23 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    run = subparsers.add_parser("run", help="image + prompt through an engine directory",
-                                description="Run one image and prompt through an engine directory: prints the "
-                                            "text, the tokens kept (N -> T) and per-stage timings.")
+    run = subparsers.add_parser(
+        "run",
+        help="image + prompt through an engine directory",
+        description="Run one image and prompt through an engine directory: prints the "
+        "text, the tokens kept (N -> T) and per-stage timings.",
+    )
     run.add_argument("--engine", required=True, help="engine directory (built by `apet build`)")
     run.add_argument("--image", required=True, help="image file")
     run.add_argument("--prompt", required=True, help="question or instruction about the image")
     run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--keep", type=int, default=None, metavar="T",
-                     help="the T you expect; refused if the engine was built for another T")
+    run.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        metavar="T",
+        help="the T you expect; refused if the engine was built for another T",
+    )
     run.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     run.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -53,30 +62,47 @@ def run_command(args: argparse.Namespace) -> int:
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image}: no such file")
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
-    [result] = pipe.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    [result] = pipe.generate(
+        args.image,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     overlay_path = None
     if args.overlay:
         overlay_path = write_overlay(pipe, args.image, result.positions, args.overlay)
     if args.json:
-        payload = {"text": result.text, "ids": result.ids, "positions": result.positions,
-                   "num_patches": result.num_patches, "num_kept": result.num_kept, "timings": result.timings,
-                   "backend": pipe.backend, "decoder": pipe.decoder.name,
-                   "overlay": None if overlay_path is None else str(overlay_path)}
+        payload = {
+            "text": result.text,
+            "ids": result.ids,
+            "positions": result.positions,
+            "num_patches": result.num_patches,
+            "num_kept": result.num_kept,
+            "timings": result.timings,
+            "backend": pipe.backend,
+            "decoder": pipe.decoder.name,
+            "overlay": None if overlay_path is None else str(overlay_path),
+        }
         print(json.dumps(payload))
         return 0
     t = result.timings
     apet = pipe.manifest.apet
-    how = (f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression")
+    how = f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression"
     print(f"engine   {args.engine}  (vision: {pipe.backend} [{pipe.backend_reason}], decoder: {pipe.decoder.name})")
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")
     if args.grid:
         print(patch_grid(result.positions, pipe.manifest))
     print(f"text     {result.text!r}")
-    print(f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
-          f"prefill/first token {t['first_token_ms']:.1f} ms | decode {t['decode_ms']:.1f} ms "
-          f"({int(t['new_tokens'])} tokens) | total {t['total_ms']:.1f} ms")
+    print(
+        f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
+        f"prefill/first token {t['first_token_ms']:.1f} ms | decode {t['decode_ms']:.1f} ms "
+        f"({int(t['new_tokens'])} tokens) | total {t['total_ms']:.1f} ms"
+    )
     if overlay_path:
         print(f"overlay  {overlay_path}")
     return 0
@@ -88,8 +114,9 @@ def patch_grid(positions, manifest) -> str:
     side = int(v["image_size"]) // int(v["patch_size"])
     offset = 0 if v.get("select_strategy", "default") == "default" else 1  # "full": position 0 is CLS
     kept = {p - offset for p in positions}
-    return "\n".join("         " + "".join("#" if r * side + c in kept else "." for c in range(side))
-                     for r in range(side))
+    return "\n".join(
+        "         " + "".join("#" if r * side + c in kept else "." for c in range(side)) for r in range(side)
+    )
 
 
 def write_overlay(pipe, image, positions, out) -> Path:
@@ -98,8 +125,9 @@ def write_overlay(pipe, image, positions, out) -> Path:
     pixel_values = pipe.preprocessor(image)
     crop = pipe.preprocessor.unnormalize(pixel_values[0])
     v = pipe.manifest.vision
-    picture = draw_kept_patches(crop, positions, patch_size=int(v["patch_size"]),
-                                drop_cls=v.get("select_strategy", "default") == "default")
+    picture = draw_kept_patches(
+        crop, positions, patch_size=int(v["patch_size"]), drop_cls=v.get("select_strategy", "default") == "default"
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out)

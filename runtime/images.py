@@ -5,11 +5,13 @@ Accepted per image: a PIL image, a path (str / os.PathLike), or an array (numpy 
 [H, W, 3], uint8 in 0..255 or floating point in [0, 1]. Everything else is a clear error that
 names the image (its index in the batch, or its path).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +50,10 @@ def _from_array(array: Any, where: str) -> Image.Image:
         if not np.isfinite(a).all():
             raise ValueError(f"{where}: image array holds NaN or Inf values")
         if a.min() < 0.0 or a.max() > 1.0:
-            raise ValueError(f"{where}: a floating-point image must lie in [0, 1], got range "
-                             f"[{float(a.min()):.4g}, {float(a.max()):.4g}]")
+            raise ValueError(
+                f"{where}: a floating-point image must lie in [0, 1], got range "
+                f"[{float(a.min()):.4g}, {float(a.max()):.4g}]"
+            )
         return Image.fromarray(np.round(a * 255.0).astype(np.uint8))
     raise TypeError(f"{where}: image arrays must be uint8 or floating point, got dtype {a.dtype}")
 
@@ -90,8 +94,10 @@ class ImagePreprocessor:
 
         processor_dir = Path(processor_dir)
         if not (processor_dir / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"{processor_dir}: no preprocessor_config.json (the image processor "
-                                    "is missing from the engine directory)")
+            raise FileNotFoundError(
+                f"{processor_dir}: no preprocessor_config.json (the image processor "
+                "is missing from the engine directory)"
+            )
         # The PIL processors need no torchvision: Transformers 5 selects them with backend="pil"
         # (older releases: use_fast=False).
         try:
@@ -114,8 +120,9 @@ class ImagePreprocessor:
         pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
         expected = (len(pil), 3, self.image_size, self.image_size)
         if pixel_values.shape != expected:
-            raise ValueError(f"the image processor produced pixel_values {pixel_values.shape}, the engine "
-                             f"expects {expected}")
+            raise ValueError(
+                f"the image processor produced pixel_values {pixel_values.shape}, the engine expects {expected}"
+            )
         if not np.isfinite(pixel_values).all():
             bad = int(np.argmax(~np.isfinite(pixel_values).reshape(len(pil), -1).all(axis=1)))
             raise ValueError(f"image {bad}: preprocessing produced NaN or Inf pixel values")

@@ -5,6 +5,7 @@ The runtime trusts nothing in an engine directory that the manifest does not des
 `files` table (missing, changed size or sha256, unlisted -> an error naming the file).
 This module never imports `export` (the writer); a test round-trips the two.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,21 @@ from typing import Any
 FORMAT = "apet-trt-engine"
 SUPPORTED_MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_REQUIRED = ("format", "manifest_version", "model", "vision", "num_visual_tokens", "llm",
-             "prompt_template", "image_token", "io", "batch", "engines", "decoder", "files")
+_REQUIRED = (
+    "format",
+    "manifest_version",
+    "model",
+    "vision",
+    "num_visual_tokens",
+    "llm",
+    "prompt_template",
+    "image_token",
+    "io",
+    "batch",
+    "engines",
+    "decoder",
+    "files",
+)
 _HASH_CHUNK = 1 << 20
 
 
@@ -164,8 +178,10 @@ def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
     listed: dict = manifest.data["files"]
     unlisted = sorted(set(_files_on_disk(root)) - set(listed))
     if unlisted:
-        raise ManifestError(f"{root / unlisted[0]}: file not listed in the manifest "
-                            f"({len(unlisted)} unlisted file(s)); the directory was changed after the build")
+        raise ManifestError(
+            f"{root / unlisted[0]}: file not listed in the manifest "
+            f"({len(unlisted)} unlisted file(s)); the directory was changed after the build"
+        )
     items = sorted(listed.items())
     if progress:
         from tqdm import tqdm
@@ -181,8 +197,9 @@ def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
             raise ManifestError(f"{root / MANIFEST_NAME}: bad files entry for {rel!r}: {entry!r}") from exc
         size = path.stat().st_size
         if size != want_bytes:
-            raise ManifestError(f"{path}: size {size} bytes differs from the manifest's {want_bytes} "
-                                "(truncated or replaced)")
+            raise ManifestError(
+                f"{path}: size {size} bytes differs from the manifest's {want_bytes} (truncated or replaced)"
+            )
         if sha256_file(path) != want_sha:
             raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt or modified)")
 

@@ -1,14 +1,23 @@
 """The picture users want: which patches ApET kept, drawn over the crop the engine saw."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 
-def draw_kept_patches(crop: np.ndarray, positions: Sequence[int], *, patch_size: int, drop_cls: bool = True,
-                      scale: int = 2, dim: float = 0.7, color=(255, 64, 32)) -> Image.Image:
+def draw_kept_patches(
+    crop: np.ndarray,
+    positions: Sequence[int],
+    *,
+    patch_size: int,
+    drop_cls: bool = True,
+    scale: int = 2,
+    dim: float = 0.7,
+    color=(255, 64, 32),
+) -> Image.Image:
     """crop [S, S, 3] uint8 (the preprocessed image), positions: kept token indices (ascending).
     Dropped patches are darkened by `dim`, kept ones outlined in `color`. With drop_cls=False a
     position 0 is the CLS token (not a patch) and is skipped."""
@@ -28,7 +37,8 @@ def draw_kept_patches(crop: np.ndarray, positions: Sequence[int], *, patch_size:
     shaded = crop.astype(np.float32)
     shaded[~pad] *= 1.0 - dim
     image = Image.fromarray(shaded.round().astype(np.uint8)).resize(
-        (crop.shape[1] * scale, crop.shape[0] * scale), Image.NEAREST)
+        (crop.shape[1] * scale, crop.shape[0] * scale), Image.NEAREST
+    )
     draw = ImageDraw.Draw(image)
     s = patch_size * scale
     for p in patches:

@@ -7,15 +7,16 @@ Thread safety: `generate` and `encode` hold one lock per pipeline, so calls from
 one after another and give the results serial calls give (the vision execution context and the
 decoder's model are not safe to share concurrently). Run one pipeline per device for parallelism.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -33,10 +34,10 @@ DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
 @dataclass
 class GenerationResult:
     text: str
-    ids: list[int]                 # generated token ids (eos included when produced)
-    positions: list[int]           # kept patch indices, ascending (N -> T)
-    num_patches: int               # N
-    num_kept: int                  # T
+    ids: list[int]  # generated token ids (eos included when produced)
+    positions: list[int]  # kept patch indices, ascending (N -> T)
+    num_patches: int  # N
+    num_kept: int  # T
     timings: dict[str, float] = field(default_factory=dict)  # ms, for the whole batch of the call
 
     def to_dict(self) -> dict:
@@ -44,15 +45,24 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, preprocessor: ImagePreprocessor, backend: VisionBackend,
-                 decoder: Decoder, tokenizer, assembler: PromptAssembler, *, backend_reason: str = ""):
+    def __init__(
+        self,
+        manifest: Manifest,
+        preprocessor: ImagePreprocessor,
+        backend: VisionBackend,
+        decoder: Decoder,
+        tokenizer,
+        assembler: PromptAssembler,
+        *,
+        backend_reason: str = "",
+    ):
         self.manifest = manifest
         self.preprocessor = preprocessor
         self.vision = backend
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.assembler = assembler
-        self.backend = backend.name          # which vision backend runs (see backend_reason)
+        self.backend = backend.name  # which vision backend runs (see backend_reason)
         self.backend_reason = backend_reason
         self._lock = threading.Lock()
 
@@ -65,12 +75,27 @@ class Pipeline:
         with self._lock:
             return self.vision.encode(images)
 
-    def generate(self, images: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str], *,
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[GenerationResult]:
         """One image per prompt; a single image and a single string make a batch of one."""
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed)
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
         image_list = as_image_list(images)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_list:
@@ -128,8 +153,10 @@ def _choose_decoder(manifest: Manifest, requested: str) -> str:
                 return "tensorrt_llm"
         except ImportError:
             pass
-        log.warning("decoder auto: the engine directory has a TensorRT-LLM engine but tensorrt_llm or a GPU "
-                    "is missing; using the Transformers decoder")
+        log.warning(
+            "decoder auto: the engine directory has a TensorRT-LLM engine but tensorrt_llm or a GPU "
+            "is missing; using the Transformers decoder"
+        )
     return "transformers"
 
 
@@ -138,27 +165,41 @@ def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.de
     if kind == "transformers":
         from .decoders import TransformersDecoder
 
-        return TransformersDecoder(model_loader(), image_token_id=llm["image_token_id"],
-                                   pad_token_id=llm.get("pad_token_id"), eos_token_id=llm.get("eos_token_id"),
-                                   max_length=int(llm["max_position_embeddings"]))
+        return TransformersDecoder(
+            model_loader(),
+            image_token_id=llm["image_token_id"],
+            pad_token_id=llm.get("pad_token_id"),
+            eos_token_id=llm.get("eos_token_id"),
+            max_length=int(llm["max_position_embeddings"]),
+        )
     trt_entry = (manifest.data.get("decoder") or {}).get("tensorrt_llm")
     if kind == "tensorrt_llm":
         from .decoders import TensorRTLLMDecoder
 
         if not trt_entry:
-            raise RuntimeError(f"{manifest.root}: decoder='tensorrt_llm' but the engine directory has no TensorRT-LLM "
-                               "engine (decoder.tensorrt_llm is null); build it with tensorrt_llm installed")
+            raise RuntimeError(
+                f"{manifest.root}: decoder='tensorrt_llm' but the engine directory has no TensorRT-LLM "
+                "engine (decoder.tensorrt_llm is null); build it with tensorrt_llm installed"
+            )
         pad = llm.get("pad_token_id")
-        return TensorRTLLMDecoder(manifest.path_of(trt_entry["engine_dir"]), vocab_size=int(llm["vocab_size"]),
-                                  num_visual_tokens=manifest.num_visual_tokens, eos_token_id=int(llm["eos_token_id"]),
-                                  pad_token_id=int(pad if pad is not None else llm["eos_token_id"]),
-                                  dtype=dtype_named(trt_entry["dtype"], f"{manifest.root}: decoder.tensorrt_llm.dtype")
-                                  if trt_entry.get("dtype") else llm_dtype(manifest))  # the engine's: the table's
+        return TensorRTLLMDecoder(
+            manifest.path_of(trt_entry["engine_dir"]),
+            vocab_size=int(llm["vocab_size"]),
+            num_visual_tokens=manifest.num_visual_tokens,
+            eos_token_id=int(llm["eos_token_id"]),
+            pad_token_id=int(pad if pad is not None else llm["eos_token_id"]),
+            dtype=dtype_named(trt_entry["dtype"], f"{manifest.root}: decoder.tensorrt_llm.dtype")
+            if trt_entry.get("dtype")
+            else llm_dtype(manifest),
+        )  # the engine's: the table's
     from .decoders import TensorRTLLMAPIDecoder
 
     hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
-    return TensorRTLLMAPIDecoder(manifest.path_of(hf["checkpoint"]), image_token=manifest.image_token,
-                                 max_length=int(llm["max_position_embeddings"]))
+    return TensorRTLLMAPIDecoder(
+        manifest.path_of(hf["checkpoint"]),
+        image_token=manifest.image_token,
+        max_length=int(llm["max_position_embeddings"]),
+    )
 
 
 def check_keep(manifest: Manifest, keep: int | None) -> None:
@@ -170,13 +211,22 @@ def check_keep(manifest: Manifest, keep: int | None) -> None:
         raise ValueError(f"keep must be a positive int (T, visual tokens per image), got {keep!r}")
     t, n = manifest.num_visual_tokens, manifest.num_patches
     if keep != t:
-        raise ValueError(f"{manifest.root}: engine built for T={t} visual tokens (N={n} -> {t}), asked for "
-                         f"T={keep}; T is fixed at build time: build one with `apet build --keep {keep}`"
-                         + (" (or --no-apet for all N)" if keep == n else ""))
+        raise ValueError(
+            f"{manifest.root}: engine built for T={t} visual tokens (N={n} -> {t}), asked for "
+            f"T={keep}; T is fixed at build time: build one with `apet build --keep {keep}`"
+            + (" (or --no-apet for all N)" if keep == n else "")
+        )
 
 
-def load(engine_dir: str | os.PathLike, backend: str = "auto", device: str | None = None, *,
-         decoder: str = "auto", verify: bool = True, keep: int | None = None) -> Pipeline:
+def load(
+    engine_dir: str | os.PathLike,
+    backend: str = "auto",
+    device: str | None = None,
+    *,
+    decoder: str = "auto",
+    verify: bool = True,
+    keep: int | None = None,
+) -> Pipeline:
     """Verify the engine directory's manifest (every file's size and sha256), then build the
     pipeline: the vision backend ("auto" | "tensorrt" | "onnxruntime" | "torch") and the decoder
     ("auto" | "transformers" | "tensorrt_llm" | "tensorrt_llm_api"). The chosen backend and why

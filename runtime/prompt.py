@@ -10,6 +10,7 @@ The expanded text is tokenized in one piece (as the model's own HF processor doe
 compression the ids equal the processor's), and the slots are checked to have come out as exactly
 T image-token ids in one contiguous run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,17 +20,17 @@ import torch
 
 @dataclass(frozen=True)
 class PromptFormat:
-    template: str          # contains "{prompt}" and the image token once
-    image_token: str       # "<image>"
-    image_token_id: int    # its id in the tokenizer and the LLM's vocabulary
+    template: str  # contains "{prompt}" and the image token once
+    image_token: str  # "<image>"
+    image_token_id: int  # its id in the tokenizer and the LLM's vocabulary
     num_visual_tokens: int  # T
 
 
 @dataclass(frozen=True)
 class AssembledPrompt:
-    input_ids: torch.Tensor   # [L] int64, T entries equal to image_token_id
+    input_ids: torch.Tensor  # [L] int64, T entries equal to image_token_id
     image_slots: torch.Tensor  # [T] int64 indices into input_ids, ascending
-    text: str                  # the conversation text, before expansion
+    text: str  # the conversation text, before expansion
 
 
 class PromptAssembler:
@@ -82,7 +83,10 @@ def engine_prompting(manifest) -> tuple[object, PromptAssembler]:
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"{tok_dir}: the tokenizer is missing from the engine directory")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    fmt = PromptFormat(template=manifest.prompt_template, image_token=manifest.image_token,
-                       image_token_id=int(manifest.llm["image_token_id"]),
-                       num_visual_tokens=manifest.num_visual_tokens)
+    fmt = PromptFormat(
+        template=manifest.prompt_template,
+        image_token=manifest.image_token,
+        image_token_id=int(manifest.llm["image_token_id"]),
+        num_visual_tokens=manifest.num_visual_tokens,
+    )
     return tokenizer, PromptAssembler(fmt, tokenizer)

@@ -7,6 +7,7 @@ the layer count is overridden (default 2) and the output says so; on a GPU all l
 Per T: prefill / time to first token on `text + T` embeddings, decode tokens per second with the
 KV cache, and the KV-cache bytes the full model would hold for that context.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,22 +15,36 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-LLAVA_15_7B_TEXT = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                        num_key_value_heads=32, num_hidden_layers=32, vocab_size=32064,
-                        max_position_embeddings=4096, rms_norm_eps=1e-5)
-_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "num_hidden_layers", "vocab_size")
+LLAVA_15_7B_TEXT = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    num_hidden_layers=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+_SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "vocab_size",
+)
 
 
 @dataclass
 class DecoderBenchConfig:
-    layers: int | None = None     # None: all on a GPU, min(2, all) on a CPU
-    text_tokens: int = 40         # "USER: <image>\nDescribe this image in detail. ASSISTANT:" ~ 20-50
+    layers: int | None = None  # None: all on a GPU, min(2, all) on a CPU
+    text_tokens: int = 40  # "USER: <image>\nDescribe this image in detail. ASSISTANT:" ~ 20-50
     new_tokens: int = 8
-    dtype: str = "auto"           # auto: float16 on a GPU, float32 on a CPU
+    dtype: str = "auto"  # auto: float16 on a GPU, float32 on a CPU
     device: str = "auto"
     batch: int = 1
-    shape: dict | None = None     # a text config as a dict (with model_type); None: LLAVA_15_7B_TEXT
+    shape: dict | None = None  # a text config as a dict (with model_type); None: LLAVA_15_7B_TEXT
 
 
 # transformers 5 renamed `past_key_values` to `cache` (TensorRT-LLM installs still pin 4.x)
@@ -57,8 +72,7 @@ def is_llava_15_7b(shape: dict) -> bool:
     return all(int(shape.get(k, -1)) == LLAVA_15_7B_TEXT[k] for k in _SHAPE_KEYS)
 
 
-def kv_cache_bytes(context: int, layers: int = 32, kv_dim: int = 4096, bytes_per_value: int = 2,
-                   batch: int = 1) -> int:
+def kv_cache_bytes(context: int, layers: int = 32, kv_dim: int = 4096, bytes_per_value: int = 2, batch: int = 1) -> int:
     """Keys and values of every layer for `context` tokens (fp16 by default)."""
     return 2 * layers * kv_dim * context * bytes_per_value * batch
 
@@ -79,8 +93,12 @@ def cache_nbytes(cache) -> int:
 
 def resolve(config: DecoderBenchConfig) -> tuple[str, torch.dtype, int]:
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32,
-             "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
+    dtype = {
+        "auto": torch.float16 if device.startswith("cuda") else torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[config.dtype]
     full = int(shape_of(config)["num_hidden_layers"])
     layers = config.layers or (full if device.startswith("cuda") else min(2, full))
     if not 1 <= layers <= full:
@@ -167,8 +185,15 @@ def describe(config: DecoderBenchConfig) -> dict:
     shape = shape_of(config)
     full = int(shape["num_hidden_layers"])
     info = {k: v for k, v in asdict(config).items() if k != "shape"}
-    return {**info, "device": device, "dtype": str(dtype).replace("torch.", ""),
-            "model_type": shape.get("model_type", "llama"),
-            **{k: int(shape[k]) for k in _SHAPE_KEYS if k != "num_hidden_layers"},
-            "head_dim": head_dim(shape), "llava_1_5_7b_shapes": is_llava_15_7b(shape),
-            "layers_run": layers, "layers_full_model": full, "layer_override": layers != full}
+    return {
+        **info,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "model_type": shape.get("model_type", "llama"),
+        **{k: int(shape[k]) for k in _SHAPE_KEYS if k != "num_hidden_layers"},
+        "head_dim": head_dim(shape),
+        "llava_1_5_7b_shapes": is_llava_15_7b(shape),
+        "layers_run": layers,
+        "layers_full_model": full,
+        "layer_override": layers != full,
+    }

@@ -11,6 +11,7 @@ JSON schema: {"config": {...}, "machine": {...}, "results": [{"batch": B, "timin
 median}, "unavailable": {name: reason}}], "agreement": [{"batch": B, "positions_equal_<name>": bool}]}.
 `apet bench` (scripts/bench.py) calls `measure_op` for its "op" section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,17 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: python scripts/bench_ops.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
-from scripts.timing import machine_info, measure_interleaved
+from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
+from apet_trt.scripts.timing import machine_info, measure_interleaved
 
 # (name, device) in the order they are reported; the first is the reference for ratios
-OP_CANDIDATES = (("oracle_eager", "cpu"), ("graph_eager", "cpu"), ("graph_onnxruntime", "cpu"),
-                 ("graph_eager_cuda", "cuda"), ("graph_onnxruntime_cuda", "cuda"))
+OP_CANDIDATES = (
+    ("oracle_eager", "cpu"),
+    ("graph_eager", "cpu"),
+    ("graph_onnxruntime", "cpu"),
+    ("graph_eager_cuda", "cuda"),
+    ("graph_onnxruntime_cuda", "cuda"),
+)
 
 
 def _ort_session(path: Path, cuda: bool):
@@ -39,16 +42,28 @@ def _ort_session(path: Path, cuda: bool):
     if not cuda:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), None
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None, (f"ONNX Runtime offers no CUDAExecutionProvider (providers: {ort.get_available_providers()}; "
-                      "pip install apet-trt[gpu])")
+        return None, (
+            f"ONNX Runtime offers no CUDAExecutionProvider (providers: {ort.get_available_providers()}; "
+            "pip install apet-trt[gpu])"
+        )
     session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     if session.get_providers()[0] != "CUDAExecutionProvider":
         return None, f"ONNX Runtime could not start the CUDA provider (session providers: {session.get_providers()})"
     return session, None
 
 
-def measure_op(config: ApetConfig, *, tokens: int, dim: int, batch: int, repeats: int, warmup: int,
-               onnx_path: Path, seed: int = 0, desc: str | None = None) -> list[dict]:
+def measure_op(
+    config: ApetConfig,
+    *,
+    tokens: int,
+    dim: int,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    onnx_path: Path,
+    seed: int = 0,
+    desc: str | None = None,
+) -> list[dict]:
     """Time every candidate of OP_CANDIDATES on one random batch [batch, tokens, dim], interleaved.
     -> one entry per candidate: {"name", "device", "available", "reason", "clock", "timing",
     "ratio_vs_oracle", "positions_equal_oracle"}; unavailable ones have a reason and null numbers."""
@@ -62,6 +77,7 @@ def measure_op(config: ApetConfig, *, tokens: int, dim: int, batch: int, repeats
         def call():
             with torch.inference_mode():
                 return module(inp)[1]
+
         return call
 
     calls["oracle_eager"] = lambda: compress_reference(x, config)[1]
@@ -82,20 +98,25 @@ def measure_op(config: ApetConfig, *, tokens: int, dim: int, batch: int, repeats
         pos = call()
         positions[name] = torch.as_tensor(pos).cpu().to(torch.int64)
     cuda_names = [n for n, dev in OP_CANDIDATES if dev == "cuda" and n in calls]
-    timings = measure_interleaved(calls, repeats=repeats, warmup=warmup, cuda_events=cuda_names,
-                                  desc=desc or f"op B={batch}")
+    timings = measure_interleaved(
+        calls, repeats=repeats, warmup=warmup, cuda_events=cuda_names, desc=desc or f"op B={batch}"
+    )
     base = timings["oracle_eager"]["median_s"]
     out = []
     for name, device in OP_CANDIDATES:
         available = name in calls
-        out.append({
-            "name": name, "device": device, "available": available,
-            "reason": None if available else f"not available: {reasons[name]}",
-            "clock": ("cuda_events" if name in cuda_names else "wall") if available else None,
-            "timing": timings.get(name),
-            "ratio_vs_oracle": base / timings[name]["median_s"] if available else None,
-            "positions_equal_oracle": bool(torch.equal(positions[name], ref_pos)) if available else None,
-        })
+        out.append(
+            {
+                "name": name,
+                "device": device,
+                "available": available,
+                "reason": None if available else f"not available: {reasons[name]}",
+                "clock": ("cuda_events" if name in cuda_names else "wall") if available else None,
+                "timing": timings.get(name),
+                "ratio_vs_oracle": base / timings[name]["median_s"] if available else None,
+                "positions_equal_oracle": bool(torch.equal(positions[name], ref_pos)) if available else None,
+            }
+        )
     return out
 
 
@@ -117,35 +138,75 @@ def main(argv=None) -> int:
     config = ApetConfig(keep=args.keep, basis=args.basis)
     results, agreement = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_compressor_onnx(config, Path(tmp) / "apet.onnx", num_tokens=args.tokens,
-                                      dim=args.dim, max_batch=max(args.batch))
+        path = export_compressor_onnx(
+            config, Path(tmp) / "apet.onnx", num_tokens=args.tokens, dim=args.dim, max_batch=max(args.batch)
+        )
         for batch in args.batch:
-            entries = measure_op(config, tokens=args.tokens, dim=args.dim, batch=batch, repeats=args.repeats,
-                                 warmup=args.warmup, onnx_path=path, desc=f"B={batch}")
+            entries = measure_op(
+                config,
+                tokens=args.tokens,
+                dim=args.dim,
+                batch=batch,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                onnx_path=path,
+                desc=f"B={batch}",
+            )
             ok = [e for e in entries if e["available"]]
-            results.append({"batch": batch, "timings": {e["name"]: e["timing"] for e in ok},
-                            "ratios_vs_oracle": {e["name"]: e["ratio_vs_oracle"] for e in ok},
-                            "unavailable": {e["name"]: e["reason"] for e in entries if not e["available"]}})
-            agreement.append({"batch": batch, **{f"positions_equal_{e['name'].removeprefix('graph_')}":
-                                                 e["positions_equal_oracle"] for e in ok if e["name"] != "oracle_eager"}})
+            results.append(
+                {
+                    "batch": batch,
+                    "timings": {e["name"]: e["timing"] for e in ok},
+                    "ratios_vs_oracle": {e["name"]: e["ratio_vs_oracle"] for e in ok},
+                    "unavailable": {e["name"]: e["reason"] for e in entries if not e["available"]},
+                }
+            )
+            agreement.append(
+                {
+                    "batch": batch,
+                    **{
+                        f"positions_equal_{e['name'].removeprefix('graph_')}": e["positions_equal_oracle"]
+                        for e in ok
+                        if e["name"] != "oracle_eager"
+                    },
+                }
+            )
 
     names = [n for n, _ in OP_CANDIDATES if n in results[0]["timings"]]
-    print(f"ApET op, N={args.tokens} D={args.dim} T={args.keep} k={args.basis}, "
-          f"median of {args.repeats} interleaved runs (ms); speed-up = oracle / candidate")
-    print("| B | " + " | ".join(n.replace("_", " ") for n in names) + " | "
-          + " | ".join(f"{n.replace('_', ' ')} speed-up" for n in names[1:]) + " |")
+    print(
+        f"ApET op, N={args.tokens} D={args.dim} T={args.keep} k={args.basis}, "
+        f"median of {args.repeats} interleaved runs (ms); speed-up = oracle / candidate"
+    )
+    print(
+        "| B | "
+        + " | ".join(n.replace("_", " ") for n in names)
+        + " | "
+        + " | ".join(f"{n.replace('_', ' ')} speed-up" for n in names[1:])
+        + " |"
+    )
     print("|---" * (2 * len(names)) + "|")
     for r in results:
         t, q = r["timings"], r["ratios_vs_oracle"]
-        print(f"| {r['batch']} | " + " | ".join(f"{1e3 * t[n]['median_s']:.1f}" for n in names) + " | "
-              + " | ".join(f"{q[n]:.1f}x" for n in names[1:]) + " |")
+        print(
+            f"| {r['batch']} | "
+            + " | ".join(f"{1e3 * t[n]['median_s']:.1f}" for n in names)
+            + " | "
+            + " | ".join(f"{q[n]:.1f}x" for n in names[1:])
+            + " |"
+        )
     for a in agreement:
-        print(f"B={a['batch']}: kept positions equal to the oracle's - "
-              + ", ".join(f"{k.removeprefix('positions_equal_')} {v}" for k, v in a.items() if k != "batch"))
+        print(
+            f"B={a['batch']}: kept positions equal to the oracle's - "
+            + ", ".join(f"{k.removeprefix('positions_equal_')} {v}" for k, v in a.items() if k != "batch")
+        )
     for name, why in results[0]["unavailable"].items():
         print(f"{name}: {why}")
-    out = {"config": {"tokens": args.tokens, "dim": args.dim, **config.to_dict()},
-           "machine": machine_info(), "results": results, "agreement": agreement}
+    out = {
+        "config": {"tokens": args.tokens, "dim": args.dim, **config.to_dict()},
+        "machine": machine_info(),
+        "results": results,
+        "agreement": agreement,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")

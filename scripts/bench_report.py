@@ -1,6 +1,7 @@
 """`apet bench` output: the markdown report (headline ratios first) and the PNG plot of latency per
 stage against T, both rendered from the JSON report alone (so a saved bench.json can be re-rendered:
-`python -m scripts.bench_report bench_out/bench.json`)."""
+`python -m apet_trt.scripts.bench_report bench_out/bench.json`)."""
+
 from __future__ import annotations
 
 import json
@@ -39,20 +40,31 @@ def decoder_note(report: dict) -> str | None:
         m, weights, text, batch = dec["model"], dec["weights"], f"{dec['text_tokens']} text tokens", dec["batch"]
     elif req.get("status") == "ok":
         c = req["variants"]["compressed"]
-        m, weights, text, batch = (req["decoder_model"], "seeded random weights",
-                                   f"{c['prompt_tokens'] - c['T']} text tokens", req["batch"])
+        m, weights, text, batch = (
+            req["decoder_model"],
+            "seeded random weights",
+            f"{c['prompt_tokens'] - c['T']} text tokens",
+            req["batch"],
+        )
     else:
         return None
-    shapes = ("LLaVA-1.5-7B language-model shapes" if m["llava_1_5_7b_shapes"]
-              else "the engine's language-model shapes (not LLaVA-1.5-7B's)")
-    layers = (f"**layer override: {m['layers_run']} of {m['layers_full_model']} layers run** "
-              f"(prefill and decode times are for {_layers(m['layers_run'])}"
-              + (f"; KV-cache bytes are for all {m['layers_full_model']} in float16)" if dec.get("status") == "ok" else ")")
-              if m["layer_override"]
-              else f"all {m['layers_full_model']} layers run")
-    return (f"Decoder: {m['model_type']} with {shapes} (hidden {m['hidden_size']}, MLP {m['intermediate_size']}, "
-            f"{m['num_attention_heads']} heads, vocab {m['vocab_size']}), {layers}, {m['dtype']} on {m['device']}, "
-            f"{weights}; prompt {text} + T visual, batch {batch}.")
+    shapes = (
+        "LLaVA-1.5-7B language-model shapes"
+        if m["llava_1_5_7b_shapes"]
+        else "the engine's language-model shapes (not LLaVA-1.5-7B's)"
+    )
+    layers = (
+        f"**layer override: {m['layers_run']} of {m['layers_full_model']} layers run** "
+        f"(prefill and decode times are for {_layers(m['layers_run'])}"
+        + (f"; KV-cache bytes are for all {m['layers_full_model']} in float16)" if dec.get("status") == "ok" else ")")
+        if m["layer_override"]
+        else f"all {m['layers_full_model']} layers run"
+    )
+    return (
+        f"Decoder: {m['model_type']} with {shapes} (hidden {m['hidden_size']}, MLP {m['intermediate_size']}, "
+        f"{m['num_attention_heads']} heads, vocab {m['vocab_size']}), {layers}, {m['dtype']} on {m['device']}, "
+        f"{weights}; prompt {text} + T visual, batch {batch}."
+    )
 
 
 def render_markdown(report: dict) -> str:
@@ -74,24 +86,34 @@ def render_markdown(report: dict) -> str:
         "| ratio | value | | compressed | uncompressed |",
         "|---|---|---|---|---|",
     ]
-    rows = [("vision stage, ApET (T={T}) / no ApET (N={N}), {backend}", "vision_apet_over_no_apet", "time"),
-            ("TTFT (decoder prefill), T={T} / T={N}", "ttft_T_over_N", "time"),
-            ("whole request, T={T} / N={N}, {backend}", "request_compressed_over_baseline", "time"),
-            ("KV-cache bytes (full model, fp16), T={T} / T={N}", "kv_cache_bytes_T_over_N", "bytes")]
+    rows = [
+        ("vision stage, ApET (T={T}) / no ApET (N={N}), {backend}", "vision_apet_over_no_apet", "time"),
+        ("TTFT (decoder prefill), T={T} / T={N}", "ttft_T_over_N", "time"),
+        ("whole request, T={T} / N={N}, {backend}", "request_compressed_over_baseline", "time"),
+        ("KV-cache bytes (full model, fp16), T={T} / T={N}", "kv_cache_bytes_T_over_N", "bytes"),
+    ]
     for label, key, kind in rows:
         r = h.get(key)
         if r is None:
-            section = {"vision_apet_over_no_apet": "vision", "ttft_T_over_N": "decoder",
-                       "request_compressed_over_baseline": "request", "kv_cache_bytes_T_over_N": "decoder"}[key]
+            section = {
+                "vision_apet_over_no_apet": "vision",
+                "ttft_T_over_N": "decoder",
+                "request_compressed_over_baseline": "request",
+                "kv_cache_bytes_T_over_N": "decoder",
+            }[key]
             lines.append(f"| {label.format(T=t, N=n, backend='-')} | - | {report[section].get('status')} | | |")
             continue
         text = label.format(T=r["T"], N=r["N"], backend=r.get("backend", ""))
         if kind == "time":
-            lines.append(f"| {text} | **{r['value']:.3f}** | {_faster(r['value'])} time | "
-                         f"{1e3 * r['numerator_median_s']:.1f} ms | {1e3 * r['denominator_median_s']:.1f} ms |")
+            lines.append(
+                f"| {text} | **{r['value']:.3f}** | {_faster(r['value'])} time | "
+                f"{1e3 * r['numerator_median_s']:.1f} ms | {1e3 * r['denominator_median_s']:.1f} ms |"
+            )
         else:
-            lines.append(f"| {text} | **{r['value']:.3f}** | {_faster(r['value'])} memory | "
-                         f"{_mib(r['numerator_bytes'])} | {_mib(r['denominator_bytes'])} |")
+            lines.append(
+                f"| {text} | **{r['value']:.3f}** | {_faster(r['value'])} memory | "
+                f"{_mib(r['numerator_bytes'])} | {_mib(r['denominator_bytes'])} |"
+            )
     note = decoder_note(report)
     if note:
         lines += ["", note]
@@ -101,20 +123,28 @@ def render_markdown(report: dict) -> str:
     if vision.get("status") != "ok":
         lines.append(vision.get("status", ""))
     else:
-        lines += [f"| backend | with ApET, T={t} | without, N={n} | ratio | RSS delta with / without | "
-                  "CUDA peak with / without | kept = ORT CPU | status |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| backend | with ApET, T={t} | without, N={n} | ratio | RSS delta with / without | "
+            "CUDA peak with / without | kept = ORT CPU | status |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for e in vision["backends"]:
             if not e["available"]:
                 lines.append(f"| {e['name']} | - | - | - | - | - | - | {e['reason']} |")
                 continue
             mem = e["memory"]
-            cuda = (f"{_mib(mem['with_apet']['cuda_peak_allocated_bytes'])} / "
-                    f"{_mib(mem['without_apet']['cuda_peak_allocated_bytes'])}"
-                    if mem["with_apet"]["cuda_peak_allocated_bytes"] is not None else "-")
-            lines.append(f"| {e['name']} | {_ms(e['timings']['with_apet'])} | {_ms(e['timings']['without_apet'])} | "
-                         f"**{_x(e['ratio_apet_over_no_apet'])}** | {_mib(mem['with_apet']['rss_delta_bytes'])} / "
-                         f"{_mib(mem['without_apet']['rss_delta_bytes'])} | {cuda} | "
-                         f"{e['positions_equal_onnxruntime_cpu']} | ok ({e['device']}, {e['clock']}) |")
+            cuda = (
+                f"{_mib(mem['with_apet']['cuda_peak_allocated_bytes'])} / "
+                f"{_mib(mem['without_apet']['cuda_peak_allocated_bytes'])}"
+                if mem["with_apet"]["cuda_peak_allocated_bytes"] is not None
+                else "-"
+            )
+            lines.append(
+                f"| {e['name']} | {_ms(e['timings']['with_apet'])} | {_ms(e['timings']['without_apet'])} | "
+                f"**{_x(e['ratio_apet_over_no_apet'])}** | {_mib(mem['with_apet']['rss_delta_bytes'])} / "
+                f"{_mib(mem['without_apet']['rss_delta_bytes'])} | {cuda} | "
+                f"{e['positions_equal_onnxruntime_cpu']} | ok ({e['device']}, {e['clock']}) |"
+            )
 
     op = report["op"]
     lines += ["", "## The ApET op alone", ""]
@@ -122,14 +152,20 @@ def render_markdown(report: dict) -> str:
         lines.append(op.get("status", ""))
     else:
         a = op["apet"]
-        lines += [f"N={op['N']}, D={op['D']}, T={a['keep']}, k={a['basis']}, batch {op['batch']}, {op['input']}.", "",
-                  "| candidate | median (p90) ms | speed-up vs oracle | kept = oracle | status |", "|---|---|---|---|---|"]
+        lines += [
+            f"N={op['N']}, D={op['D']}, T={a['keep']}, k={a['basis']}, batch {op['batch']}, {op['input']}.",
+            "",
+            "| candidate | median (p90) ms | speed-up vs oracle | kept = oracle | status |",
+            "|---|---|---|---|---|",
+        ]
         for c in op["candidates"]:
             if not c["available"]:
                 lines.append(f"| {c['name']} | - | - | - | {c['reason']} |")
             else:
-                lines.append(f"| {c['name']} | {_ms(c['timing'])} | {c['ratio_vs_oracle']:.1f}x | "
-                             f"{c['positions_equal_oracle']} | ok ({c['device']}, {c['clock']}) |")
+                lines.append(
+                    f"| {c['name']} | {_ms(c['timing'])} | {c['ratio_vs_oracle']:.1f}x | "
+                    f"{c['positions_equal_oracle']} | ok ({c['device']}, {c['clock']}) |"
+                )
 
     dec = report["decoder"]
     lines += ["", "## Decoder: prefill (TTFT) and decode against T", ""]
@@ -137,18 +173,24 @@ def render_markdown(report: dict) -> str:
         lines.append(dec.get("status", ""))
     else:
         m = dec["model"]
-        lines += [f"{m['layers_run']} of {m['layers_full_model']} layers run"
-                  + (" (layer override)" if m["layer_override"] else "")
-                  + f"; {dec['new_tokens']} tokens per decode run; KV cache of the full model "
-                    f"({m['layers_full_model']} layers, float16) and as measured in the run "
-                    f"({_layers(m['layers_run'])}, {m['dtype']}).", "",
-                  "| T | context | prefill / TTFT | / T=N | decode per token | tokens/s | KV cache full model | "
-                  "KV measured | RSS delta (prefill) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"{m['layers_run']} of {m['layers_full_model']} layers run"
+            + (" (layer override)" if m["layer_override"] else "")
+            + f"; {dec['new_tokens']} tokens per decode run; KV cache of the full model "
+            f"({m['layers_full_model']} layers, float16) and as measured in the run "
+            f"({_layers(m['layers_run'])}, {m['dtype']}).",
+            "",
+            "| T | context | prefill / TTFT | / T=N | decode per token | tokens/s | KV cache full model | "
+            "KV measured | RSS delta (prefill) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for p in dec["points"]:
-            lines.append(f"| {p['T']} | {p['context']} | {_ms(p['prefill'])} | {_x(p['prefill_ratio_vs_N'])} | "
-                         f"{1e3 * p['decode_s_per_token']:.1f} | {p['decode_tokens_per_s']:.1f} | "
-                         f"{_mib(p['kv_cache_bytes_full_model'])} | {_mib(p['kv_cache_bytes_measured'])} | "
-                         f"{_mib(p['memory_prefill']['rss_delta_bytes'])} |")
+            lines.append(
+                f"| {p['T']} | {p['context']} | {_ms(p['prefill'])} | {_x(p['prefill_ratio_vs_N'])} | "
+                f"{1e3 * p['decode_s_per_token']:.1f} | {p['decode_tokens_per_s']:.1f} | "
+                f"{_mib(p['kv_cache_bytes_full_model'])} | {_mib(p['kv_cache_bytes_measured'])} | "
+                f"{_mib(p['memory_prefill']['rss_delta_bytes'])} |"
+            )
 
     req = report["request"]
     lines += ["", "## Whole request (image file -> preprocess -> vision -> prefill -> decode)", ""]
@@ -156,28 +198,43 @@ def render_markdown(report: dict) -> str:
         lines.append(req.get("status", ""))
     else:
         m = req["decoder_model"]
-        lines += [f"runtime.Pipeline with the {req['vision_backend']} vision backend and the benchmark decoder "
-                  f"({_layers(m['layers_run'])} of {m['layers_full_model']}"
-                  + (", layer override" if m["layer_override"] else "") + f", {m['dtype']} on {m['device']}); "
-                  f"{req['new_tokens']} new tokens, batch {req['batch']}, prompt {req['prompt']!r}.", "",
-                  "| variant | T | prompt tokens | total | preprocess | vision | prefill | TTFT | decode | "
-                  "RSS delta | CUDA peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"runtime.Pipeline with the {req['vision_backend']} vision backend and the benchmark decoder "
+            f"({_layers(m['layers_run'])} of {m['layers_full_model']}"
+            + (", layer override" if m["layer_override"] else "")
+            + f", {m['dtype']} on {m['device']}); "
+            f"{req['new_tokens']} new tokens, batch {req['batch']}, prompt {req['prompt']!r}.",
+            "",
+            "| variant | T | prompt tokens | total | preprocess | vision | prefill | TTFT | decode | "
+            "RSS delta | CUDA peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, v in req["variants"].items():
             s = v["stages_median_s"]
-            lines.append(f"| {name} | {v['T']} | {v['prompt_tokens']} | {_ms(v['timing'])} | "
-                         + " | ".join(f"{1e3 * s[k]:.1f}" for k in ("preprocess", "vision", "prefill", "ttft", "decode"))
-                         + f" | {_mib(v['memory']['rss_delta_bytes'])} | {_mib(v['memory']['cuda_peak_allocated_bytes'])} |")
-        lines += ["", f"Request ratio {_x(req['ratio_compressed_over_baseline'])}, TTFT ratio "
-                      f"{_x(req['ttft_ratio_compressed_over_baseline'])} (compressed / baseline)."]
+            lines.append(
+                f"| {name} | {v['T']} | {v['prompt_tokens']} | {_ms(v['timing'])} | "
+                + " | ".join(f"{1e3 * s[k]:.1f}" for k in ("preprocess", "vision", "prefill", "ttft", "decode"))
+                + f" | {_mib(v['memory']['rss_delta_bytes'])} | {_mib(v['memory']['cuda_peak_allocated_bytes'])} |"
+            )
+        lines += [
+            "",
+            f"Request ratio {_x(req['ratio_compressed_over_baseline'])}, TTFT ratio "
+            f"{_x(req['ttft_ratio_compressed_over_baseline'])} (compressed / baseline).",
+        ]
 
     mem = report["memory"]
-    lines += ["", "## Memory and run", "",
-              f"Process peak RSS over the run {_mib(mem['process_peak_rss_bytes'])}; CUDA allocator peak "
-              f"{_mib(mem['cuda_peak_allocated_bytes'])}. RSS delta = the peak RSS while one call ran minus the RSS "
-              f"just before it (after a heap trim): what the call needed beyond what the process already held.",
-              "",
-              f"Load average {machine['load_average_start']} at the start, {machine['load_average_end']} at the end; "
-              f"{report['duration_s']:.0f} s in all. Command: `{report['command']}`", ""]
+    lines += [
+        "",
+        "## Memory and run",
+        "",
+        f"Process peak RSS over the run {_mib(mem['process_peak_rss_bytes'])}; CUDA allocator peak "
+        f"{_mib(mem['cuda_peak_allocated_bytes'])}. RSS delta = the peak RSS while one call ran minus the RSS "
+        f"just before it (after a heap trim): what the call needed beyond what the process already held.",
+        "",
+        f"Load average {machine['load_average_start']} at the start, {machine['load_average_end']} at the end; "
+        f"{report['duration_s']:.0f} s in all. Command: `{report['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -195,8 +252,12 @@ def plot(report: dict, path: Path) -> Path:
     if vision.get("status") == "ok":
         for e in vision["backends"]:
             if e["available"]:
-                ax.plot([t, n], [1e3 * e["timings"]["with_apet"]["median_s"], 1e3 * e["timings"]["without_apet"]["median_s"]],
-                        marker="s", label=f"vision ({e['name']})")
+                ax.plot(
+                    [t, n],
+                    [1e3 * e["timings"]["with_apet"]["median_s"], 1e3 * e["timings"]["without_apet"]["median_s"]],
+                    marker="s",
+                    label=f"vision ({e['name']})",
+                )
     dec = report["decoder"]
     if dec.get("status") == "ok":
         pts = sorted(dec["points"], key=lambda p: p["T"])
@@ -212,8 +273,13 @@ def plot(report: dict, path: Path) -> Path:
     req = report["request"]
     if req.get("status") == "ok":
         c, b = req["variants"]["compressed"], req["variants"]["baseline"]
-        ax.plot([c["T"], b["T"]], [1e3 * c["timing"]["median_s"], 1e3 * b["timing"]["median_s"]], marker="D",
-                linewidth=2, label=f"whole request ({req['new_tokens']} new tokens)")
+        ax.plot(
+            [c["T"], b["T"]],
+            [1e3 * c["timing"]["median_s"], 1e3 * b["timing"]["median_s"]],
+            marker="D",
+            linewidth=2,
+            label=f"whole request ({req['new_tokens']} new tokens)",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("T (visual tokens into the LLM)")
     ax.set_ylabel("median latency, ms (log)")
@@ -234,8 +300,10 @@ def plot(report: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m scripts.bench_report BENCH.json  (re-renders bench.md and bench.png beside it)",
-              file=sys.stderr)
+        print(
+            "usage: python -m apet_trt.scripts.bench_report BENCH.json  (re-renders bench.md and bench.png beside it)",
+            file=sys.stderr,
+        )
         return 2
     src = Path(argv[0])
     report = json.loads(src.read_text())

@@ -8,6 +8,7 @@
 Errors the user can act on are printed as one line (no traceback) and exit with status 2;
 set APET_DEBUG=1 to see the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,20 +18,14 @@ import sys
 
 # (module, description) - imported lazily so `apet --help` stays fast and a missing optional
 # dependency only affects the subcommand that needs it.
-_STAGES = ("export.cli", "runtime.cli", "scripts.bench")
+_STAGES = ("apet_trt.export.cli", "apet_trt.runtime.cli", "apet_trt.scripts.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apet", description="ApET visual-token compression in exported VLM engines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _STAGES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(name.split(".")[0]):
-                continue  # stage not present in this checkout
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

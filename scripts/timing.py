@@ -6,6 +6,7 @@ the clock stops when the device is done, not when the launch returns); on a GPU,
 times the named candidates (or all, with True) with CUDA events recorded on the current stream
 around the call, read after the end event has completed.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -22,8 +23,7 @@ def summarize(samples: list[float]) -> dict:
         raise ValueError("summarize: no samples")
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return {"median_s": statistics.median(ordered), "p90_s": p90, "min_s": ordered[0],
-            "repeats": len(ordered)}
+    return {"median_s": statistics.median(ordered), "p90_s": p90, "min_s": ordered[0], "repeats": len(ordered)}
 
 
 class _CudaEventClock:
@@ -67,7 +67,7 @@ def measure_interleaved(
         sync()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in tqdm(range(repeats), desc=desc, leave=False):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for name in order:
             if name in evented:
                 samples[name].append(event_clock(candidates[name]))
@@ -86,10 +86,16 @@ def machine_info() -> dict:
 
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "processor": platform.processor() or None,
-            "cpu_model": None, "gpu": None}  # every key always present (None when unknown)
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or None,
+        "cpu_model": None,
+        "gpu": None,
+    }  # every key always present (None when unknown)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -5,6 +5,7 @@ The vision engine: pixel_values [B, 3, S, S] -> CLIP vision tower -> hidden_stat
 T kept tokens only -> embeddings [B, T, H_llm] (float32), positions [B, T] (int64). Without ApET the
 same module emits all N tokens with positions 0..N-1: the baseline.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apet_ops import ApetCompressor, ApetConfig
+from apet_trt.apet_ops import ApetCompressor, ApetConfig
 
 
 def _parts(model):
@@ -38,7 +39,7 @@ class VisionParts(nn.Module):
         self.config = config
 
     @classmethod
-    def from_config(cls, config) -> "VisionParts":
+    def from_config(cls, config) -> VisionParts:
         from transformers import CLIPVisionModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
@@ -68,8 +69,18 @@ def facts(config) -> LlavaFacts:
         raise ValueError(f"vision_feature_select_strategy={strategy!r}: expected 'default' or 'full'")
     v, t = config.vision_config, config.text_config
     n = (v.image_size // v.patch_size) ** 2 + (1 if strategy == "full" else 0)
-    return LlavaFacts(layer, strategy, v.image_size, v.patch_size, n, v.hidden_size, t.hidden_size,
-                      t.vocab_size, config.image_token_id, t.max_position_embeddings)
+    return LlavaFacts(
+        layer,
+        strategy,
+        v.image_size,
+        v.patch_size,
+        n,
+        v.hidden_size,
+        t.hidden_size,
+        t.vocab_size,
+        config.image_token_id,
+        t.max_position_embeddings,
+    )
 
 
 class LlavaVisionEngine(nn.Module):
@@ -91,7 +102,7 @@ class LlavaVisionEngine(nn.Module):
         if self.select_strategy == "default":
             features = features[:, 1:]
         if self.compressor is not None:
-            tokens, positions = self.compressor(features)   # float32 inside, input dtype out
+            tokens, positions = self.compressor(features)  # float32 inside, input dtype out
         else:
             tokens = features  # positions 0..N-1 with N a constant, so the exported T axis is static
             positions = torch.arange(self.num_patches, device=features.device).expand_as(features[:, :, 0])

@@ -10,11 +10,12 @@ manifest's batch.max. Implementations:
     TensorRTBackend     vision.plan on TensorRT's Python API with torch CUDA buffers and a stream
     TorchBackend        (torch_eager.py) PyTorch eager from the Transformers checkpoint + apet_ops.ApetCompressor
 """
+
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -45,9 +46,11 @@ class VisionBackend(ABC):
         dims = list(embeddings_shape)[1:]
         want = [self.num_visual_tokens, self.hidden_size]
         if len(dims) != 2 or any(isinstance(d, int) and d >= 0 and d != w for d, w in zip(dims, want)):
-            raise RuntimeError(f"{source}: the engine emits embeddings [batch, {', '.join(map(str, dims))}], the "
-                               f"manifest promises [batch, T={want[0]}, H={want[1]}]: the engine was built for another "
-                               "T or model; rebuild it with `apet build`")
+            raise RuntimeError(
+                f"{source}: the engine emits embeddings [batch, {', '.join(map(str, dims))}], the "
+                f"manifest promises [batch, T={want[0]}, H={want[1]}]: the engine was built for another "
+                "T or model; rebuild it with `apet build`"
+            )
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         return self.preprocessor(images)
@@ -57,15 +60,17 @@ class VisionBackend(ABC):
             raise ValueError(f"pixel_values must be [B>=1, 3, S, S], got {pixel_values.shape}")
         embs, poss = [], []
         for start in range(0, pixel_values.shape[0], self.batch_max):
-            chunk = np.ascontiguousarray(pixel_values[start:start + self.batch_max], dtype=np.float32)
+            chunk = np.ascontiguousarray(pixel_values[start : start + self.batch_max], dtype=np.float32)
             emb, pos = self._run_chunk(chunk)
             embs.append(emb.float().cpu())
             poss.append(pos.to(torch.int64).cpu())
         emb, pos = torch.cat(embs), torch.cat(poss)
         want = (pixel_values.shape[0], self.num_visual_tokens)
         if tuple(emb.shape) != (*want, self.hidden_size) or tuple(pos.shape) != want:
-            raise RuntimeError(f"{self.name}: the vision engine returned embeddings {tuple(emb.shape)} and positions "
-                               f"{tuple(pos.shape)}, the manifest promises {(*want, self.hidden_size)} and {want}")
+            raise RuntimeError(
+                f"{self.name}: the vision engine returned embeddings {tuple(emb.shape)} and positions "
+                f"{tuple(pos.shape)}, the manifest promises {(*want, self.hidden_size)} and {want}"
+            )
         return emb, pos
 
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +106,9 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
     return "onnxruntime", f"auto: fell back from TensorRT because {why}"
 
 
-def create_backend(name: str, manifest: Manifest, preprocessor: ImagePreprocessor, *,
-                   device: str | None = None, hf_model_loader=None) -> VisionBackend:
+def create_backend(
+    name: str, manifest: Manifest, preprocessor: ImagePreprocessor, *, device: str | None = None, hf_model_loader=None
+) -> VisionBackend:
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 

@@ -1,5 +1,6 @@
 """The vision engine on ONNX Runtime: vision.onnx, CUDA execution provider when onnxruntime-gpu
 and a GPU are present (unless device="cpu"), else the CPU provider."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,10 @@ def _providers(device: str | None) -> list[str]:
     if not wants_cpu and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device is not None and str(device).startswith("cuda"):
-        raise RuntimeError(f"device={device!r} asked for CUDA, but ONNX Runtime offers only {available} "
-                           "(pip install apet-trt[gpu] for onnxruntime-gpu)")
+        raise RuntimeError(
+            f"device={device!r} asked for CUDA, but ONNX Runtime offers only {available} "
+            "(pip install apet-trt[gpu] for onnxruntime-gpu)"
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -37,16 +40,19 @@ class OnnxRuntimeBackend(VisionBackend):
         try:
             self.session = ort.InferenceSession(str(path), providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise RuntimeError(f"{path}: ONNX Runtime could not load the vision model: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(
+                f"{path}: ONNX Runtime could not load the vision model: {type(exc).__name__}: {exc}"
+            ) from exc
         io = manifest.data["io"]
         self.input_name = io["inputs"][0]["name"]
         self.output_names = [o["name"] for o in io["outputs"]]
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
         if got_in != [self.input_name] or sorted(got_out) != sorted(self.output_names):
-            raise RuntimeError(f"{path}: inputs {got_in} / outputs {got_out} differ from the manifest's "
-                               f"{[self.input_name]} / {self.output_names}")
+            raise RuntimeError(
+                f"{path}: inputs {got_in} / outputs {got_out} differ from the manifest's "
+                f"{[self.input_name]} / {self.output_names}"
+            )
         self.check_output_shape(path, next(o.shape for o in self.session.get_outputs() if o.name == "embeddings"))
 
     def _run_chunk(self, pixel_values: np.ndarray):

@@ -7,6 +7,7 @@ API (TensorRT Python docs, "Runtime", "ICudaEngine", "IExecutionContext"):
   context.set_input_shape(name, shape), context.get_tensor_shape(name),
   context.set_tensor_address(name, ptr), context.execute_async_v3(stream_handle) -> bool
 """
+
 from __future__ import annotations
 
 import threading
@@ -20,8 +21,13 @@ from . import TENSORRT_INSTALL, VisionBackend, tensorrt_available
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int8: torch.int8, trt.bool: torch.bool}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int32: torch.int32,
+        trt.int8: torch.int8,
+        trt.bool: torch.bool,
+    }
     for name, tdt in (("int64", torch.int64), ("bf16", torch.bfloat16)):
         if hasattr(trt, name):
             table[getattr(trt, name)] = tdt
@@ -37,12 +43,16 @@ class TensorRTBackend(VisionBackend):
         super().__init__(manifest, preprocessor)
         ok, why = tensorrt_available()
         if not ok:
-            raise RuntimeError(f"backend='tensorrt' needs TensorRT and an NVIDIA GPU: {why}. "
-                               f"Install with `{TENSORRT_INSTALL}` on a GPU machine, or use backend='onnxruntime'")
+            raise RuntimeError(
+                f"backend='tensorrt' needs TensorRT and an NVIDIA GPU: {why}. "
+                f"Install with `{TENSORRT_INSTALL}` on a GPU machine, or use backend='onnxruntime'"
+            )
         plan = manifest.engine_path("tensorrt")
         if plan is None or not plan.is_file():
-            raise FileNotFoundError(f"{manifest.root}: no TensorRT plan in this engine directory (it was built "
-                                    "without TensorRT); rebuild on a machine with TensorRT or use backend='onnxruntime'")
+            raise FileNotFoundError(
+                f"{manifest.root}: no TensorRT plan in this engine directory (it was built "
+                "without TensorRT); rebuild on a machine with TensorRT or use backend='onnxruntime'"
+            )
         import tensorrt as trt
 
         self.trt = trt
@@ -51,8 +61,10 @@ class TensorRTBackend(VisionBackend):
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"{plan}: TensorRT could not deserialize the plan (built by another TensorRT "
-                               "version or for another GPU?); rebuild it with `apet build`")
+            raise RuntimeError(
+                f"{plan}: TensorRT could not deserialize the plan (built by another TensorRT "
+                "version or for another GPU?); rebuild it with `apet build`"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -74,8 +86,9 @@ class TensorRTBackend(VisionBackend):
             outputs = {}
             for out in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(out))
-                buf = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(out)),
-                                  device=self.device)
+                buf = torch.empty(
+                    shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(out)), device=self.device
+                )
                 self.context.set_tensor_address(out, buf.data_ptr())
                 outputs[out] = buf
             if not self.context.execute_async_v3(self.stream.cuda_stream):

@@ -4,6 +4,7 @@ apet_ops.ApetCompressor -> the multimodal projector on the T kept tokens.
 
 It needs the checkpoint's real weights ("saved", or a checkpoint path): with "random-seeded"
 weights the tower here would not be the one the ONNX engine was exported from."""
+
 from __future__ import annotations
 
 import threading
@@ -29,7 +30,7 @@ class TorchVision(torch.nn.Module):
 
     def __init__(self, model, *, feature_layer: int, select_strategy: str, apet: dict | None):
         super().__init__()
-        from apet_ops import ApetCompressor, ApetConfig
+        from apet_trt.apet_ops import ApetCompressor, ApetConfig
 
         self.tower = _submodule(model, "vision_tower")
         self.projector = _submodule(model, "multi_modal_projector")
@@ -57,8 +58,9 @@ class TorchVision(torch.nn.Module):
 class TorchBackend(VisionBackend):
     name = "torch"
 
-    def __init__(self, manifest: Manifest, preprocessor: ImagePreprocessor, *, device: str | None = None,
-                 hf_model_loader=None):
+    def __init__(
+        self, manifest: Manifest, preprocessor: ImagePreprocessor, *, device: str | None = None, hf_model_loader=None
+    ):
         super().__init__(manifest, preprocessor)
         hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
         if hf.get("weights", "saved") != "saved":
@@ -71,8 +73,9 @@ class TorchBackend(VisionBackend):
             raise RuntimeError("backend='torch' needs the pipeline's Transformers model loader")
         model = hf_model_loader()
         v = manifest.vision
-        self.vision = TorchVision(model, feature_layer=v["feature_layer"], select_strategy=v["select_strategy"],
-                                  apet=manifest.apet).eval()
+        self.vision = TorchVision(
+            model, feature_layer=v["feature_layer"], select_strategy=v["select_strategy"], apet=manifest.apet
+        ).eval()
         self.device = next(self.vision.tower.parameters()).device
         self._lock = threading.Lock()
 

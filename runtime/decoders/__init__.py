@@ -5,11 +5,12 @@
     TensorRTLLMDecoder    TensorRT-LLM's ModelRunnerCpp fed the prompt table (DESIGN.md)
     TensorRTLLMAPIDecoder TensorRT-LLM's LLM API fed `multi_modal_embeddings`
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -23,8 +24,8 @@ class SamplingConfig:
     max_new_tokens: int = 32
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0       # 0: no top-k filter
-    top_p: float = 1.0   # 1.0: no nucleus filter
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -40,9 +41,9 @@ class SamplingConfig:
 
 @dataclass
 class DecodeOutput:
-    ids: list[list[int]]   # generated ids per request; ends with eos when one was produced
+    ids: list[list[int]]  # generated ids per request; ends with eos when one was produced
     first_token_ms: float  # prefill: the prompt (text + T visual slots) -> first token
-    decode_ms: float       # every token after the first
+    decode_ms: float  # every token after the first
 
 
 class Decoder(ABC):
@@ -68,16 +69,24 @@ class Decoder(ABC):
             raise ValueError(f"embeddings must be [B={len(prompts)}, T, H], got {tuple(embeddings.shape)}")
         for b, p in enumerate(prompts):
             if p.image_slots.numel() != embeddings.shape[1]:
-                raise ValueError(f"prompt {b}: {p.image_slots.numel()} image slots for {embeddings.shape[1]} "
-                                 "visual tokens")
+                raise ValueError(
+                    f"prompt {b}: {p.image_slots.numel()} image slots for {embeddings.shape[1]} visual tokens"
+                )
 
     @abstractmethod
-    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
-                 sampling: SamplingConfig) -> DecodeOutput: ...
+    def generate(
+        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
+    ) -> DecodeOutput: ...
 
 
-from .transformers import TransformersDecoder  # noqa: E402
 from .tensorrt_llm import TensorRTLLMAPIDecoder, TensorRTLLMDecoder  # noqa: E402
+from .transformers import TransformersDecoder  # noqa: E402
 
-__all__ = ["Decoder", "DecodeOutput", "SamplingConfig", "TransformersDecoder", "TensorRTLLMDecoder",
-           "TensorRTLLMAPIDecoder"]
+__all__ = [
+    "Decoder",
+    "DecodeOutput",
+    "SamplingConfig",
+    "TransformersDecoder",
+    "TensorRTLLMDecoder",
+    "TensorRTLLMAPIDecoder",
+]

@@ -11,10 +11,11 @@ PromptTuningEmbedding.forward). ModelRunnerCpp (tensorrt_llm/runtime/model_runne
 - the table is the embeddings [B, T, H] in the LLM's dtype (flatten to [B*T, H] where an API
   wants 2-D: the row formula above then reads the same values).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -22,9 +23,9 @@ import torch
 @dataclass(frozen=True)
 class PromptTableInputs:
     batch_input_ids: list[torch.Tensor]  # per request, [L_b] int32 (ModelRunnerCpp takes a list)
-    prompt_table: torch.Tensor           # [B, T, H] in the LLM dtype
-    prompt_tasks: str                    # "0,1,...,B-1"
-    task_vocab_size: int                 # T
+    prompt_table: torch.Tensor  # [B, T, H] in the LLM dtype
+    prompt_tasks: str  # "0,1,...,B-1"
+    task_vocab_size: int  # T
 
     @property
     def tasks(self) -> list[int]:

@@ -19,16 +19,17 @@ with precomputed embeddings: `LLM(model=hf_dir).generate([{"prompt": text,
 "multi_modal_embeddings": {"image": [tensor(T, H)]}}], SamplingParams(...))`. The prompt is the
 conversation text with one image placeholder (the LLM API's input processor expands it).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from ..prompt import AssembledPrompt
-from . import Decoder, DecodeOutput, SamplingConfig
+from . import DecodeOutput, Decoder, SamplingConfig
 from .prompt_table import build_prompt_table_inputs
 
 _INSTALL = "pip install apet-trt[tensorrt-llm] (TensorRT-LLM, on a machine with an NVIDIA GPU)"
@@ -58,8 +59,16 @@ def _sampling_kwargs(s: SamplingConfig) -> dict:
 class TensorRTLLMDecoder(Decoder):
     name = "tensorrt_llm"
 
-    def __init__(self, engine_dir: str | Path, *, vocab_size: int, num_visual_tokens: int,
-                 eos_token_id: int, pad_token_id: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        *,
+        vocab_size: int,
+        num_visual_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        dtype: torch.dtype,
+    ):
         _import_tensorrt_llm()
         from tensorrt_llm.runtime import ModelRunnerCpp
 
@@ -69,22 +78,28 @@ class TensorRTLLMDecoder(Decoder):
         self.runner = ModelRunnerCpp.from_dir(engine_dir=str(engine_dir), rank=0)
         self.vocab_size = int(vocab_size)
         if int(self.runner.vocab_size) != self.vocab_size:
-            raise ValueError(f"{engine_dir}: the TensorRT-LLM engine's vocab_size {self.runner.vocab_size} differs "
-                             f"from the manifest's {self.vocab_size}")
+            raise ValueError(
+                f"{engine_dir}: the TensorRT-LLM engine's vocab_size {self.runner.vocab_size} differs "
+                f"from the manifest's {self.vocab_size}"
+            )
         self.dtype = self.runner.dtype if dtype is None else dtype
         if self.runner.dtype != self.dtype:
-            raise ValueError(f"{engine_dir}: the TensorRT-LLM engine runs in {self.runner.dtype}, the manifest says "
-                             f"{self.dtype}; the prompt table must be in the engine's dtype")
+            raise ValueError(
+                f"{engine_dir}: the TensorRT-LLM engine runs in {self.runner.dtype}, the manifest says "
+                f"{self.dtype}; the prompt table must be in the engine's dtype"
+            )
         self.num_visual_tokens = int(num_visual_tokens)
         # ModelRunnerCpp gives each request its own table and rejects one longer than
         # max_prompt_embedding_table_size / max_batch_size (DESIGN.md).
         per_request = int(self.runner.max_prompt_embedding_table_size) // max(1, int(self.runner.max_batch_size))
         if per_request < self.num_visual_tokens:
-            raise ValueError(f"{engine_dir}: built with max_multimodal_len "
-                             f"{self.runner.max_prompt_embedding_table_size} for max_batch_size "
-                             f"{self.runner.max_batch_size}: {per_request} rows per request < T="
-                             f"{self.num_visual_tokens}; rebuild with --max_multimodal_len >= "
-                             f"{self.num_visual_tokens * int(self.runner.max_batch_size)}")
+            raise ValueError(
+                f"{engine_dir}: built with max_multimodal_len "
+                f"{self.runner.max_prompt_embedding_table_size} for max_batch_size "
+                f"{self.runner.max_batch_size}: {per_request} rows per request < T="
+                f"{self.num_visual_tokens}; rebuild with --max_multimodal_len >= "
+                f"{self.num_visual_tokens * int(self.runner.max_batch_size)}"
+            )
         self.max_length = int(self.runner.max_sequence_length)
         self.max_batch_size = int(self.runner.max_batch_size)
         self.max_input_len = int(self.runner.max_input_len)
@@ -94,11 +109,14 @@ class TensorRTLLMDecoder(Decoder):
         super().check_lengths(prompts, max_new_tokens)
         for b, p in enumerate(prompts):
             if p.input_ids.numel() > self.max_input_len:
-                raise ValueError(f"prompt {b}: {p.input_ids.numel()} tokens exceed the TensorRT-LLM engine's "
-                                 f"max_input_len {self.max_input_len}")
+                raise ValueError(
+                    f"prompt {b}: {p.input_ids.numel()} tokens exceed the TensorRT-LLM engine's "
+                    f"max_input_len {self.max_input_len}"
+                )
 
-    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
-                 sampling: SamplingConfig) -> DecodeOutput:
+    def generate(
+        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
+    ) -> DecodeOutput:
         self.check_batch(prompts, embeddings)
         self.check_lengths(prompts, sampling.max_new_tokens)
         ids: list[list[int]] = []
@@ -113,14 +131,17 @@ class TensorRTLLMDecoder(Decoder):
 
     def _generate_chunk(self, prompts, embeddings, sampling) -> DecodeOutput:
         inputs = build_prompt_table_inputs(
-            [p.input_ids for p in prompts], [p.image_slots for p in prompts], embeddings,
-            vocab_size=self.vocab_size, dtype=self.dtype,
+            [p.input_ids for p in prompts],
+            [p.image_slots for p in prompts],
+            embeddings,
+            vocab_size=self.vocab_size,
+            dtype=self.dtype,
         )
         t0 = time.perf_counter()
         first = None
         final = None
         # streaming=True yields after every step: the first yield marks the first token.
-        for final in self.runner.generate(
+        for final in self.runner.generate(  # noqa: B007 - the last yield is the result
             inputs.batch_input_ids,
             prompt_table=inputs.prompt_table.cuda(),
             prompt_tasks=inputs.prompt_tasks,
@@ -144,7 +165,7 @@ class TensorRTLLMDecoder(Decoder):
         ids = []
         for b, p in enumerate(prompts):
             n_in = int(p.input_ids.numel())
-            ids.append(output_ids[b, 0, n_in:int(lengths[b, 0])].tolist())
+            ids.append(output_ids[b, 0, n_in : int(lengths[b, 0])].tolist())
         first = first or t2
         return DecodeOutput(ids=ids, first_token_ms=(first - t0) * 1e3, decode_ms=(t2 - first) * 1e3)
 
@@ -163,8 +184,9 @@ class TensorRTLLMAPIDecoder(Decoder):
         self.image_token = image_token
         self.max_length = int(max_length)
 
-    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
-                 sampling: SamplingConfig) -> DecodeOutput:
+    def generate(
+        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
+    ) -> DecodeOutput:
         from tensorrt_llm import SamplingParams
 
         self.check_batch(prompts, embeddings)
@@ -176,8 +198,10 @@ class TensorRTLLMAPIDecoder(Decoder):
             top_p=sampling.top_p if sampling.do_sample else 1.0,
             seed=sampling.seed,
         )
-        requests = [{"prompt": p.text, "multi_modal_embeddings": {"image": [embeddings[b].cuda()]}}
-                    for b, p in enumerate(prompts)]
+        requests = [
+            {"prompt": p.text, "multi_modal_embeddings": {"image": [embeddings[b].cuda()]}}
+            for b, p in enumerate(prompts)
+        ]
         t0 = time.perf_counter()
         outputs = self.llm.generate(requests, sampling_params=params)
         t1 = time.perf_counter()

@@ -6,16 +6,17 @@ the KV cache: one prefill forward over the whole prompt, then one forward per ne
 are left-padded with the attention mask and position ids that `GenerationMixin.generate` uses
 (position = cumsum(mask) - 1), so greedy ids equal `generate(inputs_embeds=...)`.
 """
+
 from __future__ import annotations
 
 import inspect
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..prompt import AssembledPrompt
-from . import Decoder, DecodeOutput, SamplingConfig
+from . import DecodeOutput, Decoder, SamplingConfig
 
 
 def _sample_filter(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
@@ -37,8 +38,15 @@ def _sample_filter(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
 class TransformersDecoder(Decoder):
     name = "transformers"
 
-    def __init__(self, model: torch.nn.Module, *, image_token_id: int, pad_token_id: int | None,
-                 eos_token_id: int | Sequence[int] | None, max_length: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        image_token_id: int,
+        pad_token_id: int | None,
+        eos_token_id: int | Sequence[int] | None,
+        max_length: int,
+    ):
         self.model = model.eval()
         self.embed = model.get_input_embeddings()
         self.image_token_id = int(image_token_id)
@@ -67,8 +75,8 @@ class TransformersDecoder(Decoder):
         mask = torch.zeros((b, length), dtype=torch.int64)
         for i, p in enumerate(prompts):
             n = int(p.input_ids.numel())
-            ids[i, length - n:] = p.input_ids
-            mask[i, length - n:] = 1
+            ids[i, length - n :] = p.input_ids
+            mask[i, length - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         inputs_embeds = self.embed(ids)
         visual = embeddings.to(device=self.device, dtype=inputs_embeds.dtype)
@@ -95,8 +103,9 @@ class TransformersDecoder(Decoder):
         return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor,
-                 sampling: SamplingConfig) -> DecodeOutput:
+    def generate(
+        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
+    ) -> DecodeOutput:
         self.check_lengths(prompts, sampling.max_new_tokens)
         gen = None
         if sampling.do_sample:
@@ -110,8 +119,7 @@ class TransformersDecoder(Decoder):
 
         t0 = time.perf_counter()
         inputs_embeds, mask, position_ids = self.build_inputs_embeds(prompts, embeddings)
-        logits, cache = self._forward(None, inputs_embeds=inputs_embeds, attention_mask=mask,
-                                      position_ids=position_ids)
+        logits, cache = self._forward(None, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids)
         token = self._pick(logits, sampling, gen)
         _sync(self.device)
         t1 = time.perf_counter()
@@ -130,8 +138,9 @@ class TransformersDecoder(Decoder):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             position = position + 1
-            logits, cache = self._forward(cache, input_ids=token.unsqueeze(-1), attention_mask=mask,
-                                          position_ids=position)
+            logits, cache = self._forward(
+                cache, input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=position
+            )
             token = self._pick(logits, sampling, gen)
         _sync(self.device)
         t2 = time.perf_counter()

@@ -1,13 +1,12 @@
 """ApetCompressor (graph form) against compress_reference (the oracle), and the oracle's own
 contract: shapes, dtypes, keep == N, errors, and finiteness on degenerate inputs."""
+
 import pytest
 import torch
 
-from apet_ops import ApetCompressor, ApetConfig, compress_reference
-from apet_ops.reference import decide
-
-from apet_cases import (constant_image, duplicated_tokens, few_huge_tokens, low_rank_plus_noise,
-                        well_posed)
+from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference
+from apet_trt.apet_ops.reference import decide
+from helpers.apet_cases import constant_image, duplicated_tokens, few_huge_tokens, low_rank_plus_noise, well_posed
 
 N, D = 144, 48
 
@@ -68,12 +67,16 @@ def test_large_real_shape(rng):
     assert_matches_oracle(well_posed(make, config, 2, rng), config)
 
 
-@pytest.mark.parametrize("make", [
-    lambda g: torch.zeros(N, D),                                   # all-zero features
-    lambda g: torch.randn(1, D, generator=g).expand(N, D).clone(), # every seed the same token
-    lambda g: torch.cat([torch.zeros(N // 2, D), torch.randn(N - N // 2, D, generator=g)]),
-    lambda g: torch.randn(3, D, generator=g).repeat(N // 3, 1) * 1000,  # rank 3, huge
-], ids=["zeros", "constant", "half_zero", "rank3_x1000"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.zeros(N, D),  # all-zero features
+        lambda g: torch.randn(1, D, generator=g).expand(N, D).clone(),  # every seed the same token
+        lambda g: torch.cat([torch.zeros(N // 2, D), torch.randn(N - N // 2, D, generator=g)]),
+        lambda g: torch.randn(3, D, generator=g).repeat(N // 3, 1) * 1000,  # rank 3, huge
+    ],
+    ids=["zeros", "constant", "half_zero", "rank3_x1000"],
+)
 def test_degenerate_bases_are_finite(rng, make):
     config = ApetConfig(keep=24, basis=10)  # basis > rank: seeds repeat, Gram matrix singular
     x = make(rng).unsqueeze(0)
@@ -97,7 +100,7 @@ def test_oracle_steps_by_hand():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [10.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     config = ApetConfig(keep=3, basis=2, start=0)
     dec = decide(x, config)
-    assert dec.seeds == [0, 3]              # start, then the farthest from token 0
+    assert dec.seeds == [0, 3]  # start, then the farthest from token 0
     # span of the seeds is the x-axis: tokens 1, 2 reconstruct (almost) exactly, token 4 not at all
     assert dec.order[0] == 4
     assert dec.kept == sorted(dec.order[:3])
@@ -123,13 +126,16 @@ def test_merge_averages_into_most_similar(rng):
     assert len(dec.merge_targets) == 40 - 12
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(keep=10, basis=10), "keep must be > basis"),
-    (dict(keep=5, basis=0), "basis must be >= 1"),
-    (dict(keep=5, basis=2, start=-1), "start must be >= 0"),
-    (dict(keep=5, basis=2, ridge=0.0), "ridge"),
-    (dict(keep=5.0, basis=2), "keep must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(keep=10, basis=10), "keep must be > basis"),
+        (dict(keep=5, basis=0), "basis must be >= 1"),
+        (dict(keep=5, basis=2, start=-1), "start must be >= 0"),
+        (dict(keep=5, basis=2, ridge=0.0), "ridge"),
+        (dict(keep=5.0, basis=2), "keep must be an int"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ApetConfig(**kwargs)

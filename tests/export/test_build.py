@@ -17,6 +17,7 @@ What each group shows:
                 manifest entries, the TensorRT-LLM sizing and command (tensorrt_llm emulated), and
                 the fp32 pinning over a network shaped like the real parse
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,19 +36,19 @@ import onnx
 import pytest
 import torch
 
-from apet_ops import ApetConfig, compress_reference, export_compressor_onnx
-from apet_ops.reference import decide
-from apet_ops.trt_ops import check_restrictions, unsupported_ops
-from apet_cases import MARGIN, decision_margin
-from export import build as build_module
-from export import tensorrt_build, trtllm_build
-from export.build import BuildConfig, build
-from export.models.llava import LlavaVisionEngine
-from export.presets import build_preset
-from runtime.manifest import load_manifest
-from scripts.cli import main
+from apet_trt.apet_ops import ApetConfig, compress_reference, export_compressor_onnx
+from apet_trt.apet_ops.reference import decide
+from apet_trt.apet_ops.trt_ops import check_restrictions, unsupported_ops
+from apet_trt.export import build as build_module
+from apet_trt.export import tensorrt_build, trtllm_build
+from apet_trt.export.build import BuildConfig, build
+from apet_trt.export.models.llava import LlavaVisionEngine
+from apet_trt.export.presets import build_preset
+from apet_trt.runtime.manifest import load_manifest
+from apet_trt.scripts.cli import main
+from helpers.apet_cases import MARGIN, decision_margin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N, T, K = 576, 64, 10
 PRESET = "tiny-llava"
 
@@ -73,8 +74,11 @@ def leftovers(parent: Path) -> list[str]:
 
 def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under root."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def manifest_of(engine: Path) -> dict:
@@ -82,6 +86,7 @@ def manifest_of(engine: Path) -> dict:
 
 
 # --- engine directories, built once per module ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def t64(tmp_path_factory):
@@ -102,8 +107,10 @@ def forced(t64, tmp_path_factory):
     shutil.copytree(t64[0], engine)
     (engine / "vision.onnx.data").write_bytes(b"stale file of the old build")  # must not survive
     manifest = manifest_of(engine)
-    manifest["files"]["vision.onnx.data"] = {"sha256": hashlib.sha256(b"stale file of the old build").hexdigest(),
-                                             "bytes": 27}
+    manifest["files"]["vision.onnx.data"] = {
+        "sha256": hashlib.sha256(b"stale file of the old build").hexdigest(),
+        "bytes": 27,
+    }
     (engine / "manifest.json").write_text(json.dumps(manifest))
     before = tree(engine)
     build_cli(engine, "--keep", str(T), "--basis", str(K), "--no-merge", "--start", "100", "--force")
@@ -111,6 +118,7 @@ def forced(t64, tmp_path_factory):
 
 
 # --- the PyTorch side, independent of the engine dir ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def preset():
@@ -136,8 +144,9 @@ def tower_features(model, config, pixels: torch.Tensor) -> torch.Tensor:
 def hf_image_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """Transformers' get_image_features: tower -> layer -2 -> drop CLS -> projector, all N tokens."""
     with torch.no_grad():
-        out = model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
-                                       vision_feature_select_strategy="default")
+        out = model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        )
     out = getattr(out, "pooler_output", out)
     return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
@@ -172,6 +181,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --- 1. the build and ORT == PyTorch ----------------------------------------------------------
+
 
 def test_preset_weights_are_deterministic_and_are_what_was_built(preset, t64):
     """The assumption the PyTorch comparisons rest on: build_preset is seeded, so a rebuild gives
@@ -216,6 +226,7 @@ def test_onnxruntime_equals_pytorch_wrapper(t64, preset, rng, batch):
 
 # --- 2. against the oracle, from the HF tower's own features ----------------------------------
 
+
 def test_positions_and_embeddings_match_the_oracle(t64, preset, rng):
     model, config = preset
     apet = ApetConfig(keep=T, basis=K)
@@ -234,6 +245,7 @@ def test_positions_and_embeddings_match_the_oracle(t64, preset, rng):
 
 
 # --- 3. the baseline ----------------------------------------------------------------------------
+
 
 def test_no_apet_baseline_emits_all_tokens(full, preset, rng):
     model, config = preset
@@ -265,6 +277,7 @@ def test_omitting_keep_builds_the_baseline(tmp_path, monkeypatch):
 
 
 # --- 4. the graph -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("which", ["t64", "full"])
 def test_graph_is_valid_and_tensorrt_parsable(which, t64, full):
@@ -299,8 +312,12 @@ def test_compressor_name_scope_holds_exactly_the_compressor(t64, tmp_path):
     initializers = {i.name for i in model.graph.initializer}
     # the one non-constant tensor entering the scope: the features; the ones leaving it: tokens, positions
     constant_outputs = {o for n in nodes if n.op_type == "Constant" for o in n.output}
-    entering = {i for n in scoped for i in n.input if i and i not in produced
-                and i not in initializers and i not in constant_outputs}
+    entering = {
+        i
+        for n in scoped
+        for i in n.input
+        if i and i not in produced and i not in initializers and i not in constant_outputs
+    }
     assert len(entering) == 1
     [features] = entering
     producer = {o: n for n in nodes for o in n.output}
@@ -332,17 +349,18 @@ def test_compressor_name_scope_holds_exactly_the_compressor(t64, tmp_path):
             todo.extend(producer[tensor].input)
     region = down & up
     assert region == {n.name for n in scoped if n.op_type != "Constant"}
-    assert not [n.name for n in nodes if n.name not in region and n.op_type != "Constant"
-                and "/compressor/" in n.name]
+    assert not [n.name for n in nodes if n.name not in region and n.op_type != "Constant" and "/compressor/" in n.name]
 
     # and the scope is the whole compressor: the same ops as ApetCompressor exported on its own
-    alone = onnx.load(str(export_compressor_onnx(ApetConfig(keep=T, basis=K), tmp_path / "c.onnx",
-                                                 num_tokens=N, dim=64)))
+    alone = onnx.load(
+        str(export_compressor_onnx(ApetConfig(keep=T, basis=K), tmp_path / "c.onnx", num_tokens=N, dim=64))
+    )
     count = lambda ns: collections.Counter(n.op_type for n in ns if n.op_type != "Constant")  # noqa: E731
     assert count(scoped) == count(alone.graph.node)
 
 
 # --- 5. the manifest ----------------------------------------------------------------------------
+
 
 def documented_manifest() -> dict:
     """The example manifest of docs/ENGINE_DIR.md, comments stripped."""
@@ -354,7 +372,7 @@ def documented_manifest() -> dict:
 def documented_trtllm_keys() -> set[str]:
     """The keys of decoder.tensorrt_llm, given in the doc's comment after `"tensorrt_llm": null`."""
     text = (ROOT / "docs" / "ENGINE_DIR.md").read_text()
-    lines = text[text.index('"tensorrt_llm": null'):].splitlines()
+    lines = text[text.index('"tensorrt_llm": null') :].splitlines()
     comment = [lines[0]] + [ln for ln in lines[1:4] if ln.strip().startswith("//")]
     return set(re.findall(r'"(\w+)":', " ".join(comment))) - {"tensorrt_llm"}
 
@@ -377,8 +395,14 @@ def test_manifest_has_every_documented_field(t64, preset):
     assert (data["format"], data["manifest_version"]) == ("apet-trt-engine", 1)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["created_utc"])
     assert data["model"] == {"id": PRESET, "source": "preset", "family": "llava", "path": None}
-    assert data["vision"] == {"feature_layer": -2, "select_strategy": "default", "image_size": 336,
-                              "patch_size": 14, "num_patches": N, "feature_dim": 64}
+    assert data["vision"] == {
+        "feature_layer": -2,
+        "select_strategy": "default",
+        "image_size": 336,
+        "patch_size": 14,
+        "num_patches": N,
+        "feature_dim": 64,
+    }
     assert data["apet"] == {"keep": T, "basis": K, "merge": True, "ridge": 1e-5, "start": 0}
     assert data["num_visual_tokens"] == T
     text = config.text_config
@@ -386,8 +410,11 @@ def test_manifest_has_every_documented_field(t64, preset):
     assert data["llm"]["image_token_id"] == config.image_token_id
     assert data["io"] == {
         "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 336, 336]}],
-        "outputs": [{"name": "embeddings", "dtype": "float32", "shape": ["batch", T, text.hidden_size]},
-                    {"name": "positions", "dtype": "int64", "shape": ["batch", T]}]}
+        "outputs": [
+            {"name": "embeddings", "dtype": "float32", "shape": ["batch", T, text.hidden_size]},
+            {"name": "positions", "dtype": "int64", "shape": ["batch", T]},
+        ],
+    }
     assert data["batch"] == {"min": 1, "opt": 1, "max": 8}
     assert data["precision"] == {"vision": "fp32", "compressor": "fp32"}
     assert data["processor"]["crop_size"] == {"height": 336, "width": 336}
@@ -406,8 +433,12 @@ def test_manifest_checksums_every_file_and_the_runtime_accepts_it(t64):
     for rel, entry in data["files"].items():
         blob = on_disk[rel].read_bytes()
         assert entry == {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}, rel
-    assert {"vision.onnx", "processor/preprocessor_config.json", "tokenizer/tokenizer_config.json",
-            "hf/config.json"} <= set(data["files"])
+    assert {
+        "vision.onnx",
+        "processor/preprocessor_config.json",
+        "tokenizer/tokenizer_config.json",
+        "hf/config.json",
+    } <= set(data["files"])
     manifest = load_manifest(engine, verify=True)  # the reader accepts what the writer wrote
     assert manifest.data == data
     assert manifest.num_visual_tokens == T and manifest.num_patches == N
@@ -445,7 +476,9 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options, fields, exc, pattern", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "options, fields, exc, pattern", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
 def test_bad_options_are_rejected_before_anything_is_written(tmp_path, capsys, options, fields, exc, pattern):
     out = tmp_path / "deep" / "engine"
     with pytest.raises(exc, match=pattern):
@@ -458,8 +491,10 @@ def test_bad_options_are_rejected_before_anything_is_written(tmp_path, capsys, o
     assert list(tmp_path.iterdir()) == []  # no directory, not even the parent or the work dir
 
 
-@pytest.mark.parametrize("model, pattern", [("tiny-lava", r"tiny-lava.*neither a preset"),
-                                            ("/nonexistent/llava-ckpt", r"/nonexistent/llava-ckpt")])
+@pytest.mark.parametrize(
+    "model, pattern",
+    [("tiny-lava", r"tiny-lava.*neither a preset"), ("/nonexistent/llava-ckpt", r"/nonexistent/llava-ckpt")],
+)
 def test_unknown_model_is_rejected(tmp_path, capsys, model, pattern):
     out = tmp_path / "engine"
     with pytest.raises(FileNotFoundError, match=pattern):
@@ -504,8 +539,9 @@ def test_an_empty_existing_directory_is_used(tmp_path, monkeypatch):
     """An empty --out is not 'existing work': no --force needed (checked up to the export step)."""
     out = tmp_path / "engine"
     out.mkdir()
-    monkeypatch.setattr(build_module, "export_vision_onnx",
-                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(
+        build_module, "export_vision_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here"))
+    )
     with pytest.raises(RuntimeError, match="stop here"):
         build(BuildConfig(model=PRESET, out=str(out), keep=64), quiet=True)
     assert out.is_dir() and list(out.iterdir()) == [] and leftovers(tmp_path) == []
@@ -544,6 +580,7 @@ def test_failure_mid_way_leaves_no_partial_directory(tmp_path, monkeypatch, caps
 
 
 # --- 8. --force, --no-merge, --start ------------------------------------------------------------
+
 
 def test_force_replaces_the_engine_directory(forced):
     engine, before = forced
@@ -587,6 +624,7 @@ def test_no_merge_and_start_change_the_outcome(forced, t64, preset, rng):
 
 # --- 9. TensorRT and TensorRT-LLM ---------------------------------------------------------------
 
+
 def _has_cuda() -> bool:
     try:
         import tensorrt as trt
@@ -597,16 +635,25 @@ def _has_cuda() -> bool:
 
 
 def test_tensorrt_engine_builds_and_matches_onnxruntime(t64, tmp_path, rng):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this CPU-only machine (needs an "
-                                           "NVIDIA GPU and the tensorrt wheel); covered wherever it imports")
+    pytest.importorskip(
+        "tensorrt",
+        reason="TensorRT is not installable on this CPU-only machine (needs an "
+        "NVIDIA GPU and the tensorrt wheel); covered wherever it imports",
+    )
     pytest.importorskip("polygraphy", reason="Polygraphy drives the TensorRT build")
     if not _has_cuda():
         pytest.skip("tensorrt imports but no CUDA device can create a builder")
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    result = tensorrt_build.build_tensorrt(t64[0] / "vision.onnx", tmp_path / "vision.plan", input_name="pixel_values",
-                                           image_size=336, max_batch=4, fp16=True)
+    result = tensorrt_build.build_tensorrt(
+        t64[0] / "vision.onnx",
+        tmp_path / "vision.plan",
+        input_name="pixel_values",
+        image_size=336,
+        max_batch=4,
+        fp16=True,
+    )
     assert result.plan.is_file() and result.timing_cache.is_file()
     assert result.compare_passed and result.fp32_layers > 0
     pixels = torch.randn(3, 3, 336, 336, generator=rng)
@@ -617,11 +664,17 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(t64, tmp_path, rng):
 
 
 def test_tensorrt_llm_engine_builds(t64, tmp_path):
-    pytest.importorskip("tensorrt_llm", reason="TensorRT-LLM is not installable on this CPU-only machine (needs "
-                                               "an NVIDIA GPU); covered wherever it imports")
-    entry = trtllm_build.build_trtllm(t64[0] / "hf", tmp_path / "llm",
-                                      trtllm_build.TrtllmBuildConfig(max_batch_size=2, num_visual_tokens=T,
-                                                                     dtype="float32"), tmp_path)
+    pytest.importorskip(
+        "tensorrt_llm",
+        reason="TensorRT-LLM is not installable on this CPU-only machine (needs "
+        "an NVIDIA GPU); covered wherever it imports",
+    )
+    entry = trtllm_build.build_trtllm(
+        t64[0] / "hf",
+        tmp_path / "llm",
+        trtllm_build.TrtllmBuildConfig(max_batch_size=2, num_visual_tokens=T, dtype="float32"),
+        tmp_path,
+    )
     assert entry["max_multimodal_len"] == 2 * T
     assert (tmp_path / "llm" / "config.json").is_file()
     assert not (tmp_path / "trtllm_checkpoint").exists()
@@ -701,8 +754,14 @@ class FakeTrt(types.ModuleType):
     """The few names of the tensorrt module pin_compressor_fp32 uses."""
 
     float32, float16, bfloat16, int32, int64, bool = "float32", "float16", "bfloat16", "int32", "int64", "bool"
-    LayerType = types.SimpleNamespace(SHAPE="SHAPE", MATRIX_MULTIPLY="MATRIX_MULTIPLY", SHUFFLE="SHUFFLE",
-                                      ELEMENTWISE="ELEMENTWISE", CONSTANT="CONSTANT", OTHER="OTHER")
+    LayerType = types.SimpleNamespace(
+        SHAPE="SHAPE",
+        MATRIX_MULTIPLY="MATRIX_MULTIPLY",
+        SHUFFLE="SHUFFLE",
+        ELEMENTWISE="ELEMENTWISE",
+        CONSTANT="CONSTANT",
+        OTHER="OTHER",
+    )
 
     def __init__(self):
         super().__init__("tensorrt")
@@ -750,10 +809,16 @@ def network_like_the_parse(onnx_path: Path) -> FakeNetwork:
     with the tensor dtypes of the real graph; then a few auto-named helper layers spliced into
     the compressor, as the parser adds for broadcasts, and into the tower."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
-    to_trt = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
-              onnx.TensorProto.INT32: "int32"}
-    types_ = {v.name: to_trt.get(v.type.tensor_type.elem_type, "int32")
-              for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    to_trt = {
+        onnx.TensorProto.FLOAT: "float32",
+        onnx.TensorProto.INT64: "int64",
+        onnx.TensorProto.BOOL: "bool",
+        onnx.TensorProto.INT32: "int32",
+    }
+    types_ = {
+        v.name: to_trt.get(v.type.tensor_type.elem_type, "int32")
+        for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    }
     types_.update({i.name: to_trt.get(i.data_type, "int32") for i in model.graph.initializer})
     tensors = {}
 
@@ -773,12 +838,29 @@ def network_like_the_parse(onnx_path: Path) -> FakeNetwork:
     def first(pred):
         return next(layer for layer in layers if layer._inputs and pred(layer))
 
-    consumers = [first(lambda l: "/compressor/" in l.name and l._inputs[0].name in scoped_outputs
-                       and l._inputs[0].dtype == "float32"),
-                 first(lambda l: "/compressor/" in l.name and l._inputs[0].name in scoped_outputs
-                       and l._inputs[0].dtype == "int64"),
-                 first(lambda l: l.name.startswith("/vision_tower/") and "/encoder/" in l.name  # 4.x: /vision_model/encoder/
-                       and l._inputs[0].dtype == "float32")]
+    consumers = [
+        first(
+            lambda layer: (
+                "/compressor/" in layer.name
+                and layer._inputs[0].name in scoped_outputs
+                and layer._inputs[0].dtype == "float32"
+            )
+        ),
+        first(
+            lambda layer: (
+                "/compressor/" in layer.name
+                and layer._inputs[0].name in scoped_outputs
+                and layer._inputs[0].dtype == "int64"
+            )
+        ),
+        first(
+            lambda layer: (
+                layer.name.startswith("/vision_tower/")
+                and "/encoder/" in layer.name  # 4.x: /vision_model/encoder/
+                and layer._inputs[0].dtype == "float32"
+            )
+        ),
+    ]
     for k, consumer in enumerate(consumers):
         name = f"(Unnamed Layer* {900 + k}) [Shuffle]"
         src = consumer._inputs[0]
@@ -795,10 +877,16 @@ def test_pin_compressor_fp32_pins_the_compressor_scope_only(t64, monkeypatch):
     tensorrt_build.pin_compressor_fp32(network)
     floats = {"float32", "float16", "bfloat16"}
     pinned = {layer.name for layer in network.layers if layer.precision is not None}
-    assert pinned and all(network.get_layer(i).precision == "float32" for i in range(network.num_layers)
-                          if network.get_layer(i).name in pinned)
-    assert pinned <= {layer.name for layer in network.layers
-                      if "/compressor/" in layer.name or layer.name.startswith("(Unnamed Layer* 90")}
+    assert pinned and all(
+        network.get_layer(i).precision == "float32"
+        for i in range(network.num_layers)
+        if network.get_layer(i).name in pinned
+    )
+    assert pinned <= {
+        layer.name
+        for layer in network.layers
+        if "/compressor/" in layer.name or layer.name.startswith("(Unnamed Layer* 90")
+    }
     assert tensorrt_build.pin_compressor_fp32.count == len(pinned)
     for layer in network.layers:
         computes_on_floats = layer.type != "SHAPE" and any(t.dtype in floats for t in layer._inputs + layer._outputs)
@@ -821,10 +909,12 @@ def test_pin_compressor_fp32_pins_the_compressor_scope_only(t64, monkeypatch):
 
 # --- 10. the summary ----------------------------------------------------------------------------
 
+
 def test_summary_names_n_to_t_and_file_sizes(t64):
     engine, stdout = t64
-    assert re.search(rf"^engine directory {re.escape(str(engine))}\s+\(N={N} -> T={T} visual tokens per image\)$",
-                     stdout, re.M), stdout
+    assert re.search(
+        rf"^engine directory {re.escape(str(engine))}\s+\(N={N} -> T={T} visual tokens per image\)$", stdout, re.M
+    ), stdout
     data = manifest_of(engine)
     size = data["files"]["vision.onnx"]["bytes"] / 2**20
     assert re.search(rf"vision\.onnx\s+{size:.2f} MiB", stdout), stdout
@@ -837,8 +927,8 @@ def test_weights_over_the_protobuf_limit_go_to_external_data(t64, tmp_path, monk
     """Vision models over ~1.8 GB of weights (beyond LLaVA-1.5-7B's 1.2 GB tower) are written as
     vision.onnx + vision.onnx.data; the limit is lowered here so tiny-llava takes that path. The
     directory verifies, lists the data file, and the runtime keeps what the single-file engine keeps."""
-    import runtime
-    from export import onnx_export
+    from apet_trt import runtime
+    from apet_trt.export import onnx_export
 
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
     engine, _ = build_cli(tmp_path / "external", "--keep", str(T), "--basis", str(K))

@@ -2,13 +2,14 @@
 (PromptTuningEmbedding: an id >= vocab_size reads row (id - vocab_size) + task * T of the table)
 is emulated in a Transformers language model, and must give the logits of the inputs_embeds path,
 for batch 1 and 3 with different images (embeddings) per request."""
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from runtime.decoders import TransformersDecoder
-from runtime.decoders.prompt_table import build_prompt_table_inputs
-from runtime.prompt import AssembledPrompt
+from apet_trt.runtime.decoders import TransformersDecoder
+from apet_trt.runtime.decoders.prompt_table import build_prompt_table_inputs
+from apet_trt.runtime.prompt import AssembledPrompt
 
 VOCAB, HIDDEN, IMAGE_ID, PAD_ID, T = 96, 48, 90, 0, 7
 
@@ -16,8 +17,15 @@ VOCAB, HIDDEN, IMAGE_ID, PAD_ID, T = 96, 48, 90, 0, 7
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(1234)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -32,8 +40,9 @@ def _prompts(batch: int, rng: torch.Generator) -> list[AssembledPrompt]:
     return prompts
 
 
-def emulate_trtllm_embedding(embed: torch.nn.Embedding, ids: torch.Tensor, task: int, table_2d: torch.Tensor,
-                             task_vocab_size: int) -> torch.Tensor:
+def emulate_trtllm_embedding(
+    embed: torch.nn.Embedding, ids: torch.Tensor, task: int, table_2d: torch.Tensor, task_vocab_size: int
+) -> torch.Tensor:
     """tensorrt_llm/layers/embedding.py PromptTuningEmbedding.forward, in torch, one request."""
     virtual = ids > VOCAB - 1
     normal = embed(torch.where(virtual, torch.full_like(ids, VOCAB - 1), ids))
@@ -43,17 +52,21 @@ def emulate_trtllm_embedding(embed: torch.nn.Embedding, ids: torch.Tensor, task:
 
 def _reference_logits(model, prompts, embeddings):
     """The inputs_embeds path (TransformersDecoder's batch construction), per request unpadded."""
-    dec = TransformersDecoder(model, image_token_id=IMAGE_ID, pad_token_id=PAD_ID, eos_token_id=None,
-                              max_length=256)
+    dec = TransformersDecoder(model, image_token_id=IMAGE_ID, pad_token_id=PAD_ID, eos_token_id=None, max_length=256)
     inputs_embeds, mask, position_ids = dec.build_inputs_embeds(prompts, embeddings)
     with torch.no_grad():
         logits = model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids).logits
-    return [logits[b, mask.shape[1] - p.input_ids.numel():] for b, p in enumerate(prompts)]
+    return [logits[b, mask.shape[1] - p.input_ids.numel() :] for b, p in enumerate(prompts)]
 
 
 def _table_logits(model, prompts, embeddings, *, tasks=None):
-    inputs = build_prompt_table_inputs([p.input_ids for p in prompts], [p.image_slots for p in prompts],
-                                       embeddings, vocab_size=VOCAB, dtype=torch.float32)
+    inputs = build_prompt_table_inputs(
+        [p.input_ids for p in prompts],
+        [p.image_slots for p in prompts],
+        embeddings,
+        vocab_size=VOCAB,
+        dtype=torch.float32,
+    )
     table_2d = inputs.prompt_table.reshape(-1, HIDDEN)  # [B*T, H]: the layer's concatenated tables
     tasks = inputs.tasks if tasks is None else tasks
     out = []
@@ -98,12 +111,19 @@ def test_wrong_task_ids_read_another_image(model, rng):
 def test_prompt_table_dtype_and_errors(rng):
     prompts = _prompts(2, rng)
     emb = torch.randn(2, T, HIDDEN, generator=rng)
-    inputs = build_prompt_table_inputs([p.input_ids for p in prompts], [p.image_slots for p in prompts], emb,
-                                       vocab_size=VOCAB, dtype=torch.float16)
+    inputs = build_prompt_table_inputs(
+        [p.input_ids for p in prompts], [p.image_slots for p in prompts], emb, vocab_size=VOCAB, dtype=torch.float16
+    )
     assert inputs.prompt_table.dtype == torch.float16
     with pytest.raises(ValueError, match="image slots"):
-        build_prompt_table_inputs([p.input_ids for p in prompts], [p.image_slots[:-1] for p in prompts], emb,
-                                  vocab_size=VOCAB, dtype=torch.float16)
+        build_prompt_table_inputs(
+            [p.input_ids for p in prompts],
+            [p.image_slots[:-1] for p in prompts],
+            emb,
+            vocab_size=VOCAB,
+            dtype=torch.float16,
+        )
     with pytest.raises(ValueError, match="prompts"):
-        build_prompt_table_inputs([prompts[0].input_ids], [prompts[0].image_slots], emb,
-                                  vocab_size=VOCAB, dtype=torch.float16)
+        build_prompt_table_inputs(
+            [prompts[0].input_ids], [prompts[0].image_slots], emb, vocab_size=VOCAB, dtype=torch.float16
+        )

@@ -9,25 +9,24 @@ across processes. The rest of the list lives with its feature:
     environment (tensorrt missing, auto fallback)                    test_runtime_pipeline.py
     requests (too long, images != prompts), 8 threads, backends      test_runtime_pipeline.py
 """
+
 import json
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from matplotlib import cbook
 
-import runtime
-from apet_ops import ApetCompressor, ApetConfig, compress_reference
-from runtime.backends import tensorrt_available
-from runtime.backends.torch_eager import TorchVision
-from runtime.manifest import ManifestError, load_manifest
-from scripts.cli import main
-
-from apet_cases import duplicated_tokens, few_huge_tokens, well_posed
-from test_runtime_helpers import IMAGE_SIZE, build_engine_dir, make_model, make_tokenizer, write_manifest
+from apet_trt import runtime
+from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference
+from apet_trt.runtime.backends import tensorrt_available
+from apet_trt.runtime.backends.torch_eager import TorchVision
+from apet_trt.runtime.manifest import ManifestError, load_manifest
+from apet_trt.scripts.cli import main
+from helpers.apet_cases import duplicated_tokens, few_huge_tokens, well_posed
+from helpers.engines import IMAGE_SIZE, build_engine_dir, make_model, make_tokenizer, write_manifest
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 KEEP = 12
@@ -53,6 +52,7 @@ def _one_error_line(capsys) -> str:
 
 
 # --- an engine built for T asked for another T ----------------------------------------------------
+
 
 def test_engine_built_for_t_refuses_another_t(engine, capsys):
     assert runtime.load(engine, keep=KEEP).num_visual_tokens == KEEP
@@ -80,6 +80,7 @@ def test_manifest_t_that_the_onnx_does_not_emit_is_refused(engine, tmp_path):
 
 
 # --- corrupt TensorRT plans -------------------------------------------------------------------------
+
 
 def _with_plan(engine, tmp_path, payload: bytes):
     root = _copy(engine, tmp_path, "with_plan")
@@ -145,8 +146,12 @@ def test_fp16_model_keeps_the_oracles_set(rng):
     """The vision tower in float16 (features arrive in float16, squared norms beyond its range):
     the compressor computes in float32 and keeps what the oracle keeps on those same features."""
     model = make_model(make_tokenizer()).half()
-    vision = TorchVision(model, feature_layer=-2, select_strategy="default",
-                         apet={"keep": KEEP, "basis": 4, "merge": True, "ridge": 1e-5, "start": 0}).eval()
+    vision = TorchVision(
+        model,
+        feature_layer=-2,
+        select_strategy="default",
+        apet={"keep": KEEP, "basis": 4, "merge": True, "ridge": 1e-5, "start": 0},
+    ).eval()
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=rng)
     with torch.no_grad():
         features = vision.tower(pixels.half(), output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -160,6 +165,7 @@ def test_fp16_model_keeps_the_oracles_set(rng):
 
 
 # --- every user error is one line on the CLI ----------------------------------------------------------
+
 
 def test_cli_errors_are_one_line(engine, tmp_path, capsys):
     capsys.readouterr()
@@ -192,13 +198,29 @@ def test_cli_errors_are_one_line(engine, tmp_path, capsys):
 
 # --- determinism across processes and backends --------------------------------------------------------
 
+
 def test_same_positions_in_another_process_and_backend(engine):
     """A fresh interpreter running `apet run --json` (ONNX Runtime) keeps what this process keeps
     with the torch backend, twice over."""
     torch_pipe = runtime.load(engine, backend="torch")
     _, here = torch_pipe.encode(PHOTO)
-    cmd = [sys.executable, "-m", "scripts.cli", "run", "--engine", str(engine), "--image", PHOTO,
-           "--prompt", "Describe it.", "--max-new-tokens", "2", "--backend", "onnxruntime", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apet_trt.scripts.cli",
+        "run",
+        "--engine",
+        str(engine),
+        "--image",
+        PHOTO,
+        "--prompt",
+        "Describe it.",
+        "--max-new-tokens",
+        "2",
+        "--backend",
+        "onnxruntime",
+        "--json",
+    ]
     runs = [subprocess.run(cmd, capture_output=True, text=True, check=True) for _ in range(2)]
     positions = [json.loads(r.stdout.strip().splitlines()[-1])["positions"] for r in runs]
     assert positions[0] == positions[1] == here[0].tolist()

@@ -1,4 +1,5 @@
 """The TensorRT ONNX-op allowlist (apet_ops/trt_onnx_ops.json) and the checks built on it."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from apet_ops import trt_ops
-from apet_ops.trt_ops import (
+from apet_trt.apet_ops import trt_ops
+from apet_trt.apet_ops.trt_ops import (
     TOPK_MAX_K,
     TRT_ONNX_OPS,
     TRT_ONNX_UNSUPPORTED,
@@ -59,8 +60,25 @@ def test_source_is_pinned():
 def test_allowlist_shape():
     assert TRT_ONNX_OPS.isdisjoint(TRT_ONNX_UNSUPPORTED)
     # Ops the ApET graph is built from (DESIGN.md) are all supported...
-    assert {"MatMul", "TopK", "ArgMax", "Gather", "GatherElements", "ReduceSum", "Add", "Mul", "Div",
-            "Sqrt", "Where", "Concat", "Reshape", "Transpose", "If", "Loop", "Scan"} <= TRT_ONNX_OPS
+    assert {
+        "MatMul",
+        "TopK",
+        "ArgMax",
+        "Gather",
+        "GatherElements",
+        "ReduceSum",
+        "Add",
+        "Mul",
+        "Div",
+        "Sqrt",
+        "Where",
+        "Concat",
+        "Reshape",
+        "Transpose",
+        "If",
+        "Loop",
+        "Scan",
+    } <= TRT_ONNX_OPS
     # ...and ops the matrix marks N are not.
     assert {"Unique", "Det", "SequenceAt", "MatMulInteger", "BitShift"} <= TRT_ONNX_UNSUPPORTED
 
@@ -89,9 +107,9 @@ def test_restrictions_recorded_for_the_ops_we_depend_on():
 
 def test_supported_model_is_clean():
     model = _model(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]),
-         helper.make_node("TopK", ["h", "k"], ["y", "idx"], axis=-1)],
-        [_x()], [_y(), _y("idx", I64)],
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("TopK", ["h", "k"], ["y", "idx"], axis=-1)],
+        [_x()],
+        [_y(), _y("idx", I64)],
         [numpy_helper.from_array(np.ones((8, 8), np.float32), "w"), _i64("k", [4])],
     )
     onnx.checker.check_model(model)
@@ -101,8 +119,11 @@ def test_supported_model_is_clean():
 
 
 def test_unsupported_default_domain_op():
-    model = _model([helper.make_node("Det", ["x"], ["d"]), helper.make_node("Relu", ["d"], ["y"])],
-                   [_x(shape=(3, 3))], [_y(rank=0)])
+    model = _model(
+        [helper.make_node("Det", ["x"], ["d"]), helper.make_node("Relu", ["d"], ["y"])],
+        [_x(shape=(3, 3))],
+        [_y(rank=0)],
+    )
     onnx.checker.check_model(model)
     assert unsupported_ops(model) == ["Det"]
 
@@ -113,9 +134,12 @@ def test_ai_onnx_domain_is_the_default_domain():
 
 
 def test_custom_domain_op_is_unsupported_unless_allowed():
-    model = _model([helper.make_node("Relu", ["x"], ["r"]),
-                    helper.make_node("FusedThing", ["r"], ["y"], domain="com.example")],
-                   [_x()], [_y()], extra_opsets=["com.example"])
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("FusedThing", ["r"], ["y"], domain="com.example")],
+        [_x()],
+        [_y()],
+        extra_opsets=["com.example"],
+    )
     assert unsupported_ops(model) == ["com.example::FusedThing"]
     assert unsupported_ops(model, extra_allowed=["com.example::FusedThing"]) == []
     with pytest.raises(TypeError, match="iterable"):
@@ -126,10 +150,15 @@ def _if_model(then_op: str):
     then_g = helper.make_graph([helper.make_node(then_op, ["x"], ["t"])], "then", [], [_y("t", rank=1)])
     else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_y("e", rank=1)])
     return _model(
-        [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
-         helper.make_node("Greater", ["m", "zero"], ["c"]),
-         helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
-        [_x(shape=(6,))], [_y(rank=1)], [numpy_helper.from_array(np.float32(0), "zero")])
+        [
+            helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+            helper.make_node("Greater", ["m", "zero"], ["c"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        [_x(shape=(6,))],
+        [_y(rank=1)],
+        [numpy_helper.from_array(np.float32(0), "zero")],
+    )
 
 
 def test_unsupported_op_inside_if_branch():
@@ -143,17 +172,24 @@ def test_unsupported_op_inside_if_branch():
 
 def _loop_model(body_op: str):
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node(body_op, ["acc_in"], ["acc_out"])],
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node(body_op, ["acc_in"], ["acc_out"])],
         "body",
-        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", F, [3, 3])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", F, None)],
+        [
+            helper.make_tensor_value_info("i", I64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", F, [3, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", F, None),
+        ],
     )
     return _model(
         [helper.make_node("Loop", ["trip", "cond", "x"], ["y"], body=body)],
-        [_x(shape=(3, 3))], [_y()],
-        [_i64("trip", 2), numpy_helper.from_array(np.array(True), "cond")])
+        [_x(shape=(3, 3))],
+        [_y()],
+        [_i64("trip", 2), numpy_helper.from_array(np.array(True), "cond")],
+    )
 
 
 def test_unsupported_op_inside_loop_body():
@@ -167,29 +203,42 @@ def test_unsupported_op_inside_loop_body():
 def test_nested_subgraphs():
     inner = _if_model("Det").graph.node[-1]  # an If whose then-branch holds Det
     body = helper.make_graph([inner], "body", [], [_y("y")])
-    model = _model([helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)],
-                   [helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [_y()])
+    model = _model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)],
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [_y()],
+    )
     assert unsupported_ops(model) == ["Det"]
 
 
 def _function(name: str, body_op: str, domain="apet.local"):
-    return helper.make_function(domain, name, ["a"], ["b"], [helper.make_node(body_op, ["a"], ["b"])],
-                                [helper.make_opsetid("", OPSET)])
+    return helper.make_function(
+        domain, name, ["a"], ["b"], [helper.make_node(body_op, ["a"], ["b"])], [helper.make_opsetid("", OPSET)]
+    )
 
 
 def test_function_defined_op():
     for body_op, expected in (("Relu", []), ("Det", ["Det"])):
-        model = _model([helper.make_node("MyBlock", ["x"], ["y"], domain="apet.local")],
-                       [_x(shape=(3, 3))], [_y()], functions=[_function("MyBlock", body_op)],
-                       extra_opsets=["apet.local"])
+        model = _model(
+            [helper.make_node("MyBlock", ["x"], ["y"], domain="apet.local")],
+            [_x(shape=(3, 3))],
+            [_y()],
+            functions=[_function("MyBlock", body_op)],
+            extra_opsets=["apet.local"],
+        )
         onnx.checker.check_model(model)
         # The call to the local function is not an unsupported op; its body is checked.
         assert unsupported_ops(model) == expected
 
 
 def test_function_bodies_are_walked_even_uncalled():
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()],
-                   functions=[_function("Unused", "Unique")], extra_opsets=["apet.local"])
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [_x()],
+        [_y()],
+        functions=[_function("Unused", "Unique")],
+        extra_opsets=["apet.local"],
+    )
     assert unsupported_ops(model) == ["Unique"]
 
 
@@ -227,14 +276,20 @@ def test_random_nested_models_against_a_recorded_oracle(rng):
                     nodes.append(helper.make_node(op, ["x"], [out], domain=domain))
                 elif kind < 0.85 and depth < 3:
                     name = f"Fn{next(counter)}"
-                    functions.append(helper.make_function("apet.local", name, ["x"], [out], make_nodes(depth + 1),
-                                                          [helper.make_opsetid("", OPSET)]))
+                    functions.append(
+                        helper.make_function(
+                            "apet.local", name, ["x"], [out], make_nodes(depth + 1), [helper.make_opsetid("", OPSET)]
+                        )
+                    )
                     nodes.append(helper.make_node(name, ["x"], [out], domain="apet.local"))
                 elif depth < 3:
                     op = pick(["If", "Loop", "Scan"])
                     sub = helper.make_graph(make_nodes(depth + 1), f"sub{next(counter)}", [], [])
-                    attrs = {"If": {"then_branch": sub, "else_branch": sub}, "Loop": {"body": sub},
-                             "Scan": {"body": sub, "num_scan_inputs": 1}}[op]
+                    attrs = {
+                        "If": {"then_branch": sub, "else_branch": sub},
+                        "Loop": {"body": sub},
+                        "Scan": {"body": sub, "num_scan_inputs": 1},
+                    }[op]
                     nodes.append(helper.make_node(op, ["x"], [out], **attrs))
             return nodes
 
@@ -251,7 +306,9 @@ def _topk_model(k_values=None, *, k_as="initializer", axis=-1, shape=(2, 5000), 
     if k_as == "initializer":
         inits.append(_i64("k", [k_values]))
     elif k_as == "constant":
-        nodes.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([k_values], np.int64))))
+        nodes.append(
+            helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([k_values], np.int64)))
+        )
     else:  # a graph input: known only at run time
         inputs.append(helper.make_tensor_value_info("k", I64, [1]))
     nodes.append(helper.make_node("TopK", ["x", "k"], ["y", "idx"], axis=axis, sorted=sorted_))
@@ -293,8 +350,12 @@ def test_topk_in_subgraph_resolves_outer_constants():
     for k, n_problems in ((64, 0), (4000, 1)):
         then_g = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["v", "i"])], "then", [], [_y("v")])
         else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_y("e")])
-        model = _model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
-                       [_x(), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [_y()], [_i64("k", [k])])
+        model = _model(
+            [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+            [_x(), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+            [_y()],
+            [_i64("k", [k])],
+        )
         problems = check_restrictions(model)
         assert len(problems) == n_problems
         if problems:
@@ -302,20 +363,40 @@ def test_topk_in_subgraph_resolves_outer_constants():
 
 
 def test_subgraph_input_shadows_outer_constant():
-    body = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["v", "i"])], "body",
-                             [helper.make_tensor_value_info("k", I64, [1])], [_y("v")])
-    model = _model([helper.make_node("Loop", ["", "c"], [], body=body)],
-                   [_x(), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [], [_i64("k", [4])])
+    body = helper.make_graph(
+        [helper.make_node("TopK", ["x", "k"], ["v", "i"])],
+        "body",
+        [helper.make_tensor_value_info("k", I64, [1])],
+        [_y("v")],
+    )
+    model = _model(
+        [helper.make_node("Loop", ["", "c"], [], body=body)],
+        [_x(), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [],
+        [_i64("k", [4])],
+    )
     problems = check_restrictions(model)
     assert len(problems) == 1 and "run time" in problems[0]
 
 
 def test_topk_in_function_binds_call_site_arguments():
-    fn = helper.make_function("apet.local", "Select", ["a", "kk"], ["v"],
-                              [helper.make_node("TopK", ["a", "kk"], ["v", "i"])], [helper.make_opsetid("", OPSET)])
+    fn = helper.make_function(
+        "apet.local",
+        "Select",
+        ["a", "kk"],
+        ["v"],
+        [helper.make_node("TopK", ["a", "kk"], ["v", "i"])],
+        [helper.make_opsetid("", OPSET)],
+    )
     for k, n_problems in ((64, 0), (4000, 1)):
-        model = _model([helper.make_node("Select", ["x", "k"], ["y"], domain="apet.local")], [_x()], [_y()],
-                       [_i64("k", [k])], functions=[fn], extra_opsets=["apet.local"])
+        model = _model(
+            [helper.make_node("Select", ["x", "k"], ["y"], domain="apet.local")],
+            [_x()],
+            [_y()],
+            [_i64("k", [k])],
+            functions=[fn],
+            extra_opsets=["apet.local"],
+        )
         problems = check_restrictions(model)
         assert len(problems) == n_problems
         if problems:
@@ -337,8 +418,9 @@ def _reducesum_model(axes_as):
     return _model(nodes, inputs, [_y()], inits)
 
 
-@pytest.mark.parametrize("axes_as, flagged", [("initializer", False), ("constant", False),
-                                               ("input", True), ("computed", True)])
+@pytest.mark.parametrize(
+    "axes_as, flagged", [("initializer", False), ("constant", False), ("input", True), ("computed", True)]
+)
 def test_reducesum_axes_must_be_constant(axes_as, flagged):
     model = _reducesum_model(axes_as)
     onnx.checker.check_model(model)
@@ -393,8 +475,9 @@ def test_opset_outside_parser_range():
 def test_path_and_external_data(tmp_path):
     model = _topk_model(4000)
     path = tmp_path / "m.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="m.data", size_threshold=0)
+    onnx.save(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0
+    )
     assert onnx.load(str(path), load_external_data=False).graph.initializer[0].data_location == TensorProto.EXTERNAL
     assert unsupported_ops(path) == [] and unsupported_ops(str(path)) == []
     # From a path the checker reads the small external tensors it needs (here K)...
@@ -407,9 +490,15 @@ def test_path_and_external_data(tmp_path):
 
 def test_assert_trt_compatible_lists_everything(tmp_path):
     model = _model(
-        [helper.make_node("Det", ["x"], ["d"]), helper.make_node("TopK", ["x", "k"], ["v", "i"]),
-         helper.make_node("ReduceSum", ["x", "axes"], ["y"])],
-        [_x(shape=(3, 3)), helper.make_tensor_value_info("axes", I64, [1])], [_y()], [_i64("k", [4000])])
+        [
+            helper.make_node("Det", ["x"], ["d"]),
+            helper.make_node("TopK", ["x", "k"], ["v", "i"]),
+            helper.make_node("ReduceSum", ["x", "axes"], ["y"]),
+        ],
+        [_x(shape=(3, 3)), helper.make_tensor_value_info("axes", I64, [1])],
+        [_y()],
+        [_i64("k", [4000])],
+    )
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
     with pytest.raises(ValueError) as info:
@@ -432,11 +521,12 @@ def test_bad_inputs(tmp_path):
 
 def test_exported_compressor_passes(tmp_path, rng):
     """The lead's exported ApET graph (apet_ops.export_compressor_onnx) is inside the allowlist."""
-    from apet_ops import ApetConfig, export_compressor_onnx
+    from apet_trt.apet_ops import ApetConfig, export_compressor_onnx
 
     basis = int(torch.randint(2, 12, (1,), generator=rng))
     keep = basis + int(torch.randint(1, 60, (1,), generator=rng))
-    path = export_compressor_onnx(ApetConfig(keep=keep, basis=basis), tmp_path / "c.onnx",
-                                  num_tokens=128, dim=32, validate=False)
+    path = export_compressor_onnx(
+        ApetConfig(keep=keep, basis=basis), tmp_path / "c.onnx", num_tokens=128, dim=32, validate=False
+    )
     assert unsupported_ops(path) == []
     assert check_restrictions(path) == []

@@ -1,19 +1,13 @@
 """The default preset end to end, on engine directories built by `apet build` (export/), so the
-runtime is checked against the real writer of the format. Skipped, with the reason, in a checkout
-without export/cli.py."""
-import importlib.util
+runtime is checked against the real writer of the format."""
 
 import pytest
 import torch
 
-import runtime
-from runtime.checkpoint import load_transformers_model
-from runtime.manifest import load_manifest
-
-if importlib.util.find_spec("export.cli") is None:
-    pytest.skip("export/cli.py (apet build) is not in this checkout", allow_module_level=True)
-
-from scripts.cli import build_parser, main  # noqa: E402
+from apet_trt import runtime
+from apet_trt.runtime.checkpoint import load_transformers_model
+from apet_trt.runtime.manifest import load_manifest
+from apet_trt.scripts.cli import build_parser, main
 
 PHOTO = "assets/grace_hopper.jpg"
 
@@ -50,9 +44,14 @@ def _hf_ids(model, tokenizer, manifest, prompt, embeddings, new):
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
         embeds[ids == manifest.llm["image_token_id"]] = embeddings.reshape(-1, embeddings.shape[-1]).to(embeds.dtype)
-        out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             do_sample=False, pad_token_id=manifest.llm["pad_token_id"],
-                             eos_token_id=manifest.llm["eos_token_id"])
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=manifest.llm["pad_token_id"],
+            eos_token_id=manifest.llm["eos_token_id"],
+        )
     ids = out[0].tolist()
     eos = manifest.llm["eos_token_id"]
     return ids[: ids.index(eos) + 1] if eos in ids else ids

@@ -1,14 +1,15 @@
 """Engine-directory verification (docs/ENGINE_DIR.md): every way a directory can disagree with its
 manifest is an error naming the file; a corrupt ONNX file is caught by its checksum, and with a
 manifest rewritten to match it, ONNX Runtime's load failure is still a clear error."""
+
 import json
 import shutil
 
 import pytest
 
-import runtime
-from runtime.manifest import ManifestError, load_manifest, read_manifest, verify_files
-from test_runtime_helpers import build_engine_dir, write_manifest
+from apet_trt import runtime
+from apet_trt.runtime.manifest import ManifestError, load_manifest, read_manifest, verify_files
+from helpers.engines import build_engine_dir, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,12 @@ def test_corrupt_onnx_with_matching_manifest_is_a_clear_error(engine):
 
 def test_torch_backend_refuses_random_seeded_weights(engine):
     data = json.loads((engine / "manifest.json").read_text())
-    data["decoder"]["transformers"] = {"checkpoint": "hf", "weights": "random-seeded", "seed": 0,
-                                       "config": "hf/config.json"}
+    data["decoder"]["transformers"] = {
+        "checkpoint": "hf",
+        "weights": "random-seeded",
+        "seed": 0,
+        "config": "hf/config.json",
+    }
     write_manifest(engine, data)
     with pytest.raises(RuntimeError, match="needs the checkpoint's saved weights"):
         runtime.load(engine, backend="torch")

@@ -1,6 +1,7 @@
-"""runtime.load + pipeline.generate on a small LLaVA engine directory (tests/test_runtime_helpers.py):
+"""runtime.load + pipeline.generate on a small LLaVA engine directory (tests/helpers/engines.py):
 greedy ids against Transformers' own generate, backends against each other, threads against
 serial calls, and the request-level errors."""
+
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,8 +11,8 @@ import torch
 from matplotlib import cbook
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-import runtime
-from test_runtime_helpers import IMAGE_SIZE, N, TEMPLATE, build_engine_dir, write_manifest
+from apet_trt import runtime
+from helpers.engines import IMAGE_SIZE, TEMPLATE, N, build_engine_dir, write_manifest
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 KEEP = 12
@@ -50,14 +51,20 @@ def _hf_generate_from_embeddings(hf, tokenizer, prompts, embeddings, t, new):
     ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     mask = torch.zeros((len(rows), length), dtype=torch.int64)
     for b, r in enumerate(rows):
-        ids[b, length - len(r):] = torch.tensor(r)
-        mask[b, length - len(r):] = 1
+        ids[b, length - len(r) :] = torch.tensor(r)
+        mask[b, length - len(r) :] = 1
     with torch.no_grad():
         embeds = hf.get_input_embeddings()(ids)
         for b in range(len(rows)):
             embeds[b, ids[b] == cfg.image_token_id] = embeddings[b]
-        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = hf.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     return [_trim(o.tolist(), tokenizer.eos_token_id) for o in out]
 
 
@@ -83,18 +90,27 @@ def test_no_compression_equals_plain_generate(tmp_path, rng):
     p = runtime.load(root, backend="onnxruntime")
     assert p.num_visual_tokens == N
     hf = LlavaForConditionalGeneration.from_pretrained(str(root / "hf")).eval()
-    processor = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(str(root / "processor"), backend="pil"),
-                               tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")), patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(str(root / "processor"), backend="pil"),
+        tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     image = _image(rng)
     prompt = "Where is the cat?"
     inputs = processor(images=image, text=TEMPLATE.format(prompt=prompt), return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == p.assembler(prompt).input_ids.tolist()
     with torch.no_grad():
         inputs.pop("token_type_ids", None)  # Transformers 4.x tokenizers add it; generate refuses it
-        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=p.tokenizer.pad_token_id,
-                          eos_token_id=p.tokenizer.eos_token_id)
-    expected = _trim(out[0, inputs["input_ids"].shape[1]:].tolist(), p.tokenizer.eos_token_id)
+        out = hf.generate(
+            **inputs,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=p.tokenizer.pad_token_id,
+            eos_token_id=p.tokenizer.eos_token_id,
+        )
+    expected = _trim(out[0, inputs["input_ids"].shape[1] :].tolist(), p.tokenizer.eos_token_id)
     [r] = p.generate(image, prompt, max_new_tokens=8)
     assert r.ids == expected
     assert r.positions == list(range(N))
@@ -144,7 +160,7 @@ def test_request_errors(pipe, rng):
 
 
 def test_tensorrt_backend_without_tensorrt_names_the_extra(engine):
-    from runtime.backends import tensorrt_available
+    from apet_trt.runtime.backends import tensorrt_available
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and a GPU are present here")
@@ -156,7 +172,7 @@ def test_auto_falls_back_and_says_so(tmp_path, caplog):
     import json
     import shutil
 
-    from runtime.backends import tensorrt_available
+    from apet_trt.runtime.backends import tensorrt_available
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and a GPU are present here: auto would take the plan")

@@ -1,4 +1,5 @@
 """`apet run` and `apet inspect` through the real dispatcher (scripts/cli.py), and the overlay."""
+
 import json
 from pathlib import Path
 
@@ -6,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.overlay import draw_kept_patches
-from scripts.cli import main
-from test_runtime_helpers import IMAGE_SIZE, N, build_engine_dir
+from apet_trt.runtime.overlay import draw_kept_patches
+from apet_trt.scripts.cli import main
+from helpers.engines import IMAGE_SIZE, N, build_engine_dir
 
-PHOTO = str(Path(__file__).resolve().parent.parent / "assets" / "grace_hopper.jpg")
+PHOTO = str(Path(__file__).resolve().parents[2] / "assets" / "grace_hopper.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,21 @@ def engine(tmp_path_factory):
 
 def test_run_prints_text_tokens_timings_and_writes_overlay(engine, tmp_path, capsys):
     out = tmp_path / "overlay.png"
-    rc = main(["run", "--engine", str(engine), "--image", PHOTO, "--prompt", "Who is this?", "--max-new-tokens", "5",
-               "--overlay", str(out)])
+    rc = main(
+        [
+            "run",
+            "--engine",
+            str(engine),
+            "--image",
+            PHOTO,
+            "--prompt",
+            "Who is this?",
+            "--max-new-tokens",
+            "5",
+            "--overlay",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert f"{N} -> 10 visual tokens kept" in text
@@ -32,14 +46,18 @@ def test_run_prints_text_tokens_timings_and_writes_overlay(engine, tmp_path, cap
 
 
 def test_run_prints_the_kept_positions_and_grid(engine, capsys):
-    assert main(["run", "--engine", str(engine), "--image", PHOTO, "--prompt", "x", "--max-new-tokens", "1",
-                 "--grid"]) == 0
+    assert (
+        main(["run", "--engine", str(engine), "--image", PHOTO, "--prompt", "x", "--max-new-tokens", "1", "--grid"])
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     [kept] = [line for line in out if line.startswith("kept     patches ")]
     positions = [int(p) for p in kept.split("patches ")[1].split(", ")]
     assert len(positions) == 10 and positions == sorted(positions)
     side = IMAGE_SIZE // 14
-    grid = [line.strip() for line in out if line.strip() and set(line.strip()) <= {"#", "."} and len(line.strip()) == side]
+    grid = [
+        line.strip() for line in out if line.strip() and set(line.strip()) <= {"#", "."} and len(line.strip()) == side
+    ]
     assert len(grid) == side
     assert [i for i, ch in enumerate("".join(grid)) if ch == "#"] == positions
 
@@ -47,8 +65,22 @@ def test_run_prints_the_kept_positions_and_grid(engine, capsys):
 def test_run_json_and_backends_agree(engine, capsys):
     payloads = {}
     for backend in ("onnxruntime", "torch"):
-        rc = main(["run", "--engine", str(engine), "--image", PHOTO, "--prompt", "Describe.", "--max-new-tokens", "3",
-                   "--backend", backend, "--json"])
+        rc = main(
+            [
+                "run",
+                "--engine",
+                str(engine),
+                "--image",
+                PHOTO,
+                "--prompt",
+                "Describe.",
+                "--max-new-tokens",
+                "3",
+                "--backend",
+                backend,
+                "--json",
+            ]
+        )
         assert rc == 0
         payloads[backend] = json.loads(capsys.readouterr().out)
     ort, pt = payloads["onnxruntime"], payloads["torch"]

@@ -1,5 +1,6 @@
 """The compressor exported alone: a valid, TensorRT-parsable ONNX graph that ONNX Runtime and
 onnx's own ReferenceEvaluator run to the same answer as PyTorch and the oracle."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -7,11 +8,10 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
-from apet_ops.onnx_export import validate_onnx
-from apet_ops.trt_ops import unsupported_ops
-
-from apet_cases import duplicated_tokens, well_posed
+from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
+from apet_trt.apet_ops.onnx_export import validate_onnx
+from apet_trt.apet_ops.trt_ops import unsupported_ops
+from helpers.apet_cases import duplicated_tokens, well_posed
 
 N, D = 196, 64
 CONFIG = ApetConfig(keep=32, basis=8, start=3)
@@ -19,7 +19,9 @@ CONFIG = ApetConfig(keep=32, basis=8, start=3)
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
-    return export_compressor_onnx(CONFIG, tmp_path_factory.mktemp("onnx") / "apet.onnx", num_tokens=N, dim=D, max_batch=8)
+    return export_compressor_onnx(
+        CONFIG, tmp_path_factory.mktemp("onnx") / "apet.onnx", num_tokens=N, dim=D, max_batch=8
+    )
 
 
 def test_graph_is_valid_and_trt_parsable(onnx_path):

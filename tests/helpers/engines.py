@@ -6,6 +6,7 @@ byte-level BPE tokenizer with <s>, </s>, <pad> and <image> as special tokens; se
 saved as a Transformers checkpoint. The vision engine exported to ONNX is
 pixel_values -> tower -> layer -2 -> CLS dropped -> ApetCompressor -> projector.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,13 @@ def make_tokenizer():
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(specials)
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
 
 
 def clip_processor_class():
@@ -50,15 +56,35 @@ def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vocab = len(tokenizer)
-    vision = CLIPVisionConfig(image_size=image_size, patch_size=PATCH, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-    text = LlamaConfig(vocab_size=vocab, hidden_size=TEXT_HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=PATCH,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=160,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
@@ -67,16 +93,22 @@ def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
 
 
 def _export_vision_onnx(model, apet: dict | None, path: Path, image_size: int) -> None:
-    from runtime.backends.torch_eager import TorchVision
+    from apet_trt.runtime.backends.torch_eager import TorchVision
 
     module = TorchVision(model, feature_layer=-2, select_strategy="default", apet=apet).eval()
     example = torch.randn(2, 3, image_size, image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["pixel_values"],
-                          output_names=["embeddings", "positions"], opset_version=17, dynamo=False,
-                          dynamic_axes={"pixel_values": {0: "batch"}, "embeddings": {0: "batch"},
-                                        "positions": {0: "batch"}})
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["pixel_values"],
+            output_names=["embeddings", "positions"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={"pixel_values": {0: "batch"}, "embeddings": {0: "batch"}, "positions": {0: "batch"}},
+        )
 
 
 def write_manifest(root: Path, data: dict) -> None:
@@ -89,8 +121,15 @@ def write_manifest(root: Path, data: dict) -> None:
     (root / "manifest.json").write_text(json.dumps(data, indent=2))
 
 
-def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed: int = 0,
-                     max_position_embeddings: int = 160, image_size: int = IMAGE_SIZE) -> Path:
+def build_engine_dir(
+    root: Path,
+    *,
+    keep: int | None = 12,
+    basis: int = 4,
+    seed: int = 0,
+    max_position_embeddings: int = 160,
+    image_size: int = IMAGE_SIZE,
+) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
@@ -99,27 +138,47 @@ def build_engine_dir(root: Path, *, keep: int | None = 12, basis: int = 4, seed:
     apet = None if keep is None else {"keep": keep, "basis": basis, "merge": True, "ridge": 1e-5, "start": 0}
     t = n if keep is None else keep
     _export_vision_onnx(model, apet, root / "vision.onnx", image_size)
-    processor = clip_processor_class()(size={"shortest_edge": image_size},
-                                      crop_size={"height": image_size, "width": image_size})
+    processor = clip_processor_class()(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     processor.save_pretrained(str(root / "processor"))
     tokenizer.save_pretrained(str(root / "tokenizer"))
     model.save_pretrained(str(root / "hf"))
     text = model.config.text_config
     data = {
-        "format": "apet-trt-engine", "manifest_version": 1, "created_utc": "2026-01-01T00:00:00Z",
+        "format": "apet-trt-engine",
+        "manifest_version": 1,
+        "created_utc": "2026-01-01T00:00:00Z",
         "model": {"id": "test-llava", "source": "preset", "family": "llava", "path": None},
-        "vision": {"feature_layer": -2, "select_strategy": "default", "image_size": image_size,
-                   "patch_size": PATCH, "num_patches": n, "feature_dim": 32},
+        "vision": {
+            "feature_layer": -2,
+            "select_strategy": "default",
+            "image_size": image_size,
+            "patch_size": PATCH,
+            "num_patches": n,
+            "feature_dim": 32,
+        },
         "apet": apet,
         "num_visual_tokens": t,
-        "llm": {"hidden_size": TEXT_HIDDEN, "vocab_size": text.vocab_size,
-                "image_token_id": model.config.image_token_id, "dtype": "float32",
-                "max_position_embeddings": max_position_embeddings, "pad_token_id": tokenizer.pad_token_id,
-                "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id},
-        "prompt_template": TEMPLATE, "image_token": "<image>",
-        "io": {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, image_size, image_size]}],
-               "outputs": [{"name": "embeddings", "dtype": "float32", "shape": ["batch", t, TEXT_HIDDEN]},
-                           {"name": "positions", "dtype": "int64", "shape": ["batch", t]}]},
+        "llm": {
+            "hidden_size": TEXT_HIDDEN,
+            "vocab_size": text.vocab_size,
+            "image_token_id": model.config.image_token_id,
+            "dtype": "float32",
+            "max_position_embeddings": max_position_embeddings,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        "prompt_template": TEMPLATE,
+        "image_token": "<image>",
+        "io": {
+            "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, image_size, image_size]}],
+            "outputs": [
+                {"name": "embeddings", "dtype": "float32", "shape": ["batch", t, TEXT_HIDDEN]},
+                {"name": "positions", "dtype": "int64", "shape": ["batch", t]},
+            ],
+        },
         "batch": {"min": 1, "opt": 1, "max": 4},
         "precision": {"vision": "fp32", "compressor": "fp32"},
         "processor": processor.to_dict(),

@@ -2,6 +2,7 @@
 real dispatcher, checked against the schema documented in docs/BENCH.md. No wall-clock value is
 asserted anywhere: only structure, consistency (ratios recomputed from the recorded medians) and
 the outputs' validity."""
+
 import contextlib
 import io
 import json
@@ -13,13 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("export.build", reason="export/ (apet build) is not in this checkout")
+from apet_trt.export.build import BuildConfig, build
+from apet_trt.scripts import bench
+from apet_trt.scripts.cli import main
 
-from export.build import BuildConfig, build  # noqa: E402
-from scripts import bench  # noqa: E402
-from scripts.cli import main  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "BENCH.md"
 
 
@@ -43,13 +42,28 @@ def _cli(argv):
 def quick(engines, tmp_path_factory):
     comp, base = engines
     out = tmp_path_factory.mktemp("bench_out")
-    rc, stdout, stderr = _cli(["bench", "--engine", str(comp), "--baseline", str(base), "--quick",
-                               "--decoder-layers", "1", "--tokens", "576,128,64", "--out", str(out)])
+    rc, stdout, stderr = _cli(
+        [
+            "bench",
+            "--engine",
+            str(comp),
+            "--baseline",
+            str(base),
+            "--quick",
+            "--decoder-layers",
+            "1",
+            "--tokens",
+            "576,128,64",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, stderr
     return json.loads((out / "bench.json").read_text()), stdout, out
 
 
 # -- the documented schema ---------------------------------------------------------------------
+
 
 def documented_example() -> dict:
     text = DOC.read_text()
@@ -74,8 +88,10 @@ def assert_matches(doc, real, path="$"):
         return
     if isinstance(doc, dict):
         assert isinstance(real, dict), f"{path}: expected an object, got {real!r}"
-        assert set(real) == set(doc), (f"{path}: keys differ from docs/BENCH.md: extra {sorted(set(real) - set(doc))}, "
-                                       f"missing {sorted(set(doc) - set(real))}")
+        assert set(real) == set(doc), (
+            f"{path}: keys differ from docs/BENCH.md: extra {sorted(set(real) - set(doc))}, "
+            f"missing {sorted(set(doc) - set(real))}"
+        )
         for key in doc:
             assert_matches(doc[key], real[key], f"{path}.{key}")
     elif isinstance(doc, list):
@@ -129,19 +145,25 @@ def test_ratios_are_computed_from_the_recorded_medians(quick):
     cpu = next(e for e in report["vision"]["backends"] if e["name"] == "onnxruntime_cpu")
     t = cpu["timings"]
     assert h["vision_apet_over_no_apet"]["backend"] == "onnxruntime_cpu"
-    assert h["vision_apet_over_no_apet"]["value"] == pytest.approx(t["with_apet"]["median_s"] / t["without_apet"]["median_s"])
+    assert h["vision_apet_over_no_apet"]["value"] == pytest.approx(
+        t["with_apet"]["median_s"] / t["without_apet"]["median_s"]
+    )
     assert cpu["ratio_apet_over_no_apet"] == pytest.approx(h["vision_apet_over_no_apet"]["value"])
 
     points = {p["T"]: p for p in report["decoder"]["points"]}
     assert (h["ttft_T_over_N"]["T"], h["ttft_T_over_N"]["N"]) == (64, 576)
-    assert h["ttft_T_over_N"]["value"] == pytest.approx(points[64]["prefill"]["median_s"] / points[576]["prefill"]["median_s"])
+    assert h["ttft_T_over_N"]["value"] == pytest.approx(
+        points[64]["prefill"]["median_s"] / points[576]["prefill"]["median_s"]
+    )
     for p in points.values():
         assert p["prefill_ratio_vs_N"] == pytest.approx(p["prefill"]["median_s"] / points[576]["prefill"]["median_s"])
         assert p["decode_s_per_token"] == pytest.approx(p["decode"]["median_s"] / report["decoder"]["new_tokens"])
         assert p["context"] == report["decoder"]["text_tokens"] + p["T"]
 
     kv = h["kv_cache_bytes_T_over_N"]
-    assert kv["value"] == pytest.approx(points[64]["kv_cache_bytes_full_model"] / points[576]["kv_cache_bytes_full_model"])
+    assert kv["value"] == pytest.approx(
+        points[64]["kv_cache_bytes_full_model"] / points[576]["kv_cache_bytes_full_model"]
+    )
     m = report["decoder"]["model"]  # tiny-llava: 2 layers, 4 heads of 32; fp16 for the full model
     assert points[64]["kv_cache_bytes_full_model"] == 2 * 2 * 4 * 32 * (report["decoder"]["text_tokens"] + 64) * 2
     # the run's own cache (1 layer, float32) was measured, not computed
@@ -149,8 +171,11 @@ def test_ratios_are_computed_from_the_recorded_medians(quick):
 
     v = report["request"]["variants"]
     assert h["request_compressed_over_baseline"]["value"] == pytest.approx(
-        v["compressed"]["timing"]["median_s"] / v["baseline"]["timing"]["median_s"])
-    assert report["request"]["ratio_compressed_over_baseline"] == pytest.approx(h["request_compressed_over_baseline"]["value"])
+        v["compressed"]["timing"]["median_s"] / v["baseline"]["timing"]["median_s"]
+    )
+    assert report["request"]["ratio_compressed_over_baseline"] == pytest.approx(
+        h["request_compressed_over_baseline"]["value"]
+    )
     assert (v["compressed"]["T"], v["baseline"]["T"]) == (64, 576)
     assert v["baseline"]["prompt_tokens"] - v["compressed"]["prompt_tokens"] == 576 - 64
 
@@ -185,8 +210,8 @@ def test_plot_is_a_valid_png(quick):
 
 def test_torch_vision_path_agrees_with_onnxruntime(engines):
     """The code behind the torch_cuda backend, run on the CPU in float32."""
-    from runtime.images import ImagePreprocessor
-    from runtime.manifest import load_manifest
+    from apet_trt.runtime.images import ImagePreprocessor
+    from apet_trt.runtime.manifest import load_manifest
 
     comp, base = engines
     pair = bench.EnginePair(load_manifest(comp), load_manifest(base))
@@ -204,8 +229,23 @@ def test_torch_vision_path_agrees_with_onnxruntime(engines):
 
 def test_missing_baseline_is_built_into_the_cache_then_reused(engines, tmp_path):
     comp, _ = engines
-    argv = ["bench", "--engine", str(comp), "--quick", "--repeats", "1", "--warmup", "0", "--skip-vision",
-            "--skip-decoder", "--skip-request", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "bench",
+        "--engine",
+        str(comp),
+        "--quick",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--skip-vision",
+        "--skip-decoder",
+        "--skip-request",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     built = []
     for _ in range(2):
         rc, stdout, stderr = _cli(argv)
@@ -219,14 +259,17 @@ def test_missing_baseline_is_built_into_the_cache_then_reused(engines, tmp_path)
     assert "reusing verified engine directory" in stderr
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--engine", "{missing}"], "does not exist"),
-    (["--engine", "{comp}", "--baseline", "{base}", "--tokens", "576,600,64"], "must be <= N=576"),
-    (["--engine", "{comp}", "--baseline", "{base}", "--repeats", "0"], "--repeats must be an integer >= 1"),
-    (["--engine", "{comp}", "--baseline", "{base}", "--tokens", "64,abc"], "comma-separated list of integers"),
-    (["--engine", "{base}", "--baseline", "{comp}"], "has no ApET"),
-    (["--engine", "{comp}", "--model", "tiny-llava"], "exactly one of --engine / --model"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--engine", "{missing}"], "does not exist"),
+        (["--engine", "{comp}", "--baseline", "{base}", "--tokens", "576,600,64"], "must be <= N=576"),
+        (["--engine", "{comp}", "--baseline", "{base}", "--repeats", "0"], "--repeats must be an integer >= 1"),
+        (["--engine", "{comp}", "--baseline", "{base}", "--tokens", "64,abc"], "comma-separated list of integers"),
+        (["--engine", "{base}", "--baseline", "{comp}"], "has no ApET"),
+        (["--engine", "{comp}", "--model", "tiny-llava"], "exactly one of --engine / --model"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_a_nonzero_exit(engines, tmp_path, extra, message):
     comp, base = engines
     fill = {"comp": str(comp), "base": str(base), "missing": str(tmp_path / "nope")}

@@ -5,12 +5,13 @@ float32 can resolve (a genuine near-tie, not an exact tie), either answer is rig
 inputs are drawn again until every decision the oracle makes has a clear margin. Exact ties
 (duplicated, constant or zero tokens) are kept: both forms must break them the same way.
 """
+
 from __future__ import annotations
 
 import torch
 
-from apet_ops import ApetConfig
-from apet_ops.reference import cosine_similarity, decide
+from apet_trt.apet_ops import ApetConfig
+from apet_trt.apet_ops.reference import cosine_similarity, decide
 
 MARGIN = 1e-5  # relative; float32 noise in these decisions is ~1e-7 (measured), so 100x headroom
 
@@ -37,8 +38,10 @@ def decision_margin(x: torch.Tensor, config: ApetConfig) -> float:
     # ranking: the cut at T and the cut at T - k
     errs = dec.errors[dec.order]
     scale = float(errs[0])
-    margins += [_smallest_nonzero_gap(errs, config.keep, scale),
-                _smallest_nonzero_gap(errs, config.keep - config.basis, scale)]
+    margins += [
+        _smallest_nonzero_gap(errs, config.keep, scale),
+        _smallest_nonzero_gap(errs, config.keep - config.basis, scale),
+    ]
     # merge: best against second-best candidate for every dropped token
     if config.merge and dec.merge_targets:
         slots = set(dec.seed_slots)
@@ -67,6 +70,7 @@ def well_posed(make, config: ApetConfig, batch: int, generator: torch.Generator,
 
 
 # --- structured inputs, [B, N, D] -------------------------------------------------------------
+
 
 def low_rank_plus_noise(g: torch.Generator, b: int, n: int, d: int, rank: int = 6) -> torch.Tensor:
     u = torch.randn(b, n, rank, generator=g)

@@ -1,9 +1,10 @@
 """Prompt assembly: the conversation template, T slots, and the errors for slots that cannot work."""
+
 import pytest
 import torch
 
-from runtime.prompt import PromptAssembler, PromptFormat
-from test_runtime_helpers import TEMPLATE, make_tokenizer
+from apet_trt.runtime.prompt import PromptAssembler, PromptFormat
+from helpers.engines import TEMPLATE, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -12,8 +13,12 @@ def tok():
 
 
 def _assembler(tok, t):
-    fmt = PromptFormat(template=TEMPLATE, image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"),
-                       num_visual_tokens=t)
+    fmt = PromptFormat(
+        template=TEMPLATE,
+        image_token="<image>",
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        num_visual_tokens=t,
+    )
     return PromptAssembler(fmt, tok)
 
 

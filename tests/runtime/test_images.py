@@ -1,11 +1,12 @@
 """Image hardening: what users pass as images, and the clear errors for what cannot work."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from runtime.images import ImagePreprocessor
-from test_runtime_helpers import clip_processor_class
+from apet_trt.runtime.images import ImagePreprocessor
+from helpers.engines import clip_processor_class
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +39,21 @@ def test_rgba_and_grayscale_pil_images_become_rgb(pre, rng):
     assert pre(Image.fromarray(array[:, :, 0])).shape == (1, 3, 56, 56)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((20, 20, 4), np.uint8), "3 channels"),
-    (np.zeros((20, 20, 1), np.uint8), "3 channels"),
-    (np.zeros((20, 20), np.uint8), "rank 3"),
-    (np.zeros((1, 1, 20, 20, 3), np.uint8), "rank 3"),
-    (np.zeros((0, 20, 3), np.uint8), "zero-size"),
-    (np.zeros((20, 0, 3), np.uint8), "zero-size"),
-    (np.full((20, 20, 3), np.nan, np.float32), "NaN or Inf"),
-    (np.full((20, 20, 3), np.inf, np.float32), "NaN or Inf"),
-    (np.full((20, 20, 3), 2.0, np.float32), r"must lie in \[0, 1\]"),
-    (np.zeros((20, 20, 3), np.int16), "uint8 or floating"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((20, 20, 4), np.uint8), "3 channels"),
+        (np.zeros((20, 20, 1), np.uint8), "3 channels"),
+        (np.zeros((20, 20), np.uint8), "rank 3"),
+        (np.zeros((1, 1, 20, 20, 3), np.uint8), "rank 3"),
+        (np.zeros((0, 20, 3), np.uint8), "zero-size"),
+        (np.zeros((20, 0, 3), np.uint8), "zero-size"),
+        (np.full((20, 20, 3), np.nan, np.float32), "NaN or Inf"),
+        (np.full((20, 20, 3), np.inf, np.float32), "NaN or Inf"),
+        (np.full((20, 20, 3), 2.0, np.float32), r"must lie in \[0, 1\]"),
+        (np.zeros((20, 20, 3), np.int16), "uint8 or floating"),
+    ],
+)
 def test_bad_arrays_are_named(pre, bad, match):
     with pytest.raises((ValueError, TypeError), match=f"image 0: .*{match}|{match}"):
         pre([bad])
