@@ -1,6 +1,6 @@
 """ApET: approximation-error guided visual-token compression (arXiv 2602.19870).
 
-Two implementations of one contract (DESIGN.md, "The algorithm"):
+Two implementations of one contract (docs/DESIGN.md, "The algorithm"):
   compress_reference  the oracle: eager, literal, float64, torch.linalg.solve
   ApetCompressor      the graph form: float32, static shapes, exports to ONNX TensorRT can parse
 """

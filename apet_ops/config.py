@@ -1,4 +1,4 @@
-"""ApetConfig: the parameters of one ApET compressor (DESIGN.md, "The algorithm")."""
+"""ApetConfig: the parameters of one ApET compressor (docs/DESIGN.md, "The algorithm")."""
 
 from __future__ import annotations
 

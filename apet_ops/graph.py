@@ -1,6 +1,6 @@
 """ApetCompressor: the same contract as the oracle, written so it exports to a static ONNX graph.
 
-Rules this file keeps (DESIGN.md): float32 inside whatever the input dtype; no linalg.solve (an
+Rules this file keeps (docs/DESIGN.md): float32 inside whatever the input dtype; no linalg.solve (an
 unrolled Gram-Schmidt instead, k is small and static); no data-dependent shapes; no Python loop
 over the batch (the loops below run over the k seeds and are unrolled when traced); only ops
 TensorRT's ONNX parser takes (MatMul, GatherElements, TopK, Reduce*, Where, elementwise);

@@ -1,4 +1,4 @@
-"""The oracle: ApET steps 1-6 of DESIGN.md, literally, one image at a time.
+"""The oracle: ApET steps 1-6 of docs/DESIGN.md, literally, one image at a time.
 
 Eager and plain on purpose: per-image Python, `torch.linalg.solve`, a sort with an explicit key.
 It computes in float64, a stricter yardstick than the float32 graph form it checks.

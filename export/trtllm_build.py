@@ -9,7 +9,7 @@ The documented two-step flow (TensorRT-LLM examples/multimodal/README.md, "LLaVA
                --max_multimodal_len B*T
      (--max_multimodal_len is the prompt-embedding-table capacity: B*T rows, 9x smaller at
      T=64 than at 576.)
-The runtime feeds that table as DESIGN.md says (runtime/decoders/prompt_table.py).
+The runtime feeds that table as docs/DESIGN.md says (runtime/decoders/prompt_table.py).
 """
 
 from __future__ import annotations

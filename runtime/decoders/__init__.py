@@ -2,7 +2,7 @@
 [B, T, H] in, generated ids out, with the time to the first token and the decode time.
 
     TransformersDecoder   the checkpoint's language model fed `inputs_embeds`, with a KV cache
-    TensorRTLLMDecoder    TensorRT-LLM's ModelRunnerCpp fed the prompt table (DESIGN.md)
+    TensorRTLLMDecoder    TensorRT-LLM's ModelRunnerCpp fed the prompt table (docs/DESIGN.md)
     TensorRTLLMAPIDecoder TensorRT-LLM's LLM API fed `multi_modal_embeddings`
 """
 

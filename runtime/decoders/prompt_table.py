@@ -1,4 +1,4 @@
-"""The inputs TensorRT-LLM's prompt-tuning path needs, built exactly as DESIGN.md says.
+"""The inputs TensorRT-LLM's prompt-tuning path needs, built exactly as docs/DESIGN.md says.
 
 TensorRT-LLM embeds a token id >= vocab_size from the prompt table, at row
 `(id - vocab_size) + task * task_vocab_size` (tensorrt_llm/layers/embedding.py,

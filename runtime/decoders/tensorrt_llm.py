@@ -2,7 +2,7 @@
 
 TensorRTLLMDecoder: `tensorrt_llm.runtime.ModelRunnerCpp` on an engine built by `trtllm-build`
 (with `--max_multimodal_len` >= max_batch * T). The visual embeddings go in through the prompt
-table exactly as DESIGN.md says; the construction is `prompt_table.build_prompt_table_inputs`.
+table exactly as docs/DESIGN.md says; the construction is `prompt_table.build_prompt_table_inputs`.
 API read from TensorRT-LLM's source, tensorrt_llm/runtime/model_runner_cpp.py:
   ModelRunnerCpp.from_dir(engine_dir, rank=..., max_batch_size=..., max_input_len=..., ...)
   runner.generate(batch_input_ids: list[Tensor], prompt_table=Tensor, prompt_tasks="0,1,...",
@@ -90,7 +90,7 @@ class TensorRTLLMDecoder(Decoder):
             )
         self.num_visual_tokens = int(num_visual_tokens)
         # ModelRunnerCpp gives each request its own table and rejects one longer than
-        # max_prompt_embedding_table_size / max_batch_size (DESIGN.md).
+        # max_prompt_embedding_table_size / max_batch_size (docs/DESIGN.md).
         per_request = int(self.runner.max_prompt_embedding_table_size) // max(1, int(self.runner.max_batch_size))
         if per_request < self.num_visual_tokens:
             raise ValueError(

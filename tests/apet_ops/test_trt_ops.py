@@ -59,7 +59,7 @@ def test_source_is_pinned():
 
 def test_allowlist_shape():
     assert TRT_ONNX_OPS.isdisjoint(TRT_ONNX_UNSUPPORTED)
-    # Ops the ApET graph is built from (DESIGN.md) are all supported...
+    # Ops the ApET graph is built from (docs/DESIGN.md) are all supported...
     assert {
         "MatMul",
         "TopK",
