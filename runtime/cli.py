@@ -96,7 +96,7 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")
     if args.grid:
-        print(patch_grid(result.positions, pipe.manifest))
+        print(patch_grid(pipe, args.image, result.positions))
     print(f"text     {result.text!r}")
     print(
         f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
@@ -108,26 +108,17 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def patch_grid(positions, manifest) -> str:
-    """The image's patch grid as text, '#' where a patch was kept (row-major, CLS excluded)."""
-    v = manifest.vision
-    side = int(v["image_size"]) // int(v["patch_size"])
-    offset = 0 if v.get("select_strategy", "default") == "default" else 1  # "full": position 0 is CLS
-    kept = {p - offset for p in positions}
-    return "\n".join(
-        "         " + "".join("#" if r * side + c in kept else "." for c in range(side)) for r in range(side)
-    )
+def patch_grid(pipe, image, positions) -> str:
+    """The image's patch grid(s) as text, '#' where a patch was kept."""
+    from .overlay import grid_text
+
+    return grid_text(pipe.family.patch_map(pipe.preprocess(image), 0), positions)
 
 
 def write_overlay(pipe, image, positions, out) -> Path:
-    from .overlay import draw_kept_patches
+    from .overlay import draw_patch_map
 
-    pixel_values = pipe.preprocessor(image)
-    crop = pipe.preprocessor.unnormalize(pixel_values[0])
-    v = pipe.manifest.vision
-    picture = draw_kept_patches(
-        crop, positions, patch_size=int(v["patch_size"]), drop_cls=v.get("select_strategy", "default") == "default"
-    )
+    picture = draw_patch_map(pipe.family.patch_map(pipe.preprocess(image), 0), positions)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from apet_trt.apet_ops.compat import load_image_processor
+
 ImageLike = Any  # PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
 
@@ -89,22 +91,15 @@ class ImagePreprocessor:
     """The checkpoint's own HF image processor (loaded from the engine dir's processor/),
     plus input validation. `__call__(images) -> pixel_values` float32 numpy [B, 3, S, S]."""
 
-    def __init__(self, processor_dir: str | os.PathLike, image_size: int):
-        from transformers import AutoImageProcessor
-
+    def __init__(self, processor_dir: str | os.PathLike, image_size: int | None = None):
         processor_dir = Path(processor_dir)
         if not (processor_dir / "preprocessor_config.json").is_file():
             raise FileNotFoundError(
                 f"{processor_dir}: no preprocessor_config.json (the image processor "
                 "is missing from the engine directory)"
             )
-        # The PIL processors need no torchvision: Transformers 5 selects them with backend="pil"
-        # (older releases: use_fast=False).
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), backend="pil")
-        except (TypeError, ValueError):
-            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), use_fast=False)
-        self.image_size = int(image_size)
+        self.processor = load_image_processor(processor_dir)  # the PIL one: no torchvision needed
+        self.image_size = None if image_size is None else int(image_size)
 
     @property
     def mean(self) -> np.ndarray:
@@ -114,18 +109,28 @@ class ImagePreprocessor:
     def std(self) -> np.ndarray:
         return np.asarray(getattr(self.processor, "image_std", [1.0, 1.0, 1.0]), dtype=np.float32)
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+    def features(self, images: ImageLike | Sequence[ImageLike], **kwargs) -> dict[str, np.ndarray]:
+        """Every output of the processor as numpy (pixel_values float32, checked finite); what
+        shapes they must have is the model family's business (runtime/families/)."""
         pil = [to_pil(img, i) for i, img in enumerate(as_image_list(images))]
-        out = self.processor(images=pil, return_tensors="np")
+        out = {k: np.asarray(v) for k, v in self.processor(images=pil, return_tensors="np", **kwargs).items()}
         pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
-        expected = (len(pil), 3, self.image_size, self.image_size)
+        if not np.isfinite(pixel_values).all():
+            bad = int(np.argmax(~np.isfinite(pixel_values).reshape(pixel_values.shape[0], -1).all(axis=1)))
+            raise ValueError(f"image {bad}: preprocessing produced NaN or Inf pixel values")
+        out["pixel_values"] = pixel_values
+        return out
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """pixel_values [B, 3, S, S] of a processor that makes one square crop per image."""
+        pixel_values = self.features(images)["pixel_values"]
+        b = len(as_image_list(images))
+        s = self.image_size if self.image_size is not None else pixel_values.shape[-1]
+        expected = (b, 3, s, s)
         if pixel_values.shape != expected:
             raise ValueError(
                 f"the image processor produced pixel_values {pixel_values.shape}, the engine expects {expected}"
             )
-        if not np.isfinite(pixel_values).all():
-            bad = int(np.argmax(~np.isfinite(pixel_values).reshape(len(pil), -1).all(axis=1)))
-            raise ValueError(f"image {bad}: preprocessing produced NaN or Inf pixel values")
         return pixel_values
 
     def unnormalize(self, pixel_values: np.ndarray) -> np.ndarray:

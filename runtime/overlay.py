@@ -45,3 +45,46 @@ def draw_kept_patches(
         r, c = divmod(p, grid_w)
         draw.rectangle([c * s, r * s, (c + 1) * s - 1, (r + 1) * s - 1], outline=color, width=max(1, scale))
     return image
+
+
+def kept_boxes(patch_map, positions: Sequence[int]) -> list[list[int]]:
+    """Per crop of `patch_map`, the row-major patch indices of the kept rows (rows that are no
+    patch - CLS, newlines - are skipped)."""
+    rows, cols = patch_map.grid
+    kept: list[list[int]] = [[] for _ in patch_map.crops]
+    for p in positions:
+        if not 0 <= int(p) < len(patch_map.boxes):
+            raise ValueError(f"position {int(p)} is outside the image's {len(patch_map.boxes)} rows")
+        box = patch_map.boxes[int(p)]
+        if box is not None:
+            crop, r, c = box
+            kept[crop].append(r * cols + c)
+    return kept
+
+
+def draw_patch_map(patch_map, positions: Sequence[int], *, scale: int = 2, gap: int = 8) -> Image.Image:
+    """Every crop the engine saw, side by side, dropped patches darkened and kept ones outlined."""
+    pictures = [
+        draw_kept_patches(crop, kept, patch_size=patch_map.patch_size, scale=scale)
+        for crop, kept in zip(patch_map.crops, kept_boxes(patch_map, positions))
+    ]
+    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
+    sheet = Image.new("RGB", (width, max(p.height for p in pictures)), (255, 255, 255))
+    x = 0
+    for p in pictures:
+        sheet.paste(p, (x, 0))
+        x += p.width + gap
+    return sheet
+
+
+def grid_text(patch_map, positions: Sequence[int], indent: str = "         ") -> str:
+    """Each crop's patch grid as text, '#' where a patch was kept (row-major); crops one below the
+    other, separated by a blank line."""
+    rows, cols = patch_map.grid
+    blocks = []
+    for kept in kept_boxes(patch_map, positions):
+        marks = set(kept)
+        blocks.append(
+            "\n".join(indent + "".join("#" if r * cols + c in marks else "." for c in range(cols)) for r in range(rows))
+        )
+    return "\n\n".join(blocks)

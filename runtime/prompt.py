@@ -1,5 +1,6 @@
-"""Prompt assembly: the model's conversation format, with the image placeholder expanded to the
-T visual slots the vision engine fills.
+"""Prompt assembly: the model's conversation format, with each image placeholder expanded to the
+rows the vision engine made for that image (T for LLaVA-1.5; a number that depends on the image
+for LLaVA-NeXT and Qwen2.5-VL).
 
 A user prompt without the image token (e.g. "What is in the picture?") is wrapped in the
 manifest's `prompt_template` ("USER: <image>\\n{prompt} ASSISTANT:" for LLaVA-1.5). A prompt that
@@ -8,11 +9,12 @@ the text must then hold exactly one image slot per image of the request: none, o
 images, is an error (each slot would otherwise read embeddings that do not exist).
 The expanded text is tokenized in one piece (as the model's own HF processor does, so with no
 compression the ids equal the processor's), and the slots are checked to have come out as exactly
-T image-token ids in one contiguous run.
+R_i image-token ids in one contiguous run per image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +25,15 @@ class PromptFormat:
     template: str  # contains "{prompt}" and the image token once
     image_token: str  # "<image>"
     image_token_id: int  # its id in the tokenizer and the LLM's vocabulary
-    num_visual_tokens: int  # T
 
 
 @dataclass(frozen=True)
 class AssembledPrompt:
-    input_ids: torch.Tensor  # [L] int64, T entries equal to image_token_id
-    image_slots: torch.Tensor  # [T] int64 indices into input_ids, ascending
+    input_ids: torch.Tensor  # [L] int64, sum(rows) entries equal to image_token_id
+    image_slots: torch.Tensor  # [sum(rows)] int64 indices into input_ids, ascending
     text: str  # the conversation text, before expansion
+    rows: tuple[int, ...] = ()  # visual rows per image, in slot order
+    position_ids: torch.Tensor | None = None  # None: 0..L-1; else the family's [P, L] ids
 
 
 class PromptAssembler:
@@ -57,26 +60,33 @@ class PromptAssembler:
             raise ValueError(f"prompt {index}: {num_images} image(s) but only {slots} image slot(s) {tok!r}")
         return text
 
-    def __call__(self, prompt: str, index: int = 0) -> AssembledPrompt:
+    def __call__(self, prompt: str, rows: int | Sequence[int], index: int = 0) -> AssembledPrompt:
+        """`rows`: the visual rows of each image of this prompt, in order (an int: one image)."""
         fmt = self.fmt
-        text = self.conversation(prompt, index)
-        expanded = text.replace(fmt.image_token, fmt.image_token * fmt.num_visual_tokens)
+        rows = (rows,) if isinstance(rows, int) else tuple(int(r) for r in rows)
+        if not rows or any(r < 1 for r in rows):
+            raise ValueError(f"prompt {index}: every image needs at least one visual row, got rows={rows}")
+        text = self.conversation(prompt, index, len(rows))
+        parts = text.split(fmt.image_token)
+        expanded = parts[0] + "".join(fmt.image_token * r + part for r, part in zip(rows, parts[1:]))
         ids = self.tokenizer(expanded, add_special_tokens=True, return_attention_mask=False)["input_ids"]
         input_ids = torch.tensor(ids, dtype=torch.int64)
         slots = torch.nonzero(input_ids == fmt.image_token_id).flatten()
-        t = fmt.num_visual_tokens
-        if slots.numel() != t or (t > 1 and not bool((slots.diff() == 1).all())):
+        total = sum(rows)
+        runs = torch.split(slots, list(rows)) if slots.numel() == total else ()
+        if slots.numel() != total or any(r.numel() > 1 and not bool((r.diff() == 1).all()) for r in runs):
             raise ValueError(
-                f"prompt {index}: the tokenizer turned {t} x {fmt.image_token!r} into {slots.numel()} ids equal to "
-                f"image_token_id={fmt.image_token_id} (expected {t} contiguous); the tokenizer does not map "
-                f"{fmt.image_token!r} to a single special token, or the prompt text contains that id"
+                f"prompt {index}: the tokenizer turned {total} x {fmt.image_token!r} into {slots.numel()} ids equal to "
+                f"image_token_id={fmt.image_token_id} (expected {' + '.join(map(str, rows))} contiguous); the "
+                f"tokenizer does not map {fmt.image_token!r} to a single special token, or the prompt text contains "
+                "that id"
             )
-        return AssembledPrompt(input_ids=input_ids, image_slots=slots, text=text)
+        return AssembledPrompt(input_ids=input_ids, image_slots=slots, text=text, rows=rows)
 
 
 def engine_prompting(manifest) -> tuple[object, PromptAssembler]:
     """An engine directory's tokenizer (its tokenizer/ folder) and the assembler for its
-    conversation format and T: what runtime.load and the benchmark both build a pipeline from."""
+    conversation format: what runtime.load and the benchmark both build a pipeline from."""
     from transformers import AutoTokenizer
 
     tok_dir = manifest.root / "tokenizer"
@@ -87,6 +97,5 @@ def engine_prompting(manifest) -> tuple[object, PromptAssembler]:
         template=manifest.prompt_template,
         image_token=manifest.image_token,
         image_token_id=int(manifest.llm["image_token_id"]),
-        num_visual_tokens=manifest.num_visual_tokens,
     )
     return tokenizer, PromptAssembler(fmt, tokenizer)

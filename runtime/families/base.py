@@ -1,0 +1,122 @@
+"""What a model family tells the runtime: how images become the engine's named inputs, how the
+engine's outputs become each image's visual rows, and how those rows sit in the prompt.
+
+One family, one subclass, one file (runtime/families/<family>.py), listed by name in
+runtime/families/__init__.py. Everything else in the runtime - backends, prompt assembly,
+decoders, the pipeline, the CLI - speaks only this interface:
+
+    batch = family.preprocess(images)            # PIL images -> EngineBatch (named inputs, per-image facts)
+    rows = family.encode(backend, batch)         # -> list[VisualRows], one per image
+    family.position_ids(prompt_ids, slots, rows) # None (1-D positions) or the family's own ids
+    family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
+
+Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
+Qwen2.5-VL's dynamic resolution), so nothing downstream assumes one T for a batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..manifest import Manifest
+
+
+@dataclass
+class VisualRows:
+    """One image's rows for the LLM.
+
+    embeddings  [R, H] float32, in the order the LLM reads them
+    positions   [R] int64: each row's index in the sequence of rows the uncompressed model would
+                hand the LLM for this image (so with no compression, 0..R-1; with ApET, the kept ones)
+    num_patches that uncompressed row count
+    extras      family facts a decoder or an overlay may need (e.g. a crop layout, a grid)
+    """
+
+    embeddings: torch.Tensor
+    positions: torch.Tensor
+    num_patches: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+@dataclass
+class EngineBatch:
+    """The vision engine's named inputs for a batch of images, and what the family needs to turn
+    its outputs back into per-image rows (`items[i]` belongs to image i)."""
+
+    feeds: dict[str, np.ndarray]
+    items: list[dict[str, Any]]
+    images: list[Any] = field(default_factory=list, repr=False)  # the PIL images, for overlays
+
+
+@dataclass(frozen=True)
+class PatchMap:
+    """Where the uncompressed rows of one image lie in the picture the engine saw: `boxes[r]` is
+    (crop index, row, column) of row r in a grid of patches, or None for a row that is no patch
+    (a CLS or newline row). `crops` are the [S, S, 3] uint8 pictures, `patch_size` in pixels."""
+
+    crops: list[np.ndarray]
+    boxes: list[tuple[int, int, int] | None]
+    grid: tuple[int, int]
+    patch_size: int
+
+
+class RuntimeFamily(ABC):
+    """The runtime side of one model family (the export side is export/models/<family>.py)."""
+
+    name: str = ""
+    hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    @property
+    def fixed_rows(self) -> int | None:
+        """The rows every image gets, when the family knows it before the engine runs (LLaVA-1.5: T);
+        None when it depends on the image or on what the engine kept."""
+        return None
+
+    # -- images -> engine inputs ----------------------------------------------------------------
+    @abstractmethod
+    def preprocess(self, images: Sequence[Any]) -> EngineBatch:
+        """RGB PIL images -> the engine's named inputs (the checkpoint's own HF processor)."""
+
+    # -- engine outputs -> rows ---------------------------------------------------------------
+    @abstractmethod
+    def encode(
+        self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
+    ) -> list[VisualRows]:
+        """Run the engine (`run(feeds) -> outputs`, in chunks the engine's batch range allows) and
+        split its outputs into one VisualRows per image."""
+
+    # -- the prompt ---------------------------------------------------------------------------
+    def position_ids(
+        self, input_ids: torch.Tensor, image_slots: torch.Tensor, rows: Sequence[VisualRows]
+    ) -> torch.Tensor | None:
+        """Position ids for a prompt whose `image_slots` read `rows` in order: None for plain 1-D
+        positions (0..L-1, what every decoder does by itself), else a family's own [P, L] ids."""
+        return None
+
+    # -- pictures -----------------------------------------------------------------------------
+    @abstractmethod
+    def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
+        """Where image `index`'s uncompressed rows lie in what the engine saw (for --grid/--overlay)."""
+
+    # -- the Torch module (backend="torch") ---------------------------------------------------
+    def torch_module(self, hf_model) -> torch.nn.Module:
+        """The vision engine in PyTorch eager, from the checkpoint's own modules: named inputs in,
+        named outputs out, the same contract as the exported graph."""
+        raise NotImplementedError(f"family {self.name!r} has no PyTorch eager vision module")
+
+    def summary(self) -> list[str]:
+        """Family lines for `apet inspect`."""
+        return []
