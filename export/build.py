@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from apet_trt.apet_ops import ApetConfig
+from apet_trt.apet_ops.compat import config_dtype
 
 from . import manifest as manifest_writer
-from .models.llava import LlavaVisionEngine, checkpoint_config, facts, load_checkpoint
-from .onnx_export import INPUT, OUTPUTS, compare_with_torch, export_vision_onnx
-from .presets import PRESETS, PROMPT_TEMPLATE, build_preset, preset_config
+from .models import ExportFamily, LoadedModel, family_class, family_for_model_type
+from .onnx_export import compare_with_torch, export_vision_onnx
+from .presets import PRESETS, get_preset, load_preset, preset_config
 from .tensorrt_build import INSTALL_HINT as TRT_HINT
 from .tensorrt_build import build_tensorrt, tensorrt_version
 from .trtllm_build import INSTALL_HINT as TRTLLM_HINT
@@ -110,25 +111,36 @@ def _check_out(out: Path, force: bool) -> None:
             )
 
 
-def _resolve(model: str):
-    """-> (source, config): which kind of model, and its config, without reading any weights."""
+def checkpoint_config(path: Path):
+    """A local checkpoint's config (offline, no weights read)."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def _resolve(model: str) -> tuple[str, ExportFamily]:
+    """-> (source, the model's family adapter on its config): without reading any weights."""
     if model in PRESETS:
-        return "preset", preset_config(model)[0]
+        return "preset", family_class(get_preset(model).family)(preset_config(model)[0])
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing checkpoint directory"
         )
-    return "path", checkpoint_config(path)
+    config = checkpoint_config(path)
+    try:
+        family = family_for_model_type(config.model_type)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return "path", family(config)
 
 
-def _load(model: str, source: str):
-    """-> (model, config, image processor, tokenizer, preset or None)."""
+def _load(model: str, source: str, family: ExportFamily) -> LoadedModel:
     if source == "preset":
-        m, config, processor, tokenizer, preset = build_preset(model)
-        return m, config, processor, tokenizer, preset
-    m, config, processor, tokenizer = load_checkpoint(Path(model).expanduser())
-    return m, config, processor, tokenizer, None
+        return load_preset(model)
+    return family.load_checkpoint(Path(model).expanduser())
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -153,18 +165,10 @@ def _replace_dir(work: Path, out: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _llm_dtype(config, source: str, preset) -> str:
+def _llm_dtype(config, source: str, loaded: LoadedModel) -> str:
     if source == "preset":
-        return "float32" if preset.materialise_language_model else "float16"
-    dtype = next(
-        (
-            d
-            for cfg in (config.text_config, config)
-            for attr in ("dtype", "torch_dtype")
-            if (d := getattr(cfg, attr, None)) is not None
-        ),
-        None,
-    )
+        return "float32" if loaded.language_model_saved else "float16"
+    dtype = next((d for cfg in (config.text_config, config) if (d := config_dtype(cfg)) is not None), None)
     name = str(dtype).replace("torch.", "") if dtype is not None else "float16"
     return name if name in ("float16", "bfloat16", "float32") else "float16"
 
@@ -184,16 +188,17 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     apet = config.apet()  # keep / basis / start / ridge checked here
     out = Path(config.out)
     _check_out(out, config.force)
-    source, hf_config = _resolve(config.model)
-    f = facts(hf_config)
-    if apet is not None:
-        apet.validate_for(f.num_patches)  # keep <= N, start < N: before any weights are built
-    t = apet.keep if apet else f.num_patches
+    source, family = _resolve(config.model)
+    family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    n, t = family.num_patches, family.rows_per_item(apet)
     steps = Steps(7, quiet)
 
-    steps(f"loading {config.model}")
-    model, hf_config, processor, tokenizer, preset = _load(config.model, source)
-    engine = LlavaVisionEngine(model, apet).float().eval()  # vision export in float32
+    steps(f"loading {config.model} (family {family.name})")
+    loaded = _load(config.model, source, family)
+    model, hf_config, processor, tokenizer = loaded.model, loaded.config, loaded.processor, loaded.tokenizer
+    engine = family.vision_module(model, apet).float().eval()  # vision export in float32
+    io = family.io(apet)
+    output_names = [o["name"] for o in io["outputs"]]
 
     work = out.parent / f".{out.name}.building"
     created = _missing_dirs(work)  # removed again if the build fails
@@ -201,13 +206,19 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     work.mkdir(parents=True)
     try:
         what = "ApET" if apet else "no compression"
-        steps(f"exporting vision tower + {what} + projector to ONNX (N={f.num_patches} -> T={t})")
-        onnx_path = export_vision_onnx(engine, work / "vision.onnx", image_size=f.image_size)
+        steps(f"exporting vision tower + {what} + projector to ONNX (N={n} -> T={t})")
+        onnx_path = export_vision_onnx(
+            engine,
+            work / "vision.onnx",
+            inputs=family.example_inputs(2, torch.Generator().manual_seed(0)),  # batch 2: the batch axis stays symbolic
+            output_names=output_names,
+            dynamic_axes=family.dynamic_axes(apet),
+        )
         steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
 
         steps("ONNX Runtime vs PyTorch")
         batches = sorted({1, min(3, config.max_batch)})
-        for c in compare_with_torch(engine, onnx_path, image_size=f.image_size, batches=batches):
+        for c in compare_with_torch(engine, onnx_path, family.example_inputs, batches=batches):
             steps.note(
                 f"batch {c.batch}: max |diff| {c.max_abs_diff:.2e} ({c.max_rel_diff:.1e} of max), "
                 f"positions equal: {c.positions_equal}"
@@ -218,12 +229,13 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         steps("saving processor, tokenizer and decoder checkpoint")
         processor.save_pretrained(str(work / "processor"))
         tokenizer.save_pretrained(str(work / "tokenizer"))
-        if source == "preset" and preset.materialise_language_model:
+        if source == "preset" and loaded.language_model_saved:
             model.save_pretrained(str(work / "hf"))
             decoder = {"checkpoint": "hf", "weights": "saved"}
         elif source == "preset":
             hf_config.save_pretrained(str(work / "hf"))
-            decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": preset.seed, "config": "hf/config.json"}
+            seed = get_preset(config.model).seed
+            decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": seed, "config": "hf/config.json"}
         else:
             decoder = {"checkpoint": str(Path(config.model).expanduser().resolve()), "weights": "saved"}
         del model
@@ -235,13 +247,11 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         elif tensorrt_version() is None:
             steps.note(f"TensorRT is not importable: wrote the ONNX engine only ({TRT_HINT})")
         else:
+            shapes = [family.profile_shapes(b) for b in (1, config.opt_batch, config.max_batch)]
             result = build_tensorrt(
                 onnx_path,
                 work / "vision.plan",
-                input_name=INPUT,
-                image_size=f.image_size,
-                max_batch=config.max_batch,
-                opt_batch=config.opt_batch,
+                profile={name: tuple(s[name] for s in shapes) for name in shapes[0]},
                 fp16=config.fp16,
             )
             plan = "vision.plan"
@@ -256,17 +266,24 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
 
         steps("TensorRT-LLM decoder engine")
         trtllm = None
-        llm_dtype = _llm_dtype(hf_config, source, preset)
+        llm_dtype = _llm_dtype(hf_config, source, loaded)
         if not config.tensorrt_llm:
             steps.note("skipped (--no-tensorrt-llm)")
         elif tensorrt_llm_version() is None:
             steps.note(f"tensorrt_llm is not importable: the decoder is the Transformers checkpoint ({TRTLLM_HINT})")
         elif decoder["weights"] != "saved":
             steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
+        elif family.trtllm_model_class is None:
+            steps.note(f"TensorRT-LLM's engine flow has no route for the {family.name} family: no engine")
         else:
             # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
-            cfg = TrtllmBuildConfig(max_batch_size=config.max_batch, num_visual_tokens=t, dtype=llm_dtype)
+            cfg = TrtllmBuildConfig(
+                max_batch_size=config.max_batch,
+                num_visual_tokens=t,
+                dtype=llm_dtype,
+                model_class=family.trtllm_model_class,
+            )
             trtllm = build_trtllm(
                 Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work
             )
@@ -278,38 +295,21 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             "model": {
                 "id": config.model,
                 "source": source,
-                "family": "llava",
+                "family": family.name,
                 "path": str(Path(config.model).expanduser().resolve()) if source == "path" else None,
             },
-            "vision": {
-                "feature_layer": f.feature_layer,
-                "select_strategy": f.select_strategy,
-                "image_size": f.image_size,
-                "patch_size": f.patch_size,
-                "num_patches": f.num_patches,
-                "feature_dim": f.feature_dim,
-            },
+            **family.manifest_fields(apet),
             "apet": apet.to_dict() if apet else None,
-            "num_visual_tokens": t,
             "llm": {
-                "hidden_size": f.hidden_size,
-                "vocab_size": f.vocab_size,
-                "image_token_id": f.image_token_id,
+                **family.llm_fields(),
                 "dtype": llm_dtype,
-                "max_position_embeddings": f.max_position_embeddings,
                 "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id,
                 "eos_token_id": tokenizer.eos_token_id,
                 "bos_token_id": tokenizer.bos_token_id,
             },
-            "prompt_template": PROMPT_TEMPLATE,
-            "image_token": "<image>",
-            "io": {
-                "inputs": [{"name": INPUT, "dtype": "float32", "shape": ["batch", 3, f.image_size, f.image_size]}],
-                "outputs": [
-                    {"name": OUTPUTS[0], "dtype": "float32", "shape": ["batch", t, f.hidden_size]},
-                    {"name": OUTPUTS[1], "dtype": "int64", "shape": ["batch", t]},
-                ],
-            },
+            "prompt_template": family.prompt_template,
+            "image_token": family.image_token,
+            "io": io,
             "batch": {"min": 1, "opt": config.opt_batch, "max": config.max_batch},
             "precision": {"vision": "fp16" if (config.fp16 and plan) else "fp32", "compressor": "fp32"},
             "processor": processor.to_dict(),
@@ -331,7 +331,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         raise
 
     if not quiet:
-        print(f"\nengine directory {out}  (N={f.num_patches} -> T={t} visual tokens per image)")
+        print(f"\nengine directory {out}  (N={n} -> T={t} visual tokens per {family.item})")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")

@@ -125,15 +125,13 @@ def build_tensorrt(
     onnx_path: Path,
     plan_path: Path,
     *,
-    input_name: str,
-    image_size: int,
-    max_batch: int,
-    opt_batch: int = 1,
+    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
     fp16: bool = False,
     atol: float = 1e-2,
     rtol: float = 1e-2,
 ) -> TensorRTBuild:
-    """Build and save the plan, then compare TensorRT with ONNX Runtime on random inputs."""
+    """Build and save the plan, then compare TensorRT with ONNX Runtime on random inputs.
+    `profile`: each input's (min, opt, max) shape, the model family's (export/models/)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import (
         CreateConfig,
@@ -147,20 +145,23 @@ def build_tensorrt(
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import Comparator, CompareFunc, DataLoader
 
-    shape = lambda b: (b, 3, image_size, image_size)
-    profile = Profile().add(input_name, min=shape(1), opt=shape(opt_batch), max=shape(max_batch))
+    trt_profile = Profile()
+    for name, (lo, opt, hi) in profile.items():
+        trt_profile.add(name, min=lo, opt=opt, max=hi)
     cache = plan_path.with_name("timing.cache")
     network = PostprocessNetwork(NetworkFromOnnxPath(str(onnx_path)), pin_compressor_fp32, name="pin_compressor_fp32")
     config = CreateConfig(
         fp16=fp16,
-        profiles=[profile],
+        profiles=[trt_profile],
         precision_constraints="obey" if fp16 else None,
         load_timing_cache=str(cache) if cache.exists() else None,
     )
     engine = SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(cache)), path=str(plan_path))
     runners = [TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
-    # the batch axis is dynamic: give the data loader a concrete shape inside the profile
-    metadata = TensorMetadata().add(input_name, dtype=np.float32, shape=shape(min(2, max_batch)))
+    # dynamic axes: give the data loader a concrete shape inside the profile (each input's opt shape)
+    metadata = TensorMetadata()
+    for name, (_, opt, _) in profile.items():
+        metadata.add(name, dtype=np.float32, shape=opt)
     loader = DataLoader(iterations=2, val_range=(-2.0, 2.0), input_metadata=metadata)
     results = Comparator.run(runners, data_loader=loader)
     passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
