@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from apet_trt.apet_ops import ApetConfig
-from apet_trt.apet_ops.compat import config_dtype
+from apet_trt.apet_ops.compat import config_dtype, load_image_processor
 
 from . import manifest as manifest_writer
 from .models import ExportFamily, LoadedModel, family_class, family_for_model_type
@@ -44,6 +44,8 @@ class BuildConfig:
     no_apet: bool = False
     max_batch: int = 8
     opt_batch: int = 1
+    min_pixels: int | None = None  # dynamic-resolution families: the processor's pixel range (None: its own)
+    max_pixels: int | None = None
     fp16: bool = False
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
@@ -120,10 +122,14 @@ def checkpoint_config(path: Path):
     return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
-def _resolve(model: str) -> tuple[str, ExportFamily]:
-    """-> (source, the model's family adapter on its config): without reading any weights."""
+def _resolve(model: str, pixels: dict | None = None) -> tuple[str, ExportFamily]:
+    """-> (source, the model's family adapter on its config and image processor, with the build's
+    pixel range applied): without reading any weights."""
+    pixels = pixels or {}
     if model in PRESETS:
-        return "preset", family_class(get_preset(model).family)(preset_config(model)[0])
+        config, processor, _, preset = preset_config(model)
+        cls = family_class(preset.family)
+        return "preset", cls(config, cls.configure_processor(processor, **pixels))
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -134,7 +140,11 @@ def _resolve(model: str) -> tuple[str, ExportFamily]:
         family = family_for_model_type(config.model_type)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    return "path", family(config)
+    try:
+        processor = load_image_processor(path, local_files_only=True)
+    except Exception as exc:
+        raise FileNotFoundError(f"{path}: no image processor config (preprocessor_config.json): {exc}") from exc
+    return "path", family(config, family.configure_processor(processor, **pixels))
 
 
 def _load(model: str, source: str, family: ExportFamily) -> LoadedModel:
@@ -188,14 +198,17 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     apet = config.apet()  # keep / basis / start / ridge checked here
     out = Path(config.out)
     _check_out(out, config.force)
-    source, family = _resolve(config.model)
+    pixels = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None}
+    source, family = _resolve(config.model, pixels)
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
-    n, t = family.num_patches, family.rows_per_item(apet)
+    budget = family.budget_text(apet)
+    items = family.max_items(apet, config.max_batch)  # engine items per call
     steps = Steps(7, quiet)
 
     steps(f"loading {config.model} (family {family.name})")
     loaded = _load(config.model, source, family)
-    model, hf_config, processor, tokenizer = loaded.model, loaded.config, loaded.processor, loaded.tokenizer
+    model, hf_config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
+    processor = family.processor  # the checkpoint's or preset's, with the build's pixel range
     engine = family.vision_module(model, apet).float().eval()  # vision export in float32
     io = family.io(apet)
     output_names = [o["name"] for o in io["outputs"]]
@@ -206,18 +219,19 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     work.mkdir(parents=True)
     try:
         what = "ApET" if apet else "no compression"
-        steps(f"exporting vision tower + {what} + projector to ONNX (N={n} -> T={t})")
+        steps(f"exporting vision tower + {what} + projector to ONNX ({budget})")
         onnx_path = export_vision_onnx(
             engine,
             work / "vision.onnx",
-            inputs=family.example_inputs(2, torch.Generator().manual_seed(0)),  # batch 2: the batch axis stays symbolic
+            # batch 2 (where the graph takes it): the batch axis stays symbolic
+            inputs=family.example_inputs(min(2, items), torch.Generator().manual_seed(0)),
             output_names=output_names,
             dynamic_axes=family.dynamic_axes(apet),
         )
         steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
 
         steps("ONNX Runtime vs PyTorch")
-        batches = sorted({1, min(3, config.max_batch)})
+        batches = sorted({1, min(3, items)})
         for c in compare_with_torch(engine, onnx_path, family.example_inputs, batches=batches):
             steps.note(
                 f"batch {c.batch}: max |diff| {c.max_abs_diff:.2e} ({c.max_rel_diff:.1e} of max), "
@@ -247,12 +261,13 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         elif tensorrt_version() is None:
             steps.note(f"TensorRT is not importable: wrote the ONNX engine only ({TRT_HINT})")
         else:
-            shapes = [family.profile_shapes(b) for b in (1, config.opt_batch, config.max_batch)]
+            g = torch.Generator().manual_seed(1)
             result = build_tensorrt(
                 onnx_path,
                 work / "vision.plan",
-                profile={name: tuple(s[name] for s in shapes) for name in shapes[0]},
+                profile=family.tensorrt_profile(apet, min(config.opt_batch, items), items),
                 fp16=config.fp16,
+                feeds=[{k: v.numpy() for k, v in family.example_inputs(b, g).items()} for b in batches],
             )
             plan = "vision.plan"
             steps.note(
@@ -280,7 +295,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
             cfg = TrtllmBuildConfig(
                 max_batch_size=config.max_batch,
-                num_visual_tokens=t,
+                num_visual_tokens=family.rows_per_item(apet),
                 dtype=llm_dtype,
                 model_class=family.trtllm_model_class,
             )
@@ -310,7 +325,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             "prompt_template": family.prompt_template,
             "image_token": family.image_token,
             "io": io,
-            "batch": {"min": 1, "opt": config.opt_batch, "max": config.max_batch},
+            "batch": {"min": 1, "opt": min(config.opt_batch, items), "max": items},
             "precision": {"vision": "fp16" if (config.fp16 and plan) else "fp32", "compressor": "fp32"},
             "processor": processor.to_dict(),
             "engines": {"onnx": "vision.onnx", "tensorrt": plan},
@@ -331,7 +346,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         raise
 
     if not quiet:
-        print(f"\nengine directory {out}  (N={n} -> T={t} visual tokens per {family.item})")
+        print(f"\nengine directory {out}  ({budget} visual tokens per {family.item})")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")

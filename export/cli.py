@@ -25,6 +25,18 @@ def register(sub) -> None:
     p.add_argument("--no-apet", action="store_true", help="build the uncompressed baseline (all N tokens)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines take (default 8)")
     p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT optimises for (default 1)")
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="dynamic-resolution models (Qwen2.5-VL): smallest image area the processor resizes to (default: its own)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="dynamic-resolution models: largest image area, which bounds the engine's token axis (default: its own)",
+    )
     p.add_argument("--fp16", action="store_true", help="TensorRT: tower and projector in fp16 (ApET stays fp32)")
     p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT plan even where tensorrt imports")
     p.add_argument("--no-tensorrt-llm", action="store_true", help="skip the TensorRT-LLM decoder engine")
@@ -46,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             no_apet=args.no_apet,
             max_batch=args.max_batch,
             opt_batch=args.opt_batch,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
             fp16=args.fp16,
             force=args.force,
             tensorrt=not args.no_tensorrt,

@@ -9,6 +9,14 @@ config, image processor and tokenizer.
                        projector are materialised; the 7B language model is recorded as a config
                        with a seed, never built here.
 
+    tiny-qwen2.5-vl    Qwen2.5-VL architecture with its real geometry (14 px patches, 2 x 2 merge,
+                       temporal patch 2, 112 px attention windows, full attention every other
+                       block) but tiny widths, seeded random weights; 4..256 visual tokens per
+                       image. For tests. Saved whole (hf/).
+    qwen2.5-vl-7b-arch the exact Qwen/Qwen2.5-VL-7B-Instruct configuration, random weights, the
+                       vision tower only; the processor sized as ApET's Qwen evaluation sized it
+                       (min/max pixels for 256..2048 visual tokens per image). For benchmarks.
+
 Random weights make the generated text noise; real checkpoints go in by path.
 """
 
@@ -74,6 +82,83 @@ PRESETS: dict[str, Preset] = {
                     vocab_size=32064,
                 ),
                 image_token_id=32000,
+            ),
+            materialise_language_model=False,
+        ),
+        Preset(
+            name="tiny-qwen2.5-vl",
+            family="qwen2_5_vl",
+            description="Qwen2.5-VL architecture and patch/merge/window geometry, tiny widths, 4..256 tokens per image",
+            fields=dict(
+                vision=dict(
+                    depth=4,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_heads=2,
+                    out_hidden_size=64,
+                    fullatt_block_indexes=[1, 3],
+                    window_size=112,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    in_channels=3,
+                    tokens_per_second=2,
+                    hidden_act="silu",
+                ),
+                text=dict(
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=2048,
+                    rope_theta=1000000.0,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                ),
+                processor=dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256),
+                first_special_id=None,  # right after the byte-level tokenizer's 256 tokens
+            ),
+            materialise_language_model=True,
+        ),
+        Preset(
+            name="qwen2.5-vl-7b-arch",
+            family="qwen2_5_vl",
+            description="the exact Qwen/Qwen2.5-VL-7B-Instruct configuration, vision tower only",
+            fields=dict(
+                vision=dict(
+                    depth=32,
+                    hidden_size=1280,
+                    intermediate_size=3420,
+                    num_heads=16,
+                    out_hidden_size=3584,
+                    fullatt_block_indexes=[7, 15, 23, 31],
+                    window_size=112,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    in_channels=3,
+                    tokens_per_second=2,
+                    hidden_act="silu",
+                ),
+                text=dict(
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_hidden_layers=28,
+                    num_attention_heads=28,
+                    num_key_value_heads=4,
+                    max_position_embeddings=128000,
+                    rms_norm_eps=1e-6,
+                    rope_theta=1000000.0,
+                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                    sliding_window=32768,
+                    max_window_layers=28,
+                    use_sliding_window=False,
+                    vocab_size=152064,
+                    hidden_act="silu",
+                ),
+                # ApET's Qwen evaluation scripts: 256..2048 visual tokens per image
+                processor=dict(min_pixels=256 * 28 * 28, max_pixels=2048 * 28 * 28),
+                first_special_id=151643,  # Qwen2's <|endoftext|>; <|image_pad|> is then 151655
             ),
             materialise_language_model=False,
         ),

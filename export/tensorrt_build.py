@@ -129,8 +129,10 @@ def build_tensorrt(
     fp16: bool = False,
     atol: float = 1e-2,
     rtol: float = 1e-2,
+    feeds: list[dict[str, np.ndarray]] | None = None,
 ) -> TensorRTBuild:
-    """Build and save the plan, then compare TensorRT with ONNX Runtime on random inputs.
+    """Build and save the plan, then compare TensorRT with ONNX Runtime on `feeds` (the family's
+    example inputs: index inputs must be valid), or on random float inputs at the opt shapes.
     `profile`: each input's (min, opt, max) shape, the model family's (export/models/)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import (
@@ -158,11 +160,12 @@ def build_tensorrt(
     )
     engine = SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(cache)), path=str(plan_path))
     runners = [TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
-    # dynamic axes: give the data loader a concrete shape inside the profile (each input's opt shape)
+    # dynamic axes: give the data loader a concrete shape inside the profile (each input's opt shape);
+    # Comparator.run takes any iterable of feed dicts as its data loader
     metadata = TensorMetadata()
     for name, (_, opt, _) in profile.items():
         metadata.add(name, dtype=np.float32, shape=opt)
-    loader = DataLoader(iterations=2, val_range=(-2.0, 2.0), input_metadata=metadata)
+    loader = feeds if feeds else DataLoader(iterations=2, val_range=(-2.0, 2.0), input_metadata=metadata)
     results = Comparator.run(runners, data_loader=loader)
     passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
     return TensorRTBuild(plan_path, cache, passed, getattr(pin_compressor_fp32, "count", 0))

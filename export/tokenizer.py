@@ -1,4 +1,5 @@
-"""A tokenizer made locally, for presets (no hub, no network).
+"""Tokenizers made locally, for presets (no hub, no network): a LLaMA-shaped one (LLaVA) and a
+Qwen2-shaped one (Qwen2.5-VL, at the end of this file).
 
 Byte-level: every UTF-8 byte is a token, so any text round-trips. The ids follow LLaMA's layout
 where it matters to LLaVA: <unk>=0, <s>=1, </s>=2, then the 256 byte tokens, then reserved
@@ -41,4 +42,55 @@ def byte_level_tokenizer(image_token_id: int | None = None):
         eos_token="</s>",
         pad_token=PAD_TOKEN,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+# -- Qwen2.5-VL ---------------------------------------------------------------------------------------
+# Qwen2's special tokens in the order of its vocabulary (151643.. in Qwen2.5-VL): the chat format's
+# <|im_start|> / <|im_end|>, and the vision tokens (<|image_pad|> is the image token, expanded to the
+# image's rows; <|vision_start|> / <|vision_end|> frame it).
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+
+
+def qwen_tokenizer(first_special_id: int | None = None):
+    """Byte-level, with Qwen2's special tokens from `first_special_id` on (None: right after the 256
+    byte tokens; 151643 lines the ids up with Qwen2.5-VL's). No BOS is added, as in Qwen2; pad is
+    <|endoftext|>, eos <|im_end|> (the instruct models' end of turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    first = len(vocab) if first_special_id is None else first_special_id
+    if first < len(vocab):
+        raise ValueError(f"first_special_id={first} collides with the {len(vocab)} byte tokens")
+    while len(vocab) < first:
+        vocab[f"<reserved_{len(vocab)}>"] = len(vocab)
+    for tok in QWEN_SPECIALS:
+        vocab[tok] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(QWEN_SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIALS[1:],
+        extra_special_tokens={"image_token": QWEN_IMAGE_TOKEN},
     )

@@ -50,12 +50,16 @@ class Manifest:
 
     # -- the numbers every stage needs ----------------------------------------------------
     @property
-    def num_patches(self) -> int:
-        return int(self.data["vision"]["num_patches"])
+    def num_patches(self) -> int | None:
+        """N, the uncompressed rows of one engine item; None when it depends on the image."""
+        n = self.data["vision"].get("num_patches")
+        return None if n is None else int(n)
 
     @property
-    def num_visual_tokens(self) -> int:
-        return int(self.data["num_visual_tokens"])
+    def num_visual_tokens(self) -> int | None:
+        """T, the rows per engine item; None when it depends on the image (dynamic resolution, a ratio)."""
+        t = self.data["num_visual_tokens"]
+        return None if t is None else int(t)
 
     @property
     def apet(self) -> dict | None:
@@ -99,18 +103,22 @@ class Manifest:
         d, v, llm = self.data, self.vision, self.llm
         apet = self.apet
         if apet:
-            comp = f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']} start={apet['start']}"
+            budget = f"keep={apet['keep']}" if apet.get("keep") is not None else f"keep_ratio={apet.get('keep_ratio')}"
+            comp = f"ApET {budget} basis={apet['basis']} merge={apet['merge']} start={apet['start']}"
+            if apet.get("seed_blend", 1.0) != 1.0:
+                comp += f" seed_blend={apet['seed_blend']}"
         else:
             comp = "no compression"
+        n = self.num_patches if self.num_patches is not None else f"{v.get('min_tokens')}..{v.get('max_tokens')}"
+        t = self.num_visual_tokens if self.num_visual_tokens is not None else "per image"
         trt_plan = d["engines"].get("tensorrt")
         dec = d["decoder"]
         hf = dec.get("transformers")
         lines = [
             f"engine dir   {self.root}",
             f"model        {d['model'].get('id')} ({d['model'].get('source')}, family {self.family})",
-            f"vision       layer {v.get('feature_layer')} ({v.get('select_strategy')}), image {v.get('image_size')}px, "
-            f"patch {v.get('patch_size')}, N={self.num_patches}, D={v.get('feature_dim')}",
-            f"compression  {comp}: {self.num_patches} -> {self.num_visual_tokens} tokens",
+            f"vision       {', '.join(f'{k} {x}' for k, x in v.items() if x is not None)}",
+            f"compression  {comp}: {n} -> {t} tokens",
             f"llm          hidden {llm.get('hidden_size')}, vocab {llm.get('vocab_size')}, image token "
             f"{llm.get('image_token_id')}, dtype {llm.get('dtype')}",
             f"batch        {d['batch'].get('min')}..{d['batch'].get('max')} (opt {d['batch'].get('opt')})",

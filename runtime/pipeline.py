@@ -240,8 +240,8 @@ def check_keep(manifest: Manifest, keep: int | None) -> None:
         )
     if keep != t:
         raise ValueError(
-            f"{manifest.root}: engine built for T={t} visual tokens (N={n} -> {t}), asked for "
-            f"T={keep}; T is fixed at build time: build one with `apet build --keep {keep}`"
+            f"{manifest.root}: engine built for T={t} visual tokens (N={'per image' if n is None else n} -> {t}), "
+            f"asked for T={keep}; T is fixed at build time: build one with `apet build --keep {keep}`"
             + (" (or --no-apet for all N)" if keep == n else "")
         )
 

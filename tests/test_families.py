@@ -51,7 +51,7 @@ def family_engines(request, tmp_path_factory):
     loaded.model.save_pretrained(str(ckpt))
     loaded.processor.save_pretrained(str(ckpt))
     loaded.tokenizer.save_pretrained(str(ckpt))
-    n = family_class(name)(loaded.config).num_patches
+    n = family_class(name)(loaded.config, loaded.processor).num_patches  # the most rows an image can have
     keep = max(11, n // 4)
     full = root / "full"
     build(BuildConfig(model=str(ckpt), out=str(full), no_apet=True, max_batch=4), quiet=True)

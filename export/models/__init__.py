@@ -13,6 +13,7 @@ from .base import ExportFamily, LoadedModel, Preset
 
 FAMILIES: dict[str, str] = {  # family name -> "module:class"
     "llava": "apet_trt.export.models.llava:LlavaExport",
+    "qwen2_5_vl": "apet_trt.export.models.qwen2_5_vl:Qwen25VLExport",
 }
 
 

@@ -58,8 +58,17 @@ class ExportFamily(ABC):
     # prompt-table decoder); None: the family has no such route
     trtllm_model_class: str | None = None
 
-    def __init__(self, config):
+    def __init__(self, config, processor=None):
         self.config = config
+        self.processor = processor  # the image processor the engine is built for (None: not known yet)
+
+    @classmethod
+    def configure_processor(cls, processor, *, min_pixels: int | None = None, max_pixels: int | None = None):
+        """The image processor with the build's pixel range applied (dynamic-resolution families);
+        families with a fixed input size refuse a range."""
+        if min_pixels is not None or max_pixels is not None:
+            raise ValueError(f"--min-pixels / --max-pixels: the {cls.name} family takes a fixed image size")
+        return processor
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -99,9 +108,19 @@ class ExportFamily(ABC):
         if apet is not None:
             apet.validate_for(self.num_patches)
 
-    def rows_per_item(self, apet: ApetConfig | None) -> int:
-        """T: rows of `embeddings` per engine item (N when there is no compression)."""
+    def rows_per_item(self, apet: ApetConfig | None) -> int | None:
+        """T: rows of `embeddings` per engine item (N when there is no compression); None when it
+        depends on the item (dynamic resolution, a ratio budget)."""
         return apet.keep if apet is not None else self.num_patches
+
+    def budget_text(self, apet: ApetConfig | None) -> str:
+        """What the engine keeps, for the build's messages: "N=576 -> T=64"."""
+        return f"N={self.num_patches} -> T={self.rows_per_item(apet)}"
+
+    def max_items(self, apet: ApetConfig | None, max_batch: int) -> int:
+        """The most engine items (images, crops) one engine call takes: --max-batch, unless the
+        family's graph takes fewer."""
+        return max_batch
 
     @abstractmethod
     def vision_module(self, model: torch.nn.Module, apet: ApetConfig | None) -> torch.nn.Module:
@@ -129,6 +148,15 @@ class ExportFamily(ABC):
         """Each input's shape for `batch` items (TensorRT optimisation profiles: min/opt/max)."""
         io = self.io(None)
         return {t["name"]: tuple(batch if d == "batch" else d for d in t["shape"]) for t in io["inputs"]}
+
+    def tensorrt_profile(
+        self, apet: ApetConfig | None, opt_batch: int, max_batch: int
+    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Each input's (min, opt, max) shape for TensorRT's optimisation profile: by default
+        profile_shapes at 1, opt_batch and max_batch items; families with other dynamic axes
+        (a token count) give their own."""
+        shapes = [self.profile_shapes(b) for b in (1, opt_batch, max_batch)]
+        return {name: tuple(s[name] for s in shapes) for name in shapes[0]}
 
     @abstractmethod
     def reference_rows(self, model: torch.nn.Module, processor, images: list) -> list[torch.Tensor]:

@@ -106,8 +106,8 @@ class LlavaExport(ExportFamily):
     image_token = "<image>"
     trtllm_model_class = "LLaMAForCausalLM"  # its converter reads a LLaVA checkpoint's text_config
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, processor=None):
+        super().__init__(config, processor)
         layer = config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer={layer!r}: only a single feature layer is supported")

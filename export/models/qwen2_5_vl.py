@@ -1,0 +1,466 @@
+"""Qwen2.5-VL family (Transformers `Qwen2_5_VLForConditionalGeneration`).
+
+Dynamic resolution: the processor resizes each image to multiples of 28 px within its min/max
+pixels and cuts it into 14 px patches (each patch flattened over 3 channels x 2 temporal copies x
+14 x 14 = 1176 values), grouped so that every 4 consecutive patches are one 2 x 2 merge block. An
+image of h x w patches becomes N = h * w / 4 rows for the LLM after the PatchMerger.
+
+The vision engine takes the flattened patches of one or more images at once (the processor's
+`pixel_values`, a dynamic patch axis) plus what the tower needs that is awkward to trace, computed
+by the runtime adapter from each image's grid (runtime/families/qwen2_5_vl.py):
+
+    pixel_values     [patches, 1176] float32   the processor's output, image after image
+    patch_positions  [patches, 2]    int64     (row, column) of each patch in its image (rotary)
+    window_index     [tokens]        int64     merge blocks in window order (HF's window_index)
+    reverse_index    [tokens]        int64     its inverse (HF's argsort(window_index))
+    image_gather     [images, image_patches]   int64  full-attention segments (one per image),
+    image_scatter    [patches]                 int64  padded with -1, and each patch's padded slot
+    window_gather    [windows, window_patches] int64  window-attention segments (<= 8 x 8 patches),
+    window_scatter   [patches]                 int64  the same for the windows
+
+Attention runs per segment on a padded [segments, longest, ...] block with the padding masked,
+exactly HF's cu_seqlens split (window layers: the 8 x 8 patch windows; full layers: the whole
+image), so the window layers cost O(patches x 64), not O(patches^2).
+
+Then the PatchMerger -> rows in the processor's order -> ApET on one image's [1, N, H] in float32
+(the compressor needs one image per engine call: the rows of several images cannot share one
+static graph of per-image ApET; the --no-apet engine takes several images per call) ->
+embeddings [rows, H] float32, positions [rows] int64 (each row's index among the call's
+uncompressed rows).
+
+Presets (export/presets.py) give `fields` = {"vision": Qwen2_5_VLVisionConfig kwargs, "text":
+Qwen2_5_VLTextConfig kwargs, "processor": {"min_pixels", "max_pixels"}, "first_special_id": int |
+None (where Qwen's special tokens start in the tokenizer: 151643 in the real vocabulary)}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apet_trt.apet_ops import ApetCompressor, ApetConfig
+from apet_trt.apet_ops.compat import pil_image_processor_class
+
+from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
+from .base import ExportFamily, Preset
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+INPUTS = (
+    "pixel_values",
+    "patch_positions",
+    "window_index",
+    "reverse_index",
+    "image_gather",
+    "image_scatter",
+    "window_gather",
+    "window_scatter",
+)
+OUTPUTS = ("embeddings", "positions")
+# Qwen2.5-VL's chat format (its processor's chat template with the default system prompt), one image
+CHAT_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def parts(model):
+    """The vision tower (`visual`: patch embed, blocks, merger) across Transformers versions (5.x and
+    4.5x keep it on model.model, older 4.x on the outer model)."""
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None) or getattr(model, "visual", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__} has no visual tower: not a Qwen2.5-VL model")
+    return visual
+
+
+class VisionParts(nn.Module):
+    """Only the vision tower (with its merger, the projector): a 7B language model stays unbuilt."""
+
+    def __init__(self, visual: nn.Module, config):
+        super().__init__()
+        self.visual = visual
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config) -> VisionParts:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        return cls(Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config), config).eval()
+
+
+# -- the layout of a batch of grids (example inputs; the runtime computes the same with numpy) ------
+def segments(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous segments of a sequence -> (gather [G, S], scatter [sum]): gather[g, s] is the
+    sequence index of segment g's s-th element (-1 past its end), scatter[i] = g * S + s."""
+    width = max(lengths)
+    gather = torch.full((len(lengths), width), -1, dtype=torch.int64)
+    scatter = torch.empty(sum(lengths), dtype=torch.int64)
+    start = 0
+    for g, n in enumerate(lengths):
+        gather[g, :n] = torch.arange(start, start + n)
+        scatter[start : start + n] = g * width + torch.arange(n)
+        start += n
+    return gather, scatter
+
+
+def layout(grids: list[tuple[int, int, int]], *, merge: int, window_blocks: int) -> dict[str, torch.Tensor]:
+    """The engine's index inputs for images of these (t, h, w) patch grids, in processor order."""
+    positions, window_index, window_lengths, image_lengths = [], [], [], []
+    offset = 0
+    for t, h, w in grids:
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        block = (h // merge, merge, w // merge, merge)  # the processor's order: merge blocks row-major
+        pos = torch.stack([x.reshape(block).transpose(1, 2).reshape(-1) for x in (rows, cols)], dim=-1)
+        positions.append(pos.repeat(t, 1))
+        gh, gw = h // merge, w // merge
+        index = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        for f in range(t):
+            image_lengths.append(h * w)
+            for r0 in range(0, gh, window_blocks):
+                for c0 in range(0, gw, window_blocks):
+                    win = index[f, r0 : r0 + window_blocks, c0 : c0 + window_blocks].reshape(-1)
+                    window_index.append(win + offset)
+                    window_lengths.append(win.numel() * merge * merge)
+        offset += t * gh * gw
+    window_index = torch.cat(window_index)
+    image_gather, image_scatter = segments(image_lengths)
+    window_gather, window_scatter = segments(window_lengths)
+    return {
+        "patch_positions": torch.cat(positions),
+        "window_index": window_index,
+        "reverse_index": torch.argsort(window_index),
+        "image_gather": image_gather,
+        "image_scatter": image_scatter,
+        "window_gather": window_gather,
+        "window_scatter": window_scatter,
+    }
+
+
+# -- the engine -----------------------------------------------------------------------------------
+def segment_attention(attn: nn.Module, x, cos, sin, gather, scatter, num_heads: int):
+    """Qwen2.5-VL's vision attention (qkv, rotary, softmax per segment, proj) on a padded layout:
+    x [P, D] -> [P, D]; `gather` [G, S] (-1 = padding), `scatter` [P] (see `segments`)."""
+    p, d = x.shape
+    head_dim = d // num_heads
+    q, k, v = attn.qkv(x).reshape(p, 3, num_heads, head_dim).permute(1, 0, 2, 3).unbind(0)  # [P, heads, hd]
+    q, k = (_rotate(t.float(), cos, sin).to(x.dtype) for t in (q, k))
+    valid = gather >= 0
+    index = gather.clamp(min=0)
+    qs, ks, vs = (t[index].permute(0, 2, 1, 3) for t in (q, k, v))  # [G, heads, S, hd]
+    scores = (qs @ ks.transpose(-1, -2)) * head_dim**-0.5
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vs.dtype) @ vs  # [G, heads, S, hd]
+    out = out.permute(0, 2, 1, 3).reshape(-1, d)[scatter]  # [P, D]
+    return attn.proj(out)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Qwen25VLVisionEngine(nn.Module):
+    """The engine's named inputs (module docstring) -> (embeddings [rows, H] float32, positions [rows] int64)."""
+
+    def __init__(self, model, apet: ApetConfig | None):
+        super().__init__()
+        self.visual = parts(model)
+        cfg = self.visual.config
+        self.num_heads = cfg.num_heads
+        self.unit = cfg.spatial_merge_size**2
+        self.full_layers = set(cfg.fullatt_block_indexes)
+        self.register_buffer("inv_freq", self.visual.rotary_pos_emb.inv_freq.detach().float().clone(), persistent=False)
+        self.compressor = ApetCompressor(apet) if apet is not None else None  # node names: /compressor/...
+
+    def forward(
+        self,
+        pixel_values,
+        patch_positions,
+        window_index,
+        reverse_index,
+        image_gather,
+        image_scatter,
+        window_gather,
+        window_scatter,
+    ):
+        visual = self.visual
+        weight = visual.patch_embed.proj.weight  # Conv3d with stride = kernel: one matmul per patch
+        order = (window_index.unsqueeze(1) * self.unit + torch.arange(self.unit)).reshape(-1)  # patches, window order
+        x = F.linear(pixel_values[order].to(weight.dtype), weight.reshape(weight.shape[0], -1))
+        freqs = patch_positions[order].unsqueeze(-1).float() * self.inv_freq  # [P, 2, hd/4]
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        for i, block in enumerate(visual.blocks):
+            gather, scatter = (
+                (image_gather, image_scatter) if i in self.full_layers else (window_gather, window_scatter)
+            )
+            x = x + segment_attention(block.attn, block.norm1(x), cos, sin, gather, scatter, self.num_heads)
+            x = x + block.mlp(block.norm2(x))
+        rows = visual.merger(x)[reverse_index]  # [N, H], the processor's order
+        if self.compressor is None:
+            positions = torch.arange(rows.shape[0], device=rows.device)
+            return rows.float(), positions
+        tokens, positions = self.compressor(rows.unsqueeze(0))  # float32 inside
+        return tokens[0].float(), positions[0]
+
+
+def image_processor(min_pixels: int, max_pixels: int):
+    """Qwen2-VL's image processor (what Qwen2.5-VL ships), PIL backend: no torchvision needed."""
+    return pil_image_processor_class("Qwen2VLImageProcessor")(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_resize=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        do_convert_rgb=True,
+        resample=3,
+    )
+
+
+def _with_pixels(processor, min_pixels: int, max_pixels: int):
+    """A copy of a Qwen2-VL image processor with another pixel range."""
+    config = processor.to_dict()
+    for key in ("size", "min_pixels", "max_pixels", "image_processor_type", "processor_class"):
+        config.pop(key, None)
+    return type(processor)(**config, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def processor_pixels(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen2-VL image processor of either Transformers major."""
+    size = getattr(processor, "size", None) or {}
+    lo = getattr(processor, "min_pixels", None) or size.get("shortest_edge") or size.get("min_pixels")
+    hi = getattr(processor, "max_pixels", None) or size.get("longest_edge") or size.get("max_pixels")
+    if lo is None or hi is None:
+        raise ValueError(f"{type(processor).__name__}: no min_pixels / max_pixels: not a Qwen2-VL image processor")
+    return int(lo), int(hi)
+
+
+class Qwen25VLExport(ExportFamily):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    hf_model_class = "Qwen2_5_VLForConditionalGeneration"
+    prompt_template = CHAT_TEMPLATE
+    image_token = QWEN_IMAGE_TOKEN
+    trtllm_model_class = None  # TensorRT-LLM takes Qwen2.5-VL through its LLM API (PyTorch backend) only
+
+    def __init__(self, config, processor=None):
+        super().__init__(config, processor)
+        v = config.vision_config
+        self.patch_size, self.merge = v.patch_size, v.spatial_merge_size
+        self.temporal_patch_size = v.temporal_patch_size
+        self.window_blocks = v.window_size // v.spatial_merge_size // v.patch_size
+        self.feature_dim = v.out_hidden_size
+        self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+        self.factor = self.patch_size * self.merge
+        # the token range of the processor the engine is built for (its min/max pixels): profiles,
+        # example inputs and the `--keep` check
+        lo, hi = processor_pixels(processor) if processor is not None else (56 * 56, 28 * 28 * 1280)
+        self.min_tokens = max(1, math.ceil(lo / self.factor**2))
+        self.max_tokens = max(self.min_tokens, hi // self.factor**2)
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def preset_config(cls, preset: Preset):
+        from transformers import Qwen2_5_VLConfig
+
+        f = preset.fields
+        tokenizer = qwen_tokenizer(f.get("first_special_id"))
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+        text = dict(f["text"])
+        text.setdefault("vocab_size", len(tokenizer))
+        text.update(
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]
+        )
+        config = Qwen2_5_VLConfig(
+            vision_config=dict(f["vision"]),
+            text_config=text,
+            image_token_id=ids[QWEN_IMAGE_TOKEN],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        )
+        processor = image_processor(**f["processor"])
+        return config, processor, tokenizer
+
+    def preset_model(self, preset: Preset) -> nn.Module:
+        if not preset.materialise_language_model:
+            return VisionParts.from_config(self.config)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration(self.config).eval()
+        with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
+            model.lm_head.weight.mul_(8.0)
+        return model
+
+    # -- the engine ---------------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        """The largest N (rows of one image) the engine is built for; N varies with the image."""
+        return self.max_tokens
+
+    @classmethod
+    def configure_processor(cls, processor, *, min_pixels: int | None = None, max_pixels: int | None = None):
+        """The processor with --min-pixels / --max-pixels applied: they bound the visual tokens of
+        an image (pixels / 28^2), and so the engine's token axis."""
+        lo, hi = processor_pixels(processor)
+        lo = lo if min_pixels is None else int(min_pixels)
+        hi = hi if max_pixels is None else int(max_pixels)
+        if not 0 < lo <= hi:
+            raise ValueError(f"--min-pixels {lo} / --max-pixels {hi}: need 0 < min_pixels <= max_pixels")
+        if (lo, hi) == processor_pixels(processor):
+            return processor
+        return _with_pixels(processor, lo, hi)
+
+    def check_apet(self, apet: ApetConfig | None) -> None:
+        """Refuse a budget no image of the processor's range could meet (images below it are
+        refused one by one at run time, with their size)."""
+        if apet is not None:
+            apet.validate_for(self.max_tokens)
+
+    def rows_per_item(self, apet: ApetConfig | None):
+        """Rows per image: T with a fixed --keep, else None (it depends on the image)."""
+        return apet.keep if apet is not None and apet.keep is not None else None
+
+    def budget_text(self, apet: ApetConfig | None) -> str:
+        n = f"N={self.min_tokens}..{self.max_tokens}"
+        if apet is None:
+            return f"{n} -> all N"
+        return f"{n} -> T={apet.keep}" if apet.keep is not None else f"{n} -> T=floor({apet.keep_ratio} N)"
+
+    def max_items(self, apet: ApetConfig | None, max_batch: int) -> int:
+        """ApET runs on one image's rows: one image per call then; without it, --max-batch images."""
+        return 1 if apet is not None else max_batch
+
+    def tensorrt_profile(self, apet: ApetConfig | None, opt_batch: int, max_batch: int) -> dict:
+        """min: one image of the fewest tokens; opt: opt_batch images of the geometric middle of the
+        token range; max: max_batch images of the most tokens (the windows: the most any image
+        shape in range makes)."""
+        unit, win = self.merge**2, self.window_blocks**2
+        opt_tokens = min(self.max_tokens, max(self.min_tokens, round(math.sqrt(self.min_tokens * self.max_tokens))))
+        side = max(1, round(math.sqrt(opt_tokens)))
+        opt_windows = math.ceil(side / self.window_blocks) ** 2
+        dims = {
+            "patches": (unit * self.min_tokens, unit * opt_tokens * opt_batch, unit * self.max_tokens * max_batch),
+            "tokens": (self.min_tokens, opt_tokens * opt_batch, self.max_tokens * max_batch),
+            "images": (1, opt_batch, max_batch),
+            "image_patches": (unit * self.min_tokens, unit * opt_tokens, unit * self.max_tokens),
+            "windows": (1, opt_windows * opt_batch, self.max_windows() * max_batch),
+            "window_patches": (unit, unit * min(win, opt_tokens), unit * win),
+        }
+        profile = {}
+        for t in self.io(apet)["inputs"]:
+            shape = [dims[d] if isinstance(d, str) else (d, d, d) for d in t["shape"]]
+            profile[t["name"]] = tuple(tuple(s[i] for s in shape) for i in range(3))
+        return profile
+
+    def max_windows(self) -> int:
+        """The most attention windows one image of at most max_tokens merge blocks can make (any
+        grid shape: the processor's aspect limit is on pixels, not blocks)."""
+        b = self.window_blocks
+        return max(math.ceil(gh / b) * math.ceil(self.max_tokens // gh / b) for gh in range(1, self.max_tokens + 1))
+
+    def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
+        return Qwen25VLVisionEngine(model, apet)
+
+    def example_grids(self, batch: int, generator: torch.Generator) -> list[tuple[int, int, int]]:
+        """`batch` random image grids (t=1, h and w in patches, even) inside the engine's range,
+        no two alike, small enough to export and compare quickly."""
+        hi = min(self.max_tokens, 192)
+        grids = []
+        while len(grids) < batch:
+            gh = int(torch.randint(2, 17, (1,), generator=generator))
+            gw = int(torch.randint(2, 17, (1,), generator=generator))
+            if self.min_tokens <= gh * gw <= hi and (1, 2 * gh, 2 * gw) not in grids:
+                grids.append((1, self.merge * gh, self.merge * gw))
+        return grids
+
+    def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        grids = self.example_grids(batch, generator)
+        patches = sum(t * h * w for t, h, w in grids)
+        return {
+            "pixel_values": torch.randn(patches, self.patch_dim, generator=generator),
+            **layout(grids, merge=self.merge, window_blocks=self.window_blocks),
+        }
+
+    def io(self, apet: ApetConfig | None) -> dict:
+        h = self.config.text_config.hidden_size
+        rows = "rows" if apet is None or apet.keep is None else apet.keep
+        images = "images" if apet is None else 1
+
+        def i64(name, *shape):
+            return {"name": name, "dtype": "int64", "shape": list(shape)}
+
+        return {
+            "inputs": [
+                {"name": "pixel_values", "dtype": "float32", "shape": ["patches", self.patch_dim]},
+                i64("patch_positions", "patches", 2),
+                i64("window_index", "tokens"),
+                i64("reverse_index", "tokens"),
+                i64("image_gather", images, "image_patches"),
+                i64("image_scatter", "patches"),
+                i64("window_gather", "windows", "window_patches"),
+                i64("window_scatter", "patches"),
+            ],
+            "outputs": [
+                {"name": OUTPUTS[0], "dtype": "float32", "shape": [rows, h]},
+                {"name": OUTPUTS[1], "dtype": "int64", "shape": [rows]},
+            ],
+        }
+
+    def reference_rows(self, model: nn.Module, processor, images: list) -> list[torch.Tensor]:
+        out = processor(images=images, return_tensors="pt")
+        inner = getattr(model, "model", model)
+        get = getattr(inner, "get_image_features", None) or model.get_image_features
+        with torch.no_grad():
+            features = get(out["pixel_values"], out["image_grid_thw"])
+        features = getattr(features, "pooler_output", features)  # Transformers 5 wraps it in a model output
+        return [x.float() for x in features]
+
+    # -- the manifest -------------------------------------------------------------------------
+    def manifest_fields(self, apet: ApetConfig | None) -> dict:
+        v = self.config.vision_config
+        return {
+            "vision": {
+                "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size,
+                "spatial_merge_size": self.merge,
+                "window_size": v.window_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
+                "min_tokens": self.min_tokens,
+                "max_tokens": self.max_tokens,
+                "feature_dim": self.feature_dim,
+            },
+            "num_visual_tokens": self.rows_per_item(apet),
+            "qwen2_5_vl": {
+                "images_per_call": 1 if apet is not None else None,
+                "image_token_id": self.config.image_token_id,
+                "vision_start_token_id": self.config.vision_start_token_id,
+                "tokens_per_second": getattr(v, "tokens_per_second", 2),
+            },
+        }
+
+    def llm_fields(self) -> dict:
+        t = self.config.text_config
+        return {
+            "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "image_token_id": self.config.image_token_id,
+            "max_position_embeddings": t.max_position_embeddings,
+        }

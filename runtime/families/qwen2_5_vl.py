@@ -1,0 +1,278 @@
+"""Qwen2.5-VL (Transformers `Qwen2_5_VLForConditionalGeneration`): dynamic resolution, 3-D M-RoPE.
+
+Images: the checkpoint's own Qwen2-VL image processor resizes each image to multiples of 28 px within
+its min/max pixels and flattens it into 14 px patches, four consecutive patches per 2 x 2 merge block;
+an image of h x w patches hands the LLM N = h * w / 4 rows (one per merge block, row-major).
+
+Engine inputs (export/models/qwen2_5_vl.py documents the graph): the patches of the images of one
+call, and what the tower needs that is awkward to trace, computed here from each image's grid with
+numpy - the rotary (row, column) of every patch, the window order of the merge blocks and its
+inverse (Transformers' `get_vision_window_index`), and the full-attention (per image) and
+window-attention (112 px windows) segments as padded gather / scatter indices. An ApET engine takes
+one image per call (its compressor runs on one image's rows); the --no-apet engine takes up to
+batch.max images per call. Outputs: embeddings [rows, H], positions [rows] (indices among the call's
+uncompressed rows), split here into one VisualRows per image.
+
+Positions for the LLM (`position_ids`): Qwen2.5-VL's 3-D M-RoPE ids of the *uncompressed* prompt
+(Transformers' `get_rope_index`: text tokens count up on all three components; an image's rows take
+(t, row, column) offset by the position where it starts; the text after it starts at that position +
+max(rows, columns)), then each kept row takes its own column: ids are gathered, never renumbered, so
+the kept tokens sit exactly where they sat in the uncompressed model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..images import ImagePreprocessor
+from ..manifest import ManifestError
+from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
+
+INPUT = "pixel_values"
+
+
+# -- the engine's index inputs for a list of grids ------------------------------------------------
+def _segments(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous segments -> (gather [G, S], -1 past each segment's end; scatter [sum]: g * S + s)."""
+    width = max(lengths)
+    gather = np.full((len(lengths), width), -1, dtype=np.int64)
+    scatter = np.empty(sum(lengths), dtype=np.int64)
+    start = 0
+    for g, n in enumerate(lengths):
+        gather[g, :n] = np.arange(start, start + n)
+        scatter[start : start + n] = g * width + np.arange(n)
+        start += n
+    return gather, scatter
+
+
+def engine_layout(grids: Sequence[tuple[int, int, int]], merge: int, window_blocks: int) -> dict[str, np.ndarray]:
+    """The engine's index inputs for images of these (t, h, w) patch grids (the processor's
+    image_grid_thw), the images' patches concatenated in the processor's order."""
+    positions, window_index, window_lengths, image_lengths = [], [], [], []
+    offset = 0
+    for t, h, w in grids:
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = (h // merge, merge, w // merge, merge)  # merge blocks row-major, 2 x 2 patches each
+        pos = np.stack([a.reshape(block).transpose(0, 2, 1, 3).reshape(-1) for a in (rows, cols)], axis=-1)
+        positions.append(np.tile(pos, (t, 1)))
+        gh, gw = h // merge, w // merge
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        for frame in range(t):
+            image_lengths.append(h * w)
+            for r in range(0, gh, window_blocks):  # windows of window_blocks^2 merge blocks, row-major
+                for c in range(0, gw, window_blocks):
+                    win = index[frame, r : r + window_blocks, c : c + window_blocks].reshape(-1)
+                    window_index.append(win + offset)
+                    window_lengths.append(win.size * merge * merge)
+        offset += t * gh * gw
+    window_index = np.concatenate(window_index).astype(np.int64)
+    image_gather, image_scatter = _segments(image_lengths)
+    window_gather, window_scatter = _segments(window_lengths)
+    return {
+        "patch_positions": np.concatenate(positions).astype(np.int64),
+        "window_index": window_index,
+        "reverse_index": np.argsort(window_index, kind="stable").astype(np.int64),
+        "image_gather": image_gather,
+        "image_scatter": image_scatter,
+        "window_gather": window_gather,
+        "window_scatter": window_scatter,
+    }
+
+
+# -- 3-D M-RoPE ------------------------------------------------------------------------------------
+def mrope_position_ids(
+    length: int, image_runs: Sequence[tuple[int, tuple[int, int, int], torch.Tensor]], merge: int
+) -> torch.Tensor:
+    """Qwen2.5-VL's position ids [3, length] for a prompt whose image i occupies `runs[i] = (start,
+    grid (t, h, w), kept)`: its slots input_ids[start : start + len(kept)] hold the rows `kept`
+    (indices among the image's t*h*w/merge^2 uncompressed rows, ascending). The ids are those of the
+    uncompressed prompt (Transformers' get_rope_index), the kept rows' columns gathered."""
+    out = torch.empty((3, length), dtype=torch.int64)
+    current = 0  # the next id, as get_rope_index counts on the uncompressed prompt
+    done = 0  # prompt index up to which ids are written
+    for start, (t, h, w), kept in image_runs:
+        if t != 1:
+            raise ValueError(f"an image grid has t={t}; images have one temporal patch (videos are not supported)")
+        text = start - done
+        out[:, done:start] = torch.arange(current, current + text)
+        current += text
+        gh, gw = h // merge, w // merge
+        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        full = torch.stack([torch.zeros(gh * gw, dtype=torch.int64), rows.reshape(-1), cols.reshape(-1)]) + current
+        out[:, start : start + kept.numel()] = full[:, kept]
+        current += max(gh, gw)
+        done = start + kept.numel()
+    out[:, done:] = torch.arange(current, current + length - done)
+    return out
+
+
+class Qwen25VLFamily(RuntimeFamily):
+    name = "qwen2_5_vl"
+    hf_model_class = "Qwen2_5_VLForConditionalGeneration"
+
+    def __init__(self, manifest):
+        super().__init__(manifest)
+        v, q = manifest.vision, manifest.data.get("qwen2_5_vl") or {}
+        try:
+            self.patch_size, self.merge = int(v["patch_size"]), int(v["spatial_merge_size"])
+            self.window_blocks = int(v["window_size"]) // self.merge // self.patch_size
+            self.min_tokens, self.max_tokens = int(v["min_tokens"]), int(v["max_tokens"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(
+                f"{manifest.root}: the qwen2_5_vl family needs vision.patch_size/spatial_merge_size/window_size/"
+                f"min_tokens/max_tokens: {exc}"
+            ) from exc
+        self.apet = None
+        if manifest.apet is not None:
+            from apet_trt.apet_ops import ApetConfig
+
+            self.apet = ApetConfig.from_dict(manifest.apet)
+        per_call = q.get("images_per_call")
+        self.images_per_call = manifest.batch_max if per_call is None else int(per_call)
+        self.preprocessor = ImagePreprocessor(manifest.root / "processor")
+
+    @property
+    def fixed_rows(self) -> int | None:
+        return self.apet.keep if self.apet is not None and self.apet.keep is not None else None
+
+    def rows_for(self, n: int) -> int:
+        """Rows the engine hands the LLM for an image of N uncompressed rows."""
+        if self.apet is None:
+            return n
+        return self.apet.keep_for(n) if hasattr(self.apet, "keep_for") else self.apet.keep
+
+    # -- images -> engine inputs ----------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> EngineBatch:
+        out = self.preprocessor.features(images)
+        pixel_values, grids = out[INPUT], [tuple(int(x) for x in g) for g in out["image_grid_thw"]]
+        items, start = [], 0
+        for i, ((t, h, w), image) in enumerate(zip(grids, images)):
+            n = t * h * w // self.merge**2
+            self._check_budget(i, image, n, (h // self.merge, w // self.merge))
+            items.append({"grid": (t, h, w), "patch_start": start, "num_patches": t * h * w, "num_rows": n})
+            start += t * h * w
+        if start != pixel_values.shape[0]:
+            raise ValueError(f"the image processor made {pixel_values.shape[0]} patches, its grids say {start}")
+        return EngineBatch(feeds={INPUT: pixel_values}, items=items, images=list(images))
+
+    def _check_budget(self, index: int, image, n: int, blocks: tuple[int, int]) -> None:
+        if self.apet is None:
+            return
+        where = (
+            f"image {index} ({image.width}x{image.height} px, resized to {blocks[0]}x{blocks[1]} blocks of "
+            f"{self.patch_size * self.merge} px) has N={n} visual tokens"
+        )
+        if self.apet.keep is not None and n < self.apet.keep:
+            raise ValueError(
+                f"{where}, fewer than the T={self.apet.keep} this engine keeps per image; use a larger image, "
+                f"or an engine built with a smaller --keep or with --keep-ratio"
+            )
+        try:
+            self.apet.validate_for(n)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    # -- engine outputs -> rows ---------------------------------------------------------------
+    def call_feeds(self, batch: EngineBatch, items: Sequence[int]) -> dict[str, np.ndarray]:
+        """The engine's named inputs for the images `items` of the batch (one engine call)."""
+        parts = [batch.items[i] for i in items]
+        pixels = np.concatenate(
+            [batch.feeds[INPUT][p["patch_start"] : p["patch_start"] + p["num_patches"]] for p in parts]
+        )
+        layout = engine_layout([p["grid"] for p in parts], self.merge, self.window_blocks)
+        return {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+
+    def encode(
+        self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
+    ) -> list[VisualRows]:
+        rows: list[VisualRows] = []
+        count = len(batch.items)
+        for first in range(0, count, self.images_per_call):
+            items = list(range(first, min(count, first + self.images_per_call)))
+            out = run(self.call_feeds(batch, items))
+            emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
+            expected = [self.rows_for(batch.items[i]["num_rows"]) for i in items]
+            if tuple(emb.shape[:1]) != (sum(expected),) or tuple(pos.shape) != (sum(expected),):
+                raise RuntimeError(
+                    f"the vision engine returned embeddings {tuple(emb.shape)} and positions {tuple(pos.shape)} "
+                    f"for images of {[batch.items[i]['num_rows'] for i in items]} rows; expected {expected} rows"
+                )
+            offset = 0  # positions count over the call's uncompressed rows: make them per image
+            for i, e, p in zip(items, emb.split(expected), pos.split(expected)):
+                item = batch.items[i]
+                rows.append(VisualRows(e, p - offset, item["num_rows"], extras={"grid_thw": item["grid"]}))
+                offset += item["num_rows"]
+        return rows
+
+    # -- the prompt ---------------------------------------------------------------------------
+    def position_ids(
+        self, input_ids: torch.Tensor, image_slots: torch.Tensor, rows: Sequence[VisualRows]
+    ) -> torch.Tensor:
+        runs, offset = [], 0
+        for r in rows:
+            runs.append((int(image_slots[offset]), tuple(r.extras["grid_thw"]), r.positions))
+            offset += r.num_rows
+        return mrope_position_ids(int(input_ids.numel()), runs, self.merge)
+
+    # -- pictures -----------------------------------------------------------------------------
+    def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
+        """One box per merge block (28 x 28 px), over the resized image the engine saw."""
+        item = batch.items[index]
+        t, h, w = item["grid"]
+        m, p = self.merge, self.patch_size
+        patches = batch.feeds[INPUT][item["patch_start"] : item["patch_start"] + h * w]
+        x = patches.reshape(h // m, w // m, m, m, 3, -1, p, p)[:, :, :, :, :, 0]  # first temporal copy
+        image = x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
+        gh, gw = h // m, w // m
+        boxes = [(0, r // gw, r % gw) for r in range(gh * gw)]
+        return PatchMap(crops=[self.preprocessor.unnormalize(image)], boxes=boxes, grid=(gh, gw), patch_size=m * p)
+
+    # -- the Torch module ---------------------------------------------------------------------
+    def torch_module(self, hf_model) -> torch.nn.Module:
+        return Qwen25VLTorchVision(hf_model, apet=self.manifest.apet).eval()
+
+    def summary(self) -> list[str]:
+        v = self.manifest.vision
+        return [
+            f"vision       Qwen2.5-VL tower, patch {self.patch_size}, merge {self.merge}, "
+            f"{self.min_tokens}..{self.max_tokens} tokens per image, D={v.get('feature_dim')}, "
+            f"{self.images_per_call} image(s) per engine call"
+        ]
+
+
+class Qwen25VLTorchVision(torch.nn.Module):
+    """The vision engine in PyTorch eager, written independently of export's wrapper: the
+    checkpoint's own vision tower (`visual(pixel_values, grid_thw)`, Transformers' window index,
+    rotary and attention) -> apet_ops.ApetCompressor on one image's rows. The grids are read back
+    from the engine inputs (each image's patch count from image_gather, its rows and columns from
+    patch_positions)."""
+
+    def __init__(self, model, *, apet: dict | None):
+        super().__init__()
+        from apet_trt.apet_ops import ApetCompressor, ApetConfig
+
+        inner = getattr(model, "model", None)
+        self.visual = getattr(inner, "visual", None) or getattr(model, "visual", None)
+        if self.visual is None:
+            raise RuntimeError("the checkpoint model has no 'visual' tower; not a Qwen2.5-VL model")
+        self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
+
+    def forward(self, pixel_values, patch_positions, image_gather, **_) -> dict[str, torch.Tensor]:
+        lengths = (image_gather >= 0).sum(dim=1).tolist()
+        grids, start = [], 0
+        for n in lengths:
+            rc = patch_positions[start : start + n]
+            grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
+            start += n
+        dtype = next(self.visual.parameters()).dtype
+        out = self.visual(pixel_values.to(dtype), grid_thw=torch.tensor(grids, device=pixel_values.device))
+        rows = getattr(out, "pooler_output", out).float()  # Transformers 5 returns a model output
+        if self.compressor is None:
+            return {"embeddings": rows, "positions": torch.arange(rows.shape[0], device=rows.device)}
+        if len(grids) != 1:
+            raise ValueError(f"an ApET engine call takes one image, got {len(grids)}")
+        tokens, positions = self.compressor(rows.unsqueeze(0))
+        return {"embeddings": tokens[0].float(), "positions": positions[0]}
