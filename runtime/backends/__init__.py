@@ -93,7 +93,7 @@ def tensorrt_available() -> tuple[bool, str]:
 
 def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
     """-> (backend name, the reason it was chosen). `auto` takes the TensorRT plan when TensorRT and
-    a GPU are present, else ONNX Runtime."""
+    a GPU are present and the plan was built for them (runtime/plans.py), else ONNX Runtime."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
@@ -101,8 +101,12 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
     if manifest.engine_path("tensorrt") is None:
         return "onnxruntime", "auto: the engine directory has no TensorRT plan"
     ok, why = tensorrt_available()
-    if ok:
-        return "tensorrt", "auto: TensorRT plan, tensorrt and a GPU present"
+    if ok:  # a plan built by another TensorRT major.minor or GPU architecture cannot run here
+        from ..plans import plan_mismatch, this_machine
+
+        why = plan_mismatch(manifest, "tensorrt", this_machine())
+        if why is None:
+            return "tensorrt", "auto: TensorRT plan, tensorrt and a GPU present"
     return "onnxruntime", f"auto: fell back from TensorRT because {why}"
 
 
