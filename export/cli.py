@@ -37,7 +37,11 @@ def register(sub) -> None:
         default=None,
         help="dynamic-resolution models: largest image area, which bounds the engine's token axis (default: its own)",
     )
-    p.add_argument("--fp16", action="store_true", help="TensorRT: tower and projector in fp16 (ApET stays fp32)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="export tower and projector in float16 (the ONNX and so the TensorRT plan); ApET computes in float32",
+    )
     p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT plan even where tensorrt imports")
     p.add_argument("--no-tensorrt-llm", action="store_true", help="skip the TensorRT-LLM decoder engine")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
