@@ -147,9 +147,12 @@ class Agreement:
 
 def agreement(embeddings, positions, ref_embeddings, ref_positions) -> Agreement:
     """Compare a run with a reference run (numpy arrays or tensors): kept sets image by image, and
-    the embedding rows of the positions both kept."""
+    the embedding rows of the positions both kept. Positions [B, T] with embeddings [B, T, H], or
+    one engine call's [T] with [T, H] (families whose engine emits rows, not a batch)."""
     emb, pos = np.asarray(embeddings, dtype=np.float64), np.asarray(positions)
     ref_emb, ref_pos = np.asarray(ref_embeddings, dtype=np.float64), np.asarray(ref_positions)
+    if pos.ndim == 1 and ref_pos.ndim == 1:
+        emb, pos, ref_emb, ref_pos = emb[None], pos[None], ref_emb[None], ref_pos[None]
     if emb.shape != ref_emb.shape or pos.shape != ref_pos.shape:
         raise ValueError(f"outputs {emb.shape}, {pos.shape} differ in shape from {ref_emb.shape}, {ref_pos.shape}")
     scale = max(float(np.abs(ref_emb).max()), 1e-30)

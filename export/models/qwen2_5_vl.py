@@ -164,17 +164,50 @@ def _rotate(x, cos, sin):
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-class Qwen25VLVisionEngine(nn.Module):
-    """The engine's named inputs (module docstring) -> (embeddings [rows, H] float32, positions [rows] int64)."""
+class Qwen25VLTower(nn.Module):
+    """The checkpoint's patch embedding and blocks with window / full attention on padded segments:
+    the engine's inputs -> hidden states [patches, D] in window order (the merger's input)."""
 
-    def __init__(self, model, apet: ApetConfig | None):
+    def __init__(self, visual):
         super().__init__()
-        self.visual = parts(model)
-        cfg = self.visual.config
+        cfg = visual.config
+        self.patch_embed, self.blocks = visual.patch_embed, visual.blocks
         self.num_heads = cfg.num_heads
         self.unit = cfg.spatial_merge_size**2
         self.full_layers = set(cfg.fullatt_block_indexes)
-        self.register_buffer("inv_freq", self.visual.rotary_pos_emb.inv_freq.detach().float().clone(), persistent=False)
+        # a constant, not a buffer: --fp16 halves buffers, and the rotary angles stay float32
+        self.inv_freq = tuple(float(f) for f in visual.rotary_pos_emb.inv_freq)
+
+    def forward(
+        self, pixel_values, patch_positions, window_index, image_gather, image_scatter, window_gather, window_scatter
+    ):
+        weight = self.patch_embed.proj.weight  # Conv3d with stride = kernel: one matmul per patch
+        order = (window_index.unsqueeze(1) * self.unit + torch.arange(self.unit)).reshape(-1)  # window order
+        x = F.linear(pixel_values[order].to(weight.dtype), weight.reshape(weight.shape[0], -1))
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32)
+        freqs = patch_positions[order].unsqueeze(-1).float() * inv_freq  # [P, 2, hd/4]
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        for i, block in enumerate(self.blocks):
+            gather, scatter = (
+                (image_gather, image_scatter) if i in self.full_layers else (window_gather, window_scatter)
+            )
+            x = x + segment_attention(block.attn, block.norm1(x), cos, sin, gather, scatter, self.num_heads)
+            x = x + block.mlp(block.norm2(x))
+        return x
+
+
+class Qwen25VLVisionEngine(nn.Module):
+    """The engine's named inputs (module docstring) -> (embeddings [rows, H] float32, positions [rows]
+    int64). Submodules vision_tower / projector (the PatchMerger) / compressor name the graph's
+    node scopes (export/precision.py reads each part's dtype from them)."""
+
+    def __init__(self, model, apet: ApetConfig | None):
+        super().__init__()
+        visual = parts(model)
+        self.vision_tower = Qwen25VLTower(visual)
+        self.projector = visual.merger
         self.compressor = ApetCompressor(apet) if apet is not None else None  # node names: /compressor/...
 
     def forward(
@@ -188,25 +221,13 @@ class Qwen25VLVisionEngine(nn.Module):
         window_gather,
         window_scatter,
     ):
-        visual = self.visual
-        weight = visual.patch_embed.proj.weight  # Conv3d with stride = kernel: one matmul per patch
-        order = (window_index.unsqueeze(1) * self.unit + torch.arange(self.unit)).reshape(-1)  # patches, window order
-        x = F.linear(pixel_values[order].to(weight.dtype), weight.reshape(weight.shape[0], -1))
-        freqs = patch_positions[order].unsqueeze(-1).float() * self.inv_freq  # [P, 2, hd/4]
-        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        for i, block in enumerate(visual.blocks):
-            gather, scatter = (
-                (image_gather, image_scatter) if i in self.full_layers else (window_gather, window_scatter)
-            )
-            x = x + segment_attention(block.attn, block.norm1(x), cos, sin, gather, scatter, self.num_heads)
-            x = x + block.mlp(block.norm2(x))
-        rows = visual.merger(x)[reverse_index]  # [N, H], the processor's order
+        x = self.vision_tower(
+            pixel_values, patch_positions, window_index, image_gather, image_scatter, window_gather, window_scatter
+        )
+        rows = self.projector(x)[reverse_index]  # [N, H], the processor's order
         if self.compressor is None:
-            positions = torch.arange(rows.shape[0], device=rows.device)
-            return rows.float(), positions
-        tokens, positions = self.compressor(rows.unsqueeze(0))  # float32 inside
+            return rows.float(), torch.arange(rows.shape[0], device=rows.device)
+        tokens, positions = self.compressor(rows.unsqueeze(0))  # float32 inside, the input dtype out
         return tokens[0].float(), positions[0]
 
 
