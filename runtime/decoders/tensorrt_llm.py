@@ -18,7 +18,9 @@ TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for th
 with precomputed embeddings: `LLM(model=hf_dir).generate([{"prompt": text,
 "multi_modal_embeddings": {"image": [tensor(R_i, H) per image]}}], SamplingParams(...))`. The prompt
 is the conversation text with one placeholder per image (the LLM API's input processor expands
-each to the rows given).
+each to the rows given). For M-RoPE models its processor would place the rows on a compact grid it
+invents; prompts with their own position ids (Qwen2.5-VL's gathered ids) replace that grid's ids in
+the mrope_config it returns (llm_api_inputs.py, which cites the source).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..prompt import AssembledPrompt
-from . import DecodeOutput, Decoder, SamplingConfig, Visual
+from . import DecodeOutput, Decoder, SamplingConfig, Visual, llm_api_inputs
 from .prompt_table import build_prompt_table_inputs
 
 _INSTALL = "pip install apet-trt[tensorrt-llm] (TensorRT-LLM, on a machine with an NVIDIA GPU)"
@@ -181,7 +183,10 @@ class TensorRTLLMDecoder(Decoder):
 
 class TensorRTLLMAPIDecoder(Decoder):
     """The LLM API path (`multi_modal_embeddings`); for the models TensorRT-LLM's LLM API lists as
-    accepting precomputed multimodal embeddings (e.g. LLaVA-NeXT; not LLaVA-1.5)."""
+    accepting precomputed multimodal embeddings (LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL; not LLaVA-1.5).
+    Prompts that carry their own position ids (Qwen2.5-VL's M-RoPE ids of the kept rows) hand them to
+    TensorRT-LLM through the mrope_config its input processor returns, in place of the compact grid
+    it would invent (llm_api_inputs.py)."""
 
     name = "tensorrt_llm_api"
 
@@ -192,6 +197,11 @@ class TensorRTLLMAPIDecoder(Decoder):
         self.llm = LLM(model=str(hf_checkpoint))
         self.image_token = image_token
         self.max_length = int(max_length)
+        self.own_positions = llm_api_inputs.OwnPositions()
+        processor = self.llm.input_processor  # LLM.generate_async calls its attach_multimodal_embeddings
+        processor.attach_multimodal_embeddings = llm_api_inputs.with_own_positions(
+            processor.attach_multimodal_embeddings, self.own_positions
+        )
 
     def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
         from tensorrt_llm import SamplingParams
@@ -205,12 +215,17 @@ class TensorRTLLMAPIDecoder(Decoder):
             top_p=sampling.top_p if sampling.do_sample else 1.0,
             seed=sampling.seed,
         )
-        requests = [
-            {"prompt": p.text, "multi_modal_embeddings": {"image": [rows.cuda() for rows in visual[b]]}}
-            for b, p in enumerate(prompts)
-        ]
+        requests = [llm_api_inputs.request(p, visual[b]) for b, p in enumerate(prompts)]
+        for req, p in zip(requests, prompts):
+            self.own_positions.register(req, p)
         t0 = time.perf_counter()
-        outputs = self.llm.generate(requests, sampling_params=params)
+        try:
+            outputs = self.llm.generate(requests, sampling_params=params)
+        except NotImplementedError as exc:  # the model's input processor takes no precomputed embeddings
+            raise RuntimeError(
+                f"this TensorRT-LLM's LLM API takes no precomputed embeddings for this model ({exc}); "
+                "upgrade tensorrt_llm or use decoder='transformers'"
+            ) from exc
         t1 = time.perf_counter()
         ids = [list(o.outputs[0].token_ids) for o in outputs]
         # The LLM API returns whole requests: the split between prefill and decode is not
