@@ -68,3 +68,10 @@ def accepted_kwargs(fn, **kwargs) -> dict:
     keyword arguments between majors, e.g. a model's `mm_token_type_ids` in 5.x)."""
     params = inspect.signature(fn).parameters
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+def config_model_type(config) -> str:
+    """A config's model_type as its class declares it: Transformers 4.57 copies a nested text
+    config's attributes onto some composite configs it loads (Qwen2.5-VL's then reads
+    "qwen2_5_vl_text"), the class attribute keeps the composite model's."""
+    return getattr(type(config), "model_type", "") or config.model_type

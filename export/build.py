@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from apet_trt.apet_ops import ApetConfig
-from apet_trt.apet_ops.compat import config_dtype, load_image_processor
+from apet_trt.apet_ops.compat import config_dtype, config_model_type, load_image_processor
 
 from . import manifest as manifest_writer
 from .models import ExportFamily, LoadedModel, family_class, family_for_model_type
@@ -139,7 +139,7 @@ def _resolve(model: str, pixels: dict | None = None) -> tuple[str, ExportFamily]
         )
     config = checkpoint_config(path)
     try:
-        family = family_for_model_type(config.model_type)
+        family = family_for_model_type(config_model_type(config))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     try:

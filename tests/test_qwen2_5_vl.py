@@ -24,7 +24,7 @@ from PIL import Image
 
 from apet_trt import runtime
 from apet_trt.apet_ops import ApetConfig, compress_reference
-from apet_trt.apet_ops.compat import accepted_kwargs
+from apet_trt.apet_ops.compat import accepted_kwargs, transformers_version
 from apet_trt.export.build import BuildConfig, build
 from apet_trt.export.models.qwen2_5_vl import Qwen25VLExport, layout
 from apet_trt.export.presets import load_preset
@@ -110,7 +110,8 @@ def test_layout_equals_transformers_window_index_and_segments(hf, rng):
         assert np.array_equal(ours["window_index"], torch.as_tensor(window_index).numpy()), grids
         assert np.array_equal(ours["reverse_index"], torch.argsort(torch.as_tensor(window_index)).numpy())
         lengths = (ours["window_gather"] >= 0).sum(axis=1)
-        assert np.array_equal(np.cumsum(lengths), torch.as_tensor(cu_window)[1:].numpy()), grids
+        cu_window = torch.unique_consecutive(torch.as_tensor(cu_window))  # 4.x leaves empty windows' repeats in
+        assert np.array_equal(np.cumsum(lengths), cu_window[1:].numpy()), grids
         assert [int(x) for x in (ours["image_gather"] >= 0).sum(axis=1)] == [h * w for _, h, w in grids]
         # gather then scatter is the identity on the sequence; padding is -1 only past each segment
         for g, s in (("window_gather", "window_scatter"), ("image_gather", "image_scatter")):
@@ -233,6 +234,12 @@ def _hf_generate(hf, inputs_embeds, position_ids, new):
 
 
 def test_greedy_ids_equal_hf_generate_given_the_same_embeddings_and_position_ids(hf, pipes, images):
+    if transformers_version() < (5, 0):
+        pytest.skip(
+            "Transformers 4.x generate cannot continue 3-D position ids it is given (its prepare_inputs_for_generation "
+            "slices them as [B, L]); on 4.x the decoder is checked against generate from the pixels "
+            "(test_no_apet_pipeline_equals_hf_generate_from_pixels: its own get_rope_index and rope deltas)"
+        )
     pipe = pipes["keep"]
     new = 8
     for image in images[:2]:
