@@ -30,9 +30,10 @@ _NO_INDEX = float(2**30)  # larger than any index; indices are handled as exact 
 
 def _first_argmax(values: torch.Tensor) -> torch.Tensor:
     """[..., M] -> [...] int64: index of the maximum, the lowest index among equal maxima."""
-    index = torch.arange(values.shape[-1], device=values.device).to(torch.float32).expand_as(values)
+    index = torch.arange(values.shape[-1], device=values.device).to(torch.float32)  # broadcast, not expanded
     is_max = values == values.max(dim=-1, keepdim=True).values
-    return torch.where(is_max, index, torch.full_like(index, _NO_INDEX)).min(dim=-1).values.to(torch.int64)
+    no_index = torch.tensor(_NO_INDEX, device=values.device)
+    return torch.where(is_max, index, no_index).min(dim=-1).values.to(torch.int64)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ def merge_into(x: torch.Tensor, dropped: torch.Tensor, cols: torch.Tensor, candi
     t = cols.shape[-1]
     unit = x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     sim = unit @ _gather_rows(unit, cols).transpose(1, 2)  # [B, N, T]
-    sim = torch.where(candidate.unsqueeze(1), sim, torch.full_like(sim, -3.0))  # never a target
+    sim = torch.where(candidate.unsqueeze(1), sim, torch.tensor(-3.0, device=x.device))  # never a target
     target = _first_argmax(sim)  # [B, N]
     onehot = (target.unsqueeze(-1) == torch.arange(t, device=x.device)) & dropped.unsqueeze(-1)
     onehot = onehot.to(torch.float32)  # [B, N, T]
