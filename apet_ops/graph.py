@@ -119,16 +119,14 @@ def ascending_members(mask: torch.Tensor, count) -> torch.Tensor:
     return torch.where(mask, reverse, torch.zeros_like(reverse)).topk(count, dim=-1).indices
 
 
-def rank_within(err: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor:
-    """err [B, M] of M tokens in ascending index order -> [B, M] float: each one's rank among the
-    members (largest error first, equal errors lower index first). [B, M, M]: call it on the kept
-    tokens only (M <= T), never on all N."""
+def rank_within(err: torch.Tensor) -> torch.Tensor:
+    """err [B, M] of M tokens in ascending index order -> [B, M] float: each one's rank among them
+    (largest error first, equal errors lower index first). [B, M, M]: call it on the k slots or the
+    T kept tokens only, never on all N."""
     m = err.shape[-1]
     index = torch.arange(m, device=err.device)
     other, this = err.unsqueeze(1), err.unsqueeze(2)  # [B, this, other]
     ahead = (other > this) | ((other == this) & (index < index.unsqueeze(1)))
-    if member is not None:
-        ahead = ahead & member.unsqueeze(1)
     return ahead.to(torch.float32).sum(dim=-1)
 
 
