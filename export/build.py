@@ -38,7 +38,9 @@ from .trtllm_build import TrtllmBuildConfig, build_trtllm, tensorrt_llm_version
 class BuildConfig:
     model: str  # a preset name or a local checkpoint directory
     out: str
-    keep: int | None = None  # T; None (or no_apet) builds the uncompressed baseline
+    keep: int | None = None  # T; None (and no keep_ratio, or no_apet) builds the uncompressed baseline
+    keep_ratio: float | None = None  # R instead of keep: T = floor(R * N) per image
+    seed_blend: float | None = None  # weight of a seed in its slot; None: the family's (1.0 LLaVA, 0.5 Qwen2.5-VL)
     basis: int = 10
     merge: bool = True
     start: int = 0
@@ -53,10 +55,20 @@ class BuildConfig:
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
 
-    def apet(self) -> ApetConfig | None:
-        if self.no_apet or self.keep is None:
+    def apet(self, defaults: dict | None = None) -> ApetConfig | None:
+        """The ApET config; `defaults` are the family's for what the build leaves unset (seed_blend)."""
+        if self.no_apet or (self.keep is None and self.keep_ratio is None):
             return None
-        return ApetConfig(keep=self.keep, basis=self.basis, merge=self.merge, ridge=self.ridge, start=self.start)
+        blend = self.seed_blend if self.seed_blend is not None else (defaults or {}).get("seed_blend", 1.0)
+        return ApetConfig(
+            keep=self.keep,
+            keep_ratio=self.keep_ratio,
+            basis=self.basis,
+            merge=self.merge,
+            ridge=self.ridge,
+            start=self.start,
+            seed_blend=blend,
+        )
 
 
 class Steps:
@@ -202,6 +214,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     _check_out(out, config.force)
     pixels = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None}
     source, family = _resolve(config.model, pixels)
+    apet = config.apet(family.apet_defaults)
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
     budget = family.budget_text(apet)
     items = family.max_items(apet, config.max_batch)  # engine items per call

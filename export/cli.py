@@ -19,6 +19,20 @@ def register(sub) -> None:
     )
     p.add_argument("--out", required=True, help="engine directory to write, e.g. engines/NAME")
     p.add_argument("--keep", type=int, default=None, help="T, visual tokens kept per image (omit: no compression)")
+    p.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="instead of --keep: keep T = floor(R * N) of each image's N tokens (Qwen2.5-VL's official budget: 0.3)",
+    )
+    p.add_argument(
+        "--seed-blend",
+        type=float,
+        default=None,
+        metavar="W",
+        help="a seed's weight in the slot it takes, W * seed + (1 - W) * slot (default: the family's; 1 overwrites)",
+    )
     p.add_argument("--basis", type=int, default=10, help="k, FPS basis tokens (default 10)")
     p.add_argument("--no-merge", action="store_true", help="drop tokens instead of merging them")
     p.add_argument("--start", type=int, default=0, help="index of the first FPS seed (default 0)")
@@ -56,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             out=args.out,
             keep=args.keep,
+            keep_ratio=args.keep_ratio,
+            seed_blend=args.seed_blend,
             basis=args.basis,
             merge=not args.no_merge,
             start=args.start,

@@ -32,6 +32,7 @@ from apet_trt.runtime.families.qwen2_5_vl import engine_layout, mrope_position_i
 
 PRESET = "tiny-qwen2.5-vl"
 KEEP = 48
+RATIO = 0.3
 SIZES = [(300, 300), (420, 180), (160, 400), (500, 260)]  # (width, height): 121, 90, 84, 162 tokens
 
 
@@ -62,7 +63,12 @@ def hf(checkpoint):
 def engines(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen-engines")
     built = {}
-    for name, options in {"full": dict(no_apet=True, max_batch=3), "keep": dict(keep=KEEP, basis=10)}.items():
+    options_by_name = {
+        "full": dict(no_apet=True, max_batch=3),
+        "keep": dict(keep=KEEP, basis=10),  # the family's seed blend (0.5, the official code's)
+        "ratio": dict(keep_ratio=RATIO, basis=10),  # the official budget
+    }
+    for name, options in options_by_name.items():
         built[name] = root / name
         build(BuildConfig(model=str(checkpoint), out=str(built[name]), **options), quiet=True)
     return built
@@ -138,13 +144,17 @@ def test_no_apet_rows_of_images_of_different_sizes_in_one_call_equal_hf_features
         assert torch.equal(r.positions, torch.arange(r.num_rows))
 
 
-def test_apet_positions_and_rows_equal_the_oracle_on_hf_features(hf, pipes, images):
-    pipe = pipes["keep"]
+@pytest.mark.parametrize("name", ["keep", "ratio"])
+def test_apet_positions_and_rows_equal_the_oracle_on_hf_features(hf, pipes, images, name):
+    """The blend variant (seed_blend 0.5, the family's default), a fixed T and the official ratio."""
+    pipe = pipes[name]
     config = ApetConfig.from_dict(pipe.manifest.apet)
+    assert config.seed_blend == 0.5
     rows = pipe.encode(images)
     for r, features in zip(rows, _hf_features(hf, pipe, images)):
         tokens, positions = compress_reference(features[None].double(), config)
-        assert r.num_patches == features.shape[0] and r.num_rows == KEEP
+        n = features.shape[0]
+        assert r.num_patches == n and r.num_rows == (KEEP if name == "keep" else int(RATIO * n))
         assert torch.equal(r.positions, positions[0])
         assert float((r.embeddings - tokens[0].float()).abs().max()) <= 1e-4
 
@@ -301,12 +311,32 @@ def test_batched_prompts_decode_as_they_do_alone(pipes, images):
 
 
 # -- errors and limits ----------------------------------------------------------------------------
-def test_an_image_smaller_than_keep_is_refused_with_its_size(pipes):
+def test_an_image_smaller_than_the_budget_is_refused_with_its_size(pipes):
     small = Image.new("RGB", (100, 100), (10, 20, 30))  # 4 x 4 blocks = 16 tokens < 48
     with pytest.raises(ValueError, match=r"image 0 \(100x100 px.*N=16 visual tokens, fewer than the T=48"):
         pipes["keep"].encode([small])
     with pytest.raises(ValueError, match="N=16"):
         pipes["keep"].generate(small, "Hi.", max_new_tokens=1)
+    # the ratio keeps floor(0.3 * 16) = 4 <= basis: refused, naming the smallest N it takes
+    with pytest.raises(ValueError, match=r"image 0 \(100x100 px.*N=16.*N >= 37"):
+        pipes["ratio"].encode([small])
+    big = Image.new("RGB", (300, 300))
+    assert [r.num_rows for r in pipes["ratio"].encode([big])] == [int(0.3 * 121)]
+
+
+def test_a_ratio_engine_past_tensorrts_topk_limit_is_refused_for_tensorrt():
+    """floor(0.3 N) <= 3840 (TensorRT's TopK, K computed at run time): N <= 12803 tokens per image."""
+    from apet_trt.export.presets import preset_config
+
+    config, processor, _, _ = preset_config("qwen2.5-vl-7b-arch")
+    wide = Qwen25VLExport.configure_processor(processor, max_pixels=13000 * 28 * 28)
+    family = Qwen25VLExport(config, wide)
+    family.check_apet(ApetConfig(keep_ratio=0.3, seed_blend=0.5))
+    assert family.tensorrt_token_limit() == 12803
+    with pytest.raises(ValueError, match=r"N <= 12803 tokens per image; build with --max-pixels <= 10037552"):
+        family.tensorrt_profile(family.apet, 1, 1)
+    family.check_apet(ApetConfig(keep=64))  # a fixed T: K is a constant, N has no limit
+    assert family.tensorrt_token_limit() is None and family.tensorrt_profile(family.apet, 1, 1)
 
 
 def test_tensorrt_profile_holds_every_image_the_processor_makes(checkpoint, pipes):

@@ -54,6 +54,7 @@ class ExportFamily(ABC):
     prompt_template: str = ""  # the conversation format; "{prompt}" and the image token once
     image_token: str = "<image>"
     item: str = "image"  # what one engine item is ("image", "crop", "frame"), for messages
+    apet_defaults: dict = {}  # ApetConfig fields the build leaves unset, as the family's official code has them
     # tensorrt_llm.models class that converts the language model for TensorRT-LLM's engine flow (the
     # prompt-table decoder); None: the family has no such route
     trtllm_model_class: str | None = None
@@ -111,7 +112,7 @@ class ExportFamily(ABC):
     def rows_per_item(self, apet: ApetConfig | None) -> int | None:
         """T: rows of `embeddings` per engine item (N when there is no compression); None when it
         depends on the item (dynamic resolution, a ratio budget)."""
-        return apet.keep if apet is not None else self.num_patches
+        return apet.keep_for(self.num_patches) if apet is not None else self.num_patches
 
     def budget_text(self, apet: ApetConfig | None) -> str:
         """What the engine keeps, for the build's messages: "N=576 -> T=64"."""

@@ -275,6 +275,8 @@ class Qwen25VLExport(ExportFamily):
     prompt_template = CHAT_TEMPLATE
     image_token = QWEN_IMAGE_TOKEN
     trtllm_model_class = None  # TensorRT-LLM takes Qwen2.5-VL through its LLM API (PyTorch backend) only
+    # the official ApET Qwen2.5-VL code blends each seed into its slot: 0.5 * seed + 0.5 * slot
+    apet_defaults = {"seed_blend": 0.5}
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)
@@ -290,6 +292,7 @@ class Qwen25VLExport(ExportFamily):
         lo, hi = processor_pixels(processor) if processor is not None else (56 * 56, 28 * 28 * 1280)
         self.min_tokens = max(1, math.ceil(lo / self.factor**2))
         self.max_tokens = max(self.min_tokens, hi // self.factor**2)
+        self.apet: ApetConfig | None = None  # the build's (check_apet): example images must meet it
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -353,6 +356,16 @@ class Qwen25VLExport(ExportFamily):
         refused one by one at run time, with their size)."""
         if apet is not None:
             apet.validate_for(self.max_tokens)
+        self.apet = apet
+
+    def tensorrt_token_limit(self) -> int | None:
+        """The most tokens per image a TensorRT plan of this engine takes: TensorRT's TopK takes K <=
+        3840 even when K is computed at run time (the ratio budget's floor(R * N)); None: no limit."""
+        if self.apet is None:
+            return None
+        from apet_trt.apet_ops.onnx_export import trt_token_limit
+
+        return trt_token_limit(self.apet)
 
     def rows_per_item(self, apet: ApetConfig | None):
         """Rows per image: T with a fixed --keep, else None (it depends on the image)."""
@@ -372,6 +385,13 @@ class Qwen25VLExport(ExportFamily):
         """min: one image of the fewest tokens; opt: opt_batch images of the geometric middle of the
         token range; max: max_batch images of the most tokens (the windows: the most any image
         shape in range makes)."""
+        limit = self.tensorrt_token_limit()
+        if limit is not None and self.max_tokens > limit:
+            raise ValueError(
+                f"images of up to {self.max_tokens} tokens with {self.apet.to_dict()}: TensorRT's TopK takes "
+                f"K <= 3840, so a TensorRT plan takes N <= {limit} tokens per image; build with --max-pixels <= "
+                f"{limit * self.factor**2} (or --no-tensorrt for the ONNX engine alone)"
+            )
         unit, win = self.merge**2, self.window_blocks**2
         opt_tokens = min(self.max_tokens, max(self.min_tokens, round(math.sqrt(self.min_tokens * self.max_tokens))))
         side = max(1, round(math.sqrt(opt_tokens)))
@@ -400,15 +420,23 @@ class Qwen25VLExport(ExportFamily):
         return Qwen25VLVisionEngine(model, apet)
 
     def example_grids(self, batch: int, generator: torch.Generator) -> list[tuple[int, int, int]]:
-        """`batch` random image grids (t=1, h and w in patches, even) inside the engine's range,
-        no two alike, small enough to export and compare quickly."""
-        hi = min(self.max_tokens, 192)
-        grids = []
-        while len(grids) < batch:
-            gh = int(torch.randint(2, 17, (1,), generator=generator))
-            gw = int(torch.randint(2, 17, (1,), generator=generator))
-            if self.min_tokens <= gh * gw <= hi and (1, 2 * gh, 2 * gw) not in grids:
-                grids.append((1, self.merge * gh, self.merge * gw))
+        """`batch` random image grids (t=1, h and w in patches) inside the engine's token range and
+        the build's ApET budget, as small as that allows (export and comparisons stay quick), no two
+        alike where the range holds more than one."""
+        lo = max(self.min_tokens, self.apet.min_tokens if self.apet is not None else 1)
+        hi = min(self.max_tokens, max(192, lo))
+        grids: list[tuple[int, int, int]] = []
+        for attempt in range(1000):
+            if len(grids) == batch:
+                break
+            gh = int(torch.randint(1, math.isqrt(hi) + 1, (1,), generator=generator))
+            w_lo, w_hi = -(-lo // gh), hi // gh
+            if w_lo > w_hi:
+                continue
+            gw = int(torch.randint(w_lo, w_hi + 1, (1,), generator=generator))
+            grid = (1, self.merge * gh, self.merge * gw)
+            if grid not in grids or attempt > 500:
+                grids.append(grid)
         return grids
 
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -471,6 +499,9 @@ class Qwen25VLExport(ExportFamily):
             "num_visual_tokens": self.rows_per_item(apet),
             "qwen2_5_vl": {
                 "images_per_call": 1 if apet is not None else None,
+                # TensorRT: a ratio budget's TopK K is computed at run time from N (ITopKLayer input 1,
+                # TensorRT >= 8.6) and must stay <= 3840; null: no limit
+                "tensorrt_max_tokens": self.tensorrt_token_limit(),
                 "image_token_id": self.config.image_token_id,
                 "vision_start_token_id": self.config.vision_start_token_id,
                 "tokens_per_second": getattr(v, "tokens_per_second", 2),
