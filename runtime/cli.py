@@ -91,7 +91,12 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     t = result.timings
     apet = pipe.manifest.apet
-    how = f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression"
+    budget = (
+        f"keep={apet['keep']}"
+        if apet and apet.get("keep") is not None
+        else f"keep_ratio={(apet or {}).get('keep_ratio')}"
+    )
+    how = f"ApET {budget} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression"
     print(f"engine   {args.engine}  (vision: {pipe.backend} [{pipe.backend_reason}], decoder: {pipe.decoder.name})")
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")

@@ -369,3 +369,22 @@ def test_patch_map_is_the_resized_image_in_28px_blocks(pipes, images):
     assert pm.crops[0].shape == (h * 14, w * 14, 3) and pm.grid == (h // 2, w // 2) and pm.patch_size == 28
     resized = images[1].resize((w * 14, h * 14), Image.BICUBIC)
     assert np.abs(pm.crops[0].astype(int) - np.asarray(resized).astype(int)).max() <= 2
+
+
+def test_manifest_has_the_fields_engine_dir_documents(engines):
+    """docs/ENGINE_DIR.md's Qwen2.5-VL block, comments stripped: every key is in a built manifest."""
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ENGINE_DIR.md").read_text()
+    block = re.search(r"## Qwen2\.5-VL \(family `qwen2_5_vl`\).*?```jsonc\n(.*?)```", text, re.S).group(1)
+    doc = json.loads(re.sub(r"//[^\n]*", "", block))
+    for name in ("ratio", "full"):
+        got = json.loads((engines[name] / "manifest.json").read_text())
+        for key, value in doc.items():
+            assert key in got, (name, key)
+            if isinstance(value, dict) and got[key] is not None:  # apet is null without ApET
+                assert set(value) <= set(got[key]), (name, key, set(value) - set(got[key]))
+        assert [t["name"] for t in got["io"]["inputs"]] == [t["name"] for t in doc["io"]["inputs"]]
+    assert json.loads((engines["ratio"] / "manifest.json").read_text())["num_visual_tokens"] is None
