@@ -388,3 +388,20 @@ def test_manifest_has_the_fields_engine_dir_documents(engines):
                 assert set(value) <= set(got[key]), (name, key, set(value) - set(got[key]))
         assert [t["name"] for t in got["io"]["inputs"]] == [t["name"] for t in doc["io"]["inputs"]]
     assert json.loads((engines["ratio"] / "manifest.json").read_text())["num_visual_tokens"] is None
+
+
+def test_pixel_range_options_bound_the_token_axis(tmp_path, capsys):
+    from apet_trt.scripts.cli import main
+
+    out = tmp_path / "small"
+    rc = main(["build", "--model", PRESET, "--no-apet", "--max-pixels", str(64 * 28 * 28), "--out", str(out)])
+    assert rc == 0
+    pipe = runtime.load(out, backend="onnxruntime")
+    assert pipe.manifest.vision["max_tokens"] == 64
+    [rows] = pipe.encode([Image.new("RGB", (900, 600))])  # resized by the saved processor to <= 64 tokens
+    assert rows.num_rows <= 64
+    capsys.readouterr()
+    rc = main(["build", "--model", "tiny-llava", "--max-pixels", "1000", "--out", str(tmp_path / "llava")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "the llava family takes a fixed image size" in err and err.count("\n") == 1
+    assert not (tmp_path / "llava").exists()

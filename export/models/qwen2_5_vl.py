@@ -473,11 +473,19 @@ class Qwen25VLExport(ExportFamily):
         }
 
     def reference_rows(self, model: nn.Module, processor, images: list) -> list[torch.Tensor]:
+        """`get_image_features` of the whole VLM, or for the vision parts alone (a 7B-shape preset)
+        the tower's own forward, split per image as get_image_features splits it."""
         out = processor(images=images, return_tensors="pt")
+        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
         inner = getattr(model, "model", model)
-        get = getattr(inner, "get_image_features", None) or model.get_image_features
+        get = getattr(inner, "get_image_features", None) or getattr(model, "get_image_features", None)
         with torch.no_grad():
-            features = get(out["pixel_values"], out["image_grid_thw"])
+            if get is not None:
+                features = get(pixel_values, grid)
+            else:
+                merged = parts(model)(pixel_values, grid_thw=grid)
+                merged = getattr(merged, "pooler_output", merged)
+                features = torch.split(merged, (grid.prod(-1) // self.merge**2).tolist())
         features = getattr(features, "pooler_output", features)  # Transformers 5 wraps it in a model output
         return [x.float() for x in features]
 
