@@ -145,7 +145,8 @@ class Batcher:
                     self._fail(job, APIError(503, "the server is shutting down"))
         self._vision_q.put(_STOP)
         for t in self._threads:
-            t.join(timeout)
+            if t.ident is not None:  # started
+                t.join(timeout)
 
     # -- admission ----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,8 @@ def _load_tensor(text, max_chars: int, where: str) -> torch.Tensor:
         if raw[:6] == NUMPY_MAGIC:
             tensor = torch.from_numpy(np.load(io.BytesIO(raw), allow_pickle=False))
         else:
-            with torch.sparse.check_sparse_tensor_invariants():
+            with torch.sparse.check_sparse_tensor_invariants(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the unpickler's notes about foreign protocols
                 tensor = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
                 if isinstance(tensor, torch.Tensor):
                     tensor = tensor.to_dense()

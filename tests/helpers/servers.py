@@ -23,8 +23,13 @@ def running_server(cfg: ServeConfig, pipe=None, startup_timeout: float = 120.0):
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     ready: dict = {}
-    server = make_server(replace(cfg, host="127.0.0.1", port=port), sock, pipe=pipe,
-                         on_ready=lambda s: ready.setdefault("state", s), log_level="warning")
+    server = make_server(
+        replace(cfg, host="127.0.0.1", port=port),
+        sock,
+        pipe=pipe,
+        on_ready=lambda s: ready.setdefault("state", s),
+        log_level="warning",
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
