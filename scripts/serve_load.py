@@ -1,8 +1,9 @@
 """Bounded load test of `apet serve`: the ApET engine against the `--no-apet` baseline engine.
 
-For each engine, an `apet serve` subprocess on 127.0.0.1 (a free port) gets the same request set:
+Each engine gets an `apet serve` subprocess on 127.0.0.1 (a free port) and the same request set:
 first one request at a time (the serial answers), then `--rounds` rounds of all requests at
-`--concurrency` through the official `openai` client (greedy, so answers are comparable). Reported
+`--concurrency` through the official `openai` client (greedy, so answers are comparable), the two
+engines' rounds interleaved (so other load on the machine slows both alike). Reported
 per engine: every request succeeded, every concurrent answer equals its serial one, latency p50/p95,
 requests/s, the server's RSS after each round (it must not grow across rounds); and the ratios
 ApET / baseline. The JSON goes to --out (docs/results/serve/ for the README's numbers).
@@ -183,78 +184,90 @@ def _one(client, model: str, url: str, prompt: str, max_tokens: int) -> tuple[st
         return None, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}", {}
 
 
-def load_engine(engine: Path, cfg: LoadConfig, requests: list[tuple[str, str]]) -> dict:
-    import openai
+class EngineRun:
+    """One engine's server, its serial answers and its rounds."""
 
-    server = ServerProcess(engine, cfg)
-    try:
-        client = openai.OpenAI(
-            base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=cfg.request_timeout_s
+    def __init__(self, engine: Path, cfg: LoadConfig, requests: list[tuple[str, str]]):
+        import openai
+
+        self.engine, self.cfg, self.requests = engine, cfg, requests
+        self.server = ServerProcess(engine, cfg)
+        self.client = openai.OpenAI(
+            base_url=self.server.url + "/v1", api_key="unused", max_retries=0, timeout=cfg.request_timeout_s
         )
-        model = client.models.list().data[0].id
-        log(f"{engine}: serving at {server.url} as {model!r}; {len(requests)} requests serially")
-        serial = [_one(client, model, u, p, cfg.max_tokens) for u, p in requests]
-        rounds = []
-        for rnd in range(cfg.rounds):
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(cfg.concurrency) as pool:
-                results = list(pool.map(lambda rq: _one(client, model, rq[0], rq[1], cfg.max_tokens), requests))
-            wall = time.perf_counter() - t0
-            lat = [r[1] for r in results]
-            failures = [r[2] for r in results if r[2] is not None]
-            equal = sum(1 for r, s in zip(results, serial) if r[2] is None and r[0] == s[0])
-            rounds.append(
-                {
-                    "round": rnd,
-                    "succeeded": len(results) - len(failures),
-                    "failures": failures[:5],
-                    "equal_to_serial": equal,
-                    "wall_s": wall,
-                    "requests_per_s": len(results) / wall,
-                    "latency_p50_s": _percentile(lat, 0.5),
-                    "latency_p95_s": _percentile(lat, 0.95),
-                    "latency_mean_s": statistics.fmean(lat),
-                    "server_rss_bytes": server.rss(),
-                }
-            )
-            r = rounds[-1]
-            log(
-                f"  round {rnd}: {r['succeeded']}/{len(requests)} ok, {equal} equal to serial, "
-                f"p50 {r['latency_p50_s'] * 1e3:.0f} ms, p95 {r['latency_p95_s'] * 1e3:.0f} ms, "
-                f"{r['requests_per_s']:.2f} req/s, RSS {r['server_rss_bytes'] / 2**20:.0f} MiB"
-            )
-        metrics = _metrics(server.url)
-    finally:
-        code = server.stop()
-    from apet_trt.runtime.manifest import read_manifest
+        self.model = self.client.models.list().data[0].id
+        self.serial: list = []
+        self.rounds: list[dict] = []
+        log(f"{engine}: serving at {self.server.url} as {self.model!r}")
 
-    m = read_manifest(engine)
-    serial_lat = [s[1] for s in serial]
-    rss = [r["server_rss_bytes"] for r in rounds]
-    timed = rounds[1:] if len(rounds) > 1 else rounds  # round 0 warms the server up
-    return {
-        "engine": str(engine),
-        "startup_line": server.startup_line,
-        "N": m.num_patches,
-        "T": m.num_visual_tokens,
-        "requests": len(requests),
-        "serial_failures": [s[2] for s in serial if s[2] is not None][:5],
-        "serial_latency_p50_s": _percentile(serial_lat, 0.5),
-        "serial_requests_per_s": len(serial) / sum(serial_lat),
-        "prompt_tokens": serial[0][3].get("prompt_tokens"),
-        "rounds": rounds,
-        "all_succeeded": all(r["succeeded"] == len(requests) for r in rounds) and all(s[2] is None for s in serial),
-        "all_equal_serial": all(r["equal_to_serial"] == len(requests) for r in rounds),
-        "latency_p50_s": statistics.median(r["latency_p50_s"] for r in timed),
-        "latency_p95_s": statistics.median(r["latency_p95_s"] for r in timed),
-        "requests_per_s": statistics.median(r["requests_per_s"] for r in timed),
-        "rss_first_bytes": rss[0],
-        "rss_last_bytes": rss[-1],
-        "rss_growth_after_warmup_bytes": rss[-1] - rss[min(1, len(rss) - 1)],
-        "vision_batches": metrics.get("vision_batches"),
-        "decoder_batches": metrics.get("decoder_batches"),
-        "exit_code": code,
-    }
+    def ask(self, rq):
+        return _one(self.client, self.model, rq[0], rq[1], self.cfg.max_tokens)
+
+    def run_serial(self) -> None:
+        log(f"{self.engine}: {len(self.requests)} requests one at a time (after one to warm up)")
+        self.ask(self.requests[0])
+        self.serial = [self.ask(rq) for rq in self.requests]
+
+    def run_round(self) -> None:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            results = list(pool.map(self.ask, self.requests))
+        wall = time.perf_counter() - t0
+        lat = [r[1] for r in results]
+        failures = [r[2] for r in results if r[2] is not None]
+        equal = sum(1 for r, s in zip(results, self.serial) if r[2] is None and r[0] == s[0])
+        r = {
+            "round": len(self.rounds),
+            "succeeded": len(results) - len(failures),
+            "failures": failures[:5],
+            "equal_to_serial": equal,
+            "wall_s": wall,
+            "requests_per_s": len(results) / wall,
+            "latency_p50_s": _percentile(lat, 0.5),
+            "latency_p95_s": _percentile(lat, 0.95),
+            "latency_mean_s": statistics.fmean(lat),
+            "server_rss_bytes": self.server.rss(),
+        }
+        self.rounds.append(r)
+        log(
+            f"  {self.engine.name} round {r['round']}: {r['succeeded']}/{len(results)} ok, {equal} equal to serial, "
+            f"p50 {r['latency_p50_s'] * 1e3:.0f} ms, p95 {r['latency_p95_s'] * 1e3:.0f} ms, "
+            f"{r['requests_per_s']:.2f} req/s, RSS {r['server_rss_bytes'] / 2**20:.0f} MiB"
+        )
+
+    def report(self) -> dict:
+        from apet_trt.runtime.manifest import read_manifest
+
+        metrics = _metrics(self.server.url)
+        code = self.server.stop()
+        m = read_manifest(self.engine)
+        serial_lat = [s[1] for s in self.serial]
+        rss = [r["server_rss_bytes"] for r in self.rounds]
+        timed = self.rounds[1:] if len(self.rounds) > 1 else self.rounds  # round 0 warms the server up
+        n = len(self.requests)
+        return {
+            "engine": str(self.engine),
+            "startup_line": self.server.startup_line,
+            "N": m.num_patches,
+            "T": m.num_visual_tokens,
+            "requests": n,
+            "serial_failures": [s[2] for s in self.serial if s[2] is not None][:5],
+            "serial_latency_p50_s": _percentile(serial_lat, 0.5),
+            "serial_requests_per_s": n / sum(serial_lat),
+            "prompt_tokens": self.serial[0][3].get("prompt_tokens"),
+            "rounds": self.rounds,
+            "all_succeeded": all(r["succeeded"] == n for r in self.rounds) and all(s[2] is None for s in self.serial),
+            "all_equal_serial": all(r["equal_to_serial"] == n for r in self.rounds),
+            "latency_p50_s": statistics.median(r["latency_p50_s"] for r in timed),
+            "latency_p95_s": statistics.median(r["latency_p95_s"] for r in timed),
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in timed),
+            "rss_per_round_bytes": rss,
+            "rss_growth_after_warmup_bytes": rss[-1] - rss[min(1, len(rss) - 1)],
+            "rss_growth_second_half_bytes": rss[-1] - rss[len(rss) // 2],
+            "vision_batches": metrics.get("vision_batches"),
+            "decoder_batches": metrics.get("decoder_batches"),
+            "exit_code": code,
+        }
 
 
 def _metrics(url: str) -> dict:
@@ -295,7 +308,19 @@ def run_load(cfg: LoadConfig) -> dict:
     cfg.validate()
     comp, base = engines(cfg)
     requests = request_set(cfg)
-    results = {name: load_engine(path, cfg, requests) for name, path in (("apet", comp), ("baseline", base))}
+    runs: dict[str, EngineRun] = {}
+    try:
+        for name, path in (("apet", comp), ("baseline", base)):
+            runs[name] = EngineRun(path, cfg, requests)
+        for run in runs.values():
+            run.run_serial()
+        for _ in range(cfg.rounds):  # interleaved, so a busy machine slows both alike
+            for run in runs.values():
+                run.run_round()
+        results = {name: run.report() for name, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.server.stop()
     a, b = results["apet"], results["baseline"]
     report = {
         "config": asdict(cfg),
@@ -322,14 +347,14 @@ def run_load(cfg: LoadConfig) -> dict:
 
 def markdown(report: dict) -> str:
     rows = [
-        "| engine | T | all ok | = serial | p50 ms | p95 ms | req/s | serial req/s | RSS first -> last MiB |",
+        "| engine | T | all ok | = serial | p50 ms | p95 ms | req/s | serial req/s | RSS per round MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["engines"].items():
         rows.append(
             f"| {name} | {r['T']} | {r['all_succeeded']} | {r['all_equal_serial']} | {r['latency_p50_s'] * 1e3:.0f} | "
             f"{r['latency_p95_s'] * 1e3:.0f} | {r['requests_per_s']:.2f} | {r['serial_requests_per_s']:.2f} | "
-            f"{r['rss_first_bytes'] / 2**20:.0f} -> {r['rss_last_bytes'] / 2**20:.0f} |"
+            f"{' -> '.join(f'{x / 2**20:.0f}' for x in r['rss_per_round_bytes'])} |"
         )
     q = report["ratio_apet_over_baseline"]
     rows.append(
@@ -360,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LoadConfig(**{k: v for k, v in vars(args).items()})
     if cfg.engine is not None:
         cfg.model = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are stopped on the way out
     report = run_load(cfg)
     print(markdown(report))
     return 0 if report["ok"] else 1

@@ -73,7 +73,10 @@ def describe(state: ServerState) -> str:
     m = pipe.manifest
     apet = m.apet
     how = f"ApET keep={apet['keep']} basis={apet['basis']}" if apet else "no ApET"
-    rows = f"N={m.num_patches} -> T={pipe.num_visual_tokens} rows per image ({how})"
+    t = pipe.num_visual_tokens
+    rows = (
+        f"N={m.num_patches} -> " + (f"T={t} rows per image" if t is not None else "rows per image vary") + f" ({how})"
+    )
     where = f"upstream {cfg.upstream} ({cfg.upstream_format} image_embeds)" if cfg.upstream else pipe.decoder.name
     return (
         f"model {state.model!r}: engine {m.root} (family {m.family}, {rows}); vision backend {pipe.backend} "
@@ -178,7 +181,10 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
         except APIError as err:
             _count(state, err.status, err)
             log.info("request %s -> %d %s", rid, err.status, err.message)
-            return err.response({"X-Request-Id": rid})
+            headers = {"X-Request-Id": rid}
+            if err.status == 503:
+                headers["Retry-After"] = "1"
+            return err.response(headers)
         response.headers["X-Request-Id"] = rid
         return response
 
