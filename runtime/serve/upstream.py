@@ -5,7 +5,6 @@ another `apet serve`) with each `image_url` part replaced by the image's ApET ro
 from __future__ import annotations
 
 import httpx
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from .config import ServeConfig
@@ -53,9 +52,15 @@ class Upstream:
             content = await resp.aread()
             await resp.aclose()
             return Response(content, status_code=resp.status_code, headers=_passed(resp.headers))
-        return StreamingResponse(
-            resp.aiter_raw(), status_code=200, headers=_passed(resp.headers), background=BackgroundTask(resp.aclose)
-        )
+
+        async def relay():
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:  # also when our client goes away mid-stream: the upstream connection is let go
+                await resp.aclose()
+
+        return StreamingResponse(relay(), status_code=200, headers=_passed(resp.headers))
 
 
 def _passed(headers: httpx.Headers) -> dict[str, str]:
