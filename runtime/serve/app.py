@@ -72,10 +72,17 @@ def describe(state: ServerState) -> str:
     pipe, cfg = state.pipe, state.cfg
     m = pipe.manifest
     apet = m.apet
-    how = f"ApET keep={apet['keep']} basis={apet['basis']}" if apet else "no ApET"
-    t = pipe.num_visual_tokens
+    budget = (
+        f"keep={apet['keep']}"
+        if apet and apet.get("keep") is not None
+        else f"keep_ratio={(apet or {}).get('keep_ratio')}"
+    )
+    how = f"ApET {budget} basis={apet['basis']}" if apet else "no ApET"
+    t, n = pipe.num_visual_tokens, m.num_patches
     rows = (
-        f"N={m.num_patches} -> " + (f"T={t} rows per image" if t is not None else "rows per image vary") + f" ({how})"
+        f"N={'per image' if n is None else n} -> "
+        + (f"T={t} rows per image" if t is not None else "rows per image vary")
+        + f" ({how})"
     )
     where = f"upstream {cfg.upstream} ({cfg.upstream_format} image_embeds)" if cfg.upstream else pipe.decoder.name
     return (
