@@ -90,7 +90,12 @@ class TensorRTBackend(VisionBackend):
             for name in self.inputs:
                 x = torch.from_numpy(feeds[name]).to(self.device, non_blocking=False)
                 x = x.to(_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
-                self.context.set_input_shape(name, tuple(x.shape))
+                if not self.context.set_input_shape(name, tuple(x.shape)):  # False: outside the profile
+                    lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+                    raise ValueError(
+                        f"{self.name}: input {name} of shape {list(x.shape)} is outside the plan's profile "
+                        f"{list(lo)}..{list(hi)}; rebuild with `apet build` for larger inputs"
+                    )
                 self.context.set_tensor_address(name, x.data_ptr())
                 inputs[name] = x
             outputs = {}

@@ -168,6 +168,7 @@ TRT_MEMBERS = {
         "get_tensor_mode",
         "get_tensor_dtype",
         "get_tensor_shape",
+        "get_tensor_profile_shape",
         "create_execution_context",
     ],
     "IExecutionContext": ["set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"],
