@@ -3,6 +3,7 @@ compared against PyTorch."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,34 +38,44 @@ def export_vision_onnx(
     opset: int = 17,
 ) -> Path:
     """Trace `module` (eval) with the named example `inputs` to `path`. Weights over ~1.8 GB go to
-    external data."""
+    one external data file, `path.name + ".data"` (the exporter itself writes a model over 2 GB as
+    one file per weight: it exports into a scratch folder, which is removed)."""
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings: N, D and T are static by design
-        torch.onnx.export(
-            module,
-            tuple(inputs.values()),
-            str(path),
-            input_names=list(inputs),
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
-            opset_version=opset,
-            dynamo=False,
-        )
-    if weight_bytes > PROTOBUF_LIMIT:
-        model = onnx.load(str(path))
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
+    external = weight_bytes > PROTOBUF_LIMIT
+    scratch = path.parent / f".{path.name}.export"
+    traced = scratch / path.name if external else path
+    shutil.rmtree(scratch, ignore_errors=True)
+    traced.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings: N, D and T are static by design
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(traced),
+                input_names=list(inputs),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+        if external:
+            model = onnx.load(str(traced))  # with its weights, wherever the exporter put them
+            onnx.save_model(
+                model,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=path.name + ".data",
+                size_threshold=1024,
+            )
+            del model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     # The tracer leaves some output dims symbolic (TopK's K, the baseline's N); shape inference
     # knows them. Written back so the file declares what the manifest's io says: [batch, T, H],
     # [batch, T]. Path to path, so it also works for models with external data.

@@ -777,9 +777,17 @@ def test_weights_over_the_protobuf_limit_go_to_external_data(t64, tmp_path, monk
     from apet_trt.export import onnx_export
 
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
+    export = torch.onnx.export
+
+    def export_like_over_2gb(module, args, f, **kwargs):  # what torch does past 2 GB: a file per weight
+        export(module, args, f, **kwargs)
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", export_like_over_2gb)
     engine, _ = build_cli(tmp_path / "external", "--keep", str(T), "--basis", str(K))
     files = manifest_of(engine)["files"]
     assert "vision.onnx.data" in files
+    assert sorted(f for f in files if "/" not in f) == ["vision.onnx", "vision.onnx.data"]  # no file per weight
     assert files["vision.onnx"]["bytes"] < files["vision.onnx.data"]["bytes"]
     single = onnx.load(str(t64[0] / "vision.onnx"))
     large = sum(len(i.raw_data) for i in single.graph.initializer if len(i.raw_data) >= 1024)
