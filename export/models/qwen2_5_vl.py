@@ -49,16 +49,6 @@ from .base import ExportFamily, Preset
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-INPUTS = (
-    "pixel_values",
-    "patch_positions",
-    "window_index",
-    "reverse_index",
-    "image_gather",
-    "image_scatter",
-    "window_gather",
-    "window_scatter",
-)
 OUTPUTS = ("embeddings", "positions")
 # Qwen2.5-VL's chat format (its processor's chat template with the default system prompt), one image
 CHAT_TEMPLATE = (
