@@ -155,7 +155,7 @@ class Pipeline:
         per_prompt = [[b] * bool(image_list) + [len(image_list) + b] * bool(video_list) for b in range(n)]
         with self._lock:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
             for i, p in enumerate(prompt_list):  # the text's own errors, before any heavy work
-                self.assembler.conversation(p, i, bool(image_list), bool(video_list))
+                self.assembler.conversation(p, i, int(bool(image_list)), int(bool(video_list)))
             fixed = self.family.fixed_rows
             if fixed is not None and not video_list:  # rows known up front: lengths checked before any heavy work
                 early = [self.assembler(p, fixed, i) for i, p in enumerate(prompt_list)]

@@ -58,8 +58,8 @@ class PromptAssembler:
         self.tokenizer = tokenizer
 
     def conversation(self, prompt: str, index: int = 0, num_images: int = 1, num_videos: int = 0) -> str:
-        """The user's prompt in the model's conversation format, media tokens not yet expanded. The
-        template's image slot holds the video token when the request is one video."""
+        """The user's prompt in the model's conversation format, media tokens not yet expanded. With
+        videos, the template's image slot holds one token per item (images first, one a line)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt {index}: expected a string, got {type(prompt).__name__}")
         tokens = self.fmt.tokens()
@@ -68,7 +68,9 @@ class PromptAssembler:
         if any(tok in prompt for tok, _ in tokens.values()):
             text = prompt
         else:
-            slot = tokens["video"][0] if (num_videos, num_images) == (1, 0) else self.fmt.image_token
+            # one slot for images alone (more images than slots is an error); with videos, one each
+            media = [self.fmt.image_token] * num_images + [tokens["video"][0]] * num_videos
+            slot = "\n".join(media) if num_videos else self.fmt.image_token
             text = self.fmt.template.replace(self.fmt.image_token, slot).format(prompt=prompt)
         for kind, count in (("image", num_images), ("video", num_videos)):
             if kind not in tokens:

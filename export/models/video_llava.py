@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
+from apet_trt.apet_ops.compat import accepted_kwargs
 
 from ..tokenizer import byte_level_tokenizer
 from .base import EnginePart, ExportFamily, Preset
@@ -138,7 +139,8 @@ def image_processor(image_size: int = 224):
 def pixel_values(processor, frames) -> torch.Tensor:
     """The processor's pixel values for a list of PIL images or [H, W, 3] frames (Transformers 5 names
     them pixel_values or, legacy, pixel_values_images; 4.x pixel_values_images)."""
-    out = processor(images=list(frames), return_tensors="np")
+    new_key = accepted_kwargs(processor.preprocess, return_legacy_image_output=False)
+    out = processor(images=list(frames), return_tensors="np", **new_key)
     key = "pixel_values" if "pixel_values" in out else "pixel_values_images"
     return torch.from_numpy(out[key])
 
