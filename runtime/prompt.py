@@ -69,7 +69,7 @@ class PromptAssembler:
             text = prompt
         else:
             # one slot for images alone (more images than slots is an error); with videos, one each
-            media = [self.fmt.image_token] * num_images + [tokens["video"][0]] * num_videos
+            media = [self.fmt.image_token] * num_images + [tokens["video"][0]] * num_videos if num_videos else []
             slot = "\n".join(media) if num_videos else self.fmt.image_token
             text = self.fmt.template.replace(self.fmt.image_token, slot).format(prompt=prompt)
         for kind, count in (("image", num_images), ("video", num_videos)):

@@ -275,7 +275,7 @@ class VideoLlavaExport(ExportFamily):
         rows = []
         for frames in videos:
             with torch.no_grad():
-                out = model.get_video_features(
+                out = getattr(model, "model", model).get_video_features(  # VideoLlavaModel's (both 4.x and 5.x)
                     pixel_values_videos=pixel_values(processor, frames)[None], vision_feature_layer=self.feature_layer
                 )
             rows.append(_features(out).float().flatten(0, 1))
