@@ -82,6 +82,9 @@ class RuntimeFamily(ABC):
     hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos
     frames_per_video: int | None = None
+    # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
+    # parts (apet serve --upstream); False: no such server registers the model
+    upstream_image_embeds: bool = True
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest

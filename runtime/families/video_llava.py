@@ -36,6 +36,9 @@ def _new_key(processor) -> dict:
 class VideoLlavaFamily(RuntimeFamily):
     name = "video_llava"
     hf_model_class = "VideoLlavaForConditionalGeneration"
+    # vLLM / SGLang register no Video-LLaVA: its rows reach them only as prompt embeddings of the
+    # language model alone (README, "Video-LLaVA"), not as image_embeds parts
+    upstream_image_embeds = False
 
     def __init__(self, manifest):
         super().__init__(manifest)

@@ -221,3 +221,13 @@ def test_a_family_without_videos_refuses_them(tmp_path):
         pipe.generate(prompts="x", videos=str(CLIP))
     with pytest.raises(ValueError, match="the llava family takes no videos"):
         pipe.encode(videos=str(CLIP))
+
+
+def test_serve_upstream_refuses_the_family(engines):
+    """vLLM / SGLang take no Video-LLaVA image_embeds: apet serve --upstream says so in one line."""
+    pytest.importorskip("fastapi", reason="apet serve needs the [serve] extra")
+    from apet_trt.runtime.serve.app import load_pipeline
+    from apet_trt.runtime.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match="no OpenAI-compatible server takes the video_llava family's rows"):
+        load_pipeline(ServeConfig(engine=str(engines[0]), upstream="http://127.0.0.1:9", backend="onnxruntime"))
