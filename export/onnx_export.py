@@ -96,7 +96,9 @@ def compare_with_torch(
     is the embeddings, the second the positions."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.enable_mem_pattern = False  # planned per input shape: they pile up when token counts vary
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
     results = []
     for b in batches:

@@ -405,3 +405,14 @@ def test_pixel_range_options_bound_the_token_axis(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "the llava family takes a fixed image size" in err and err.count("\n") == 1
     assert not (tmp_path / "llava").exists()
+
+
+def test_onnxruntime_plans_no_memory_patterns_for_varying_token_axes(pipes, tmp_path):
+    """ONNX Runtime plans memory per input shape; with token counts that change per call those plans
+    pile up (22 GB for two images at Qwen2.5-VL-7B's shapes), so a dynamic-token engine runs without
+    them and a batch-only one (LLaVA-1.5) keeps them."""
+    from helpers.engines import build_engine_dir
+
+    assert pipes["full"].vision.session.get_session_options().enable_mem_pattern is False
+    llava = runtime.load(build_engine_dir(tmp_path / "llava"), backend="onnxruntime")
+    assert llava.vision.session.get_session_options().enable_mem_pattern is True
