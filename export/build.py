@@ -12,7 +12,6 @@ existing one.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from apet_trt.apet_ops import ApetConfig
 
 from . import manifest as manifest_writer
+from .engine_dir import EngineDirWriter
 from .models.llava import LlavaVisionEngine, checkpoint_config, facts, load_checkpoint
 from .onnx_export import INPUT, OUTPUTS, compare_with_torch, export_vision_onnx
 from .presets import PRESETS, PROMPT_TEMPLATE, build_preset, preset_config
@@ -49,6 +49,10 @@ class BuildConfig:
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
 
     def apet(self) -> ApetConfig | None:
+        if self.no_apet and self.keep is not None:
+            raise ValueError(
+                f"--no-apet builds the uncompressed baseline (all N tokens); it cannot take --keep {self.keep}"
+            )
         if self.no_apet or self.keep is None:
             return None
         return ApetConfig(keep=self.keep, basis=self.basis, merge=self.merge, ridge=self.ridge, start=self.start)
@@ -97,19 +101,6 @@ def _versions() -> dict:
     }
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} exists and is not a directory; refusing to replace it")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
-        if not (out / manifest_writer.MANIFEST).is_file():
-            raise FileExistsError(
-                f"--out {out} exists and is not an engine directory (no manifest.json); "
-                "refusing to replace it even with --force"
-            )
-
-
 def _resolve(model: str):
     """-> (source, config): which kind of model, and its config, without reading any weights."""
     if model in PRESETS:
@@ -129,28 +120,6 @@ def _load(model: str, source: str):
         return m, config, processor, tokenizer, preset
     m, config, processor, tokenizer = load_checkpoint(Path(model).expanduser())
     return m, config, processor, tokenizer, None
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """The ancestors of `path` that do not exist yet, deepest first (created by mkdir(parents=True))."""
-    return [p for p in path.parents if not p.exists()]
-
-
-def _replace_dir(work: Path, out: Path) -> None:
-    """Move `work` to `out`; an existing `out` is moved aside first and restored if the move fails."""
-    backup = None
-    if out.exists():
-        backup = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-    try:
-        work.rename(out)
-    except BaseException:
-        if backup is not None:
-            backup.rename(out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _llm_dtype(config, source: str, preset) -> str:
@@ -182,9 +151,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
     apet = config.apet()  # keep / basis / start / ridge checked here
-    out = Path(config.out)
-    _check_out(out, config.force)
     source, hf_config = _resolve(config.model)
+    checkpoint = [Path(config.model).expanduser()] if source == "path" else []
+    writer = EngineDirWriter(config.out, force=config.force, inputs=checkpoint)  # --out checked before the build
     f = facts(hf_config)
     if apet is not None:
         apet.validate_for(f.num_patches)  # keep <= N, start < N: before any weights are built
@@ -195,11 +164,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     model, hf_config, processor, tokenizer, preset = _load(config.model, source)
     engine = LlavaVisionEngine(model, apet).float().eval()  # vision export in float32
 
-    work = out.parent / f".{out.name}.building"
-    created = _missing_dirs(work)  # removed again if the build fails
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with writer as work:  # locked; removed again, with the parents it made, if the build fails
         what = "ApET" if apet else "no compression"
         steps(f"exporting vision tower + {what} + projector to ONNX (N={f.num_patches} -> T={t})")
         onnx_path = export_vision_onnx(engine, work / "vision.onnx", image_size=f.image_size)
@@ -225,7 +190,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             hf_config.save_pretrained(str(work / "hf"))
             decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": preset.seed, "config": "hf/config.json"}
         else:
-            decoder = {"checkpoint": str(Path(config.model).expanduser().resolve()), "weights": "saved"}
+            decoder = {"checkpoint": None, "weights": "saved"}  # null: the external checkpoint
         del model
 
         steps("TensorRT engine")
@@ -267,20 +232,14 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
             cfg = TrtllmBuildConfig(max_batch_size=config.max_batch, num_visual_tokens=t, dtype=llm_dtype)
-            trtllm = build_trtllm(
-                Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work
-            )
+            trtllm = build_trtllm(checkpoint[0] if source == "path" else work / "hf", work / "llm", cfg, work)
             trtllm["engine_dir"] = "llm"
 
         steps("manifest")
         text = hf_config.text_config
         fields = {
-            "model": {
-                "id": config.model,
-                "source": source,
-                "family": "llava",
-                "path": str(Path(config.model).expanduser().resolve()) if source == "path" else None,
-            },
+            "model": {"id": config.model, "source": source, "family": "llava"},
+            "external_checkpoint": manifest_writer.external_checkpoint(checkpoint[0]) if checkpoint else None,
             "vision": {
                 "feature_layer": f.feature_layer,
                 "select_strategy": f.select_strategy,
@@ -320,18 +279,10 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         }
         data = manifest_writer.write_manifest(work, fields)
         steps.done()
-        _replace_dir(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        for d in created:  # deepest first; only the empty ones this build made
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
+        writer.commit()
 
     if not quiet:
-        print(f"\nengine directory {out}  (N={f.num_patches} -> T={t} visual tokens per image)")
+        print(f"\nengine directory {writer.out}  (N={f.num_patches} -> T={t} visual tokens per image)")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -183,7 +182,7 @@ def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.de
             )
         pad = llm.get("pad_token_id")
         return TensorRTLLMDecoder(
-            manifest.path_of(trt_entry["engine_dir"]),
+            manifest.tensorrt_llm_dir(),
             vocab_size=int(llm["vocab_size"]),
             num_visual_tokens=manifest.num_visual_tokens,
             eos_token_id=int(llm["eos_token_id"]),
@@ -194,9 +193,8 @@ def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.de
         )  # the engine's: the table's
     from .decoders import TensorRTLLMAPIDecoder
 
-    hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
     return TensorRTLLMAPIDecoder(
-        manifest.path_of(hf["checkpoint"]),
+        manifest.transformers_checkpoint(),
         image_token=manifest.image_token,
         max_length=int(llm["max_position_embeddings"]),
     )
@@ -234,7 +232,6 @@ def load(
     `keep`, when given, is the T the caller expects; an engine built for another T is refused."""
     manifest = load_manifest(engine_dir, verify=verify, progress=True)
     check_keep(manifest, keep)
-    root = Path(engine_dir)
     torch_device = _default_device(device)
 
     model_cache: dict = {}
@@ -244,7 +241,7 @@ def load(
             model_cache["model"] = load_transformers_model(manifest, device=torch_device)
         return model_cache["model"]
 
-    preprocessor = ImagePreprocessor(root / "processor", image_size=int(manifest.vision["image_size"]))
+    preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=int(manifest.vision["image_size"]))
     name, reason = choose_backend(manifest, backend)
     if reason.startswith("auto: fell back"):
         log.warning("vision backend %s (%s)", name, reason)
