@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import checks
 from .backends import VisionBackend, choose_backend, create_backend
 from .checkpoint import dtype_named, llm_dtype, load_transformers_model
 from .decoders import Decoder, SamplingConfig
@@ -96,9 +97,7 @@ class Pipeline:
             seed=seed,
         )
         image_list = as_image_list(images)
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list:
-            raise ValueError("empty batch: pass at least one prompt")
+        prompt_list = checks.prompt_list(prompts)
         if len(image_list) != len(prompt_list):
             raise ValueError(f"{len(image_list)} image(s) but {len(prompt_list)} prompt(s): pass one image per prompt")
         with self._lock:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..checks import check_outputs
 from ..images import ImageLike, ImagePreprocessor
 from ..manifest import Manifest
 
@@ -71,6 +72,7 @@ class VisionBackend(ABC):
                 f"{self.name}: the vision engine returned embeddings {tuple(emb.shape)} and positions "
                 f"{tuple(pos.shape)}, the manifest promises {(*want, self.hidden_size)} and {want}"
             )
+        check_outputs(self.name, self.manifest, emb, pos)  # positions ascending, unique, in [0, N); finite
         return emb, pos
 
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:

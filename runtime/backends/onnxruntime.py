@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..checks import check_engine_io, ort_io
 from ..images import ImagePreprocessor
 from ..manifest import Manifest
 from . import VisionBackend
@@ -54,6 +55,7 @@ class OnnxRuntimeBackend(VisionBackend):
                 f"{[self.input_name]} / {self.output_names}"
             )
         self.check_output_shape(path, next(o.shape for o in self.session.get_outputs() if o.name == "embeddings"))
+        check_engine_io(path, manifest, *ort_io(self.session))  # every input and output vs the manifest's io
 
     def _run_chunk(self, pixel_values: np.ndarray):
         emb, pos = self.session.run(["embeddings", "positions"], {self.input_name: pixel_values})
