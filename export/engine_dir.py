@@ -30,6 +30,7 @@ import os
 import shutil
 import stat
 import sys
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -220,8 +221,10 @@ def _remove(path: Path) -> None:
 
 class EngineDirWriter:
     """Builds one engine directory at `out` (see the module docstring). Construct it before the
-    build (it checks --out); use it as a context manager around writing the work directory, and call
-    `commit()` as the last step inside it."""
+    build: it checks --out and takes the lock (where the parent exists; else on entering), so a
+    second build is refused at once. Use it as a context manager around writing the work directory,
+    and call `commit()` as the last step inside it; leaving it (or losing the writer) lets go of the
+    lock."""
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = ()):
         self.given, self.force, self.inputs = os.fspath(out), force, tuple(inputs)
@@ -232,12 +235,16 @@ class EngineDirWriter:
         self._lock = _Lock(parent / f".{name}.lock", self.out)
         self._created: list[Path] = []
         self._committed = False
+        weakref.finalize(self, self._lock.release)  # a build that fails before `with` lets go too
+        if parent.is_dir():  # a second build to this --out is refused now, not after loading a model
+            self._lock.acquire()
 
     def __enter__(self) -> Path:
         self._created = [p for p in self.out.parents if not p.exists()]  # deepest first
         self.out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock.acquire()
+            if self._lock.fd is None:
+                self._lock.acquire()
         except BaseException:
             self._remove_created()
             raise

@@ -85,7 +85,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     from . import load
     from .decoders import SamplingConfig
-    from .images import check_image_path
+    from .images import check_image_file
     from .overlay import overlay_target
 
     # every argument checked before a model is loaded
@@ -97,7 +97,7 @@ def run_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    check_image_path(args.image, "--image")
+    check_image_file(args.image, "--image")
     if args.overlay:
         overlay_target(args.overlay, image=args.image, engine_dir=args.engine, force=args.force_overlay)
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)

@@ -44,6 +44,7 @@ MAX_ASPECT = 200
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|data:)")
 _ROWS = 1024  # rows per chunk when scaling high-bit-depth images (bounded temporaries)
+_BAND_PIXELS = 1 << 22  # pixels per band when compositing transparency
 
 
 # --- paths ----------------------------------------------------------------------------------------
@@ -79,8 +80,8 @@ def check_geometry(width: int, height: int, where: str) -> None:
         raise ValueError(f"{where}: zero-size image ({width}x{height})")
     if width * height > MAX_PIXELS:
         raise ValueError(
-            f"{where}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the limit of "
-            f"{MAX_PIXELS / 1e6:.1f} MP ({MAX_SIDE}x{MAX_SIDE}); downscale it first"
+            f"{where}: {width}x{height} = {width * height:,} pixels, over the limit of {MAX_PIXELS:,} "
+            f"({MAX_SIDE}x{MAX_SIDE}); downscale it first"
         )
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT:
@@ -155,13 +156,19 @@ def _has_alpha(image: Image.Image) -> bool:
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
-    """Transformers' convert_to_rgb: transparency composited onto white (its signature grew a
-    return_numpy flag in Transformers 5; 4.x returns a PIL image)."""
+    """Transformers' convert_to_rgb - transparency composited onto white - applied to bands of rows
+    (it is per pixel, so the result is the same) to keep its temporaries small for large images. Its
+    signature grew a return_numpy flag in Transformers 5; 4.x returns a PIL image."""
     from transformers.image_transforms import convert_to_rgb
 
-    if "return_numpy" in inspect.signature(convert_to_rgb).parameters:
-        return Image.fromarray(convert_to_rgb(image, return_numpy=True))
-    return convert_to_rgb(image)
+    numpy_flag = "return_numpy" in inspect.signature(convert_to_rgb).parameters
+    out = Image.new("RGB", image.size)
+    rows = max(1, _BAND_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        band = image.crop((0, top, image.width, min(image.height, top + rows)))
+        rgb = Image.fromarray(convert_to_rgb(band, return_numpy=True)) if numpy_flag else convert_to_rgb(band)
+        out.paste(rgb, (0, top))
+    return out
 
 
 def as_displayed(image: Image.Image, where: str, *, own: bool = False) -> Image.Image:
@@ -178,28 +185,45 @@ def as_displayed(image: Image.Image, where: str, *, own: bool = False) -> Image.
     return _composite_on_white(image) if _has_alpha(image) else image.convert("RGB")
 
 
-def _from_path(path: str | os.PathLike, where: str) -> Image.Image:
+def _open_checked(path: str | os.PathLike, where: str) -> tuple[Image.Image, str]:
+    """Open a local image file lazily (header only) in an accepted format and check its geometry;
+    -> (the unloaded image, where, naming the path)."""
     p = check_image_path(path, where)
     try:
         img = Image.open(p, formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(pixels.group(1)) / 1e6:.1f} MP" if pixels else "more pixels than Pillow allows"
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than Pillow allows"
         raise ValueError(
-            f"{where}: {p} has {size}, over the limit of {MAX_PIXELS / 1e6:.1f} MP ({MAX_SIDE}x{MAX_SIDE}); "
-            "downscale it first"
+            f"{where}: {p} has {size}, over the limit of {MAX_PIXELS:,} ({MAX_SIDE}x{MAX_SIDE}); downscale it first"
         ) from None
     except UnidentifiedImageError:
         raise ValueError(f"{where}: {p} is not an image PIL can read (formats read: {', '.join(FORMATS)})") from None
     except OSError as exc:
         raise ValueError(f"{where}: {p} could not be read as an image ({exc})") from None
-    with img:
+    try:
         check_geometry(img.width, img.height, f"{where}: {p}")  # from the header: nothing decoded yet
+    except BaseException:
+        img.close()
+        raise
+    return img, f"{where}: {p}"
+
+
+def check_image_file(path: str | os.PathLike, where: str = "image") -> None:
+    """Everything about an image file that its header tells (path, format, geometry), without
+    decoding it: what `apet run` checks before it loads a model."""
+    img, _ = _open_checked(path, where)
+    img.close()
+
+
+def _from_path(path: str | os.PathLike, where: str) -> Image.Image:
+    img, where = _open_checked(path, where)
+    with img:
         try:
             img.load()
         except OSError as exc:  # truncated or otherwise unreadable image data
-            raise ValueError(f"{where}: {p} could not be read as an image ({exc})") from None
-        return as_displayed(img, f"{where}: {p}", own=True)
+            raise ValueError(f"{where} could not be read as an image ({exc})") from None
+        return as_displayed(img, where, own=True)
 
 
 def _from_array(array: Any, where: str) -> Image.Image:
@@ -294,16 +318,37 @@ class ImagePreprocessor:
         if size is not None and size[0] * size[1] > MAX_PIXELS:
             raise ValueError(
                 f"image {index}: {image.width}x{image.height} would be resized to {size[0]}x{size[1]} by the "
-                f"processor, over {MAX_PIXELS / 1e6:.1f} MP; crop or pad it first"
+                f"processor, over the limit of {MAX_PIXELS:,} pixels; crop or pad it first"
             )
 
+    def _shrink(self, image: Image.Image) -> Image.Image:
+        """The processor's own shortest-edge resize done first, on the PIL image (Transformers'
+        size rule, the processor's filter, Pillow's resize as the processor calls it): the processor
+        then resizes to the same size, which Pillow does as a copy, so pixel_values are unchanged
+        while the processor never copies a large decoded image whole."""
+        p = self.processor
+        size = _size_fields(getattr(p, "size", None))
+        if not getattr(p, "do_resize", True) or set(size) != {"shortest_edge"}:
+            return image
+        from transformers.image_transforms import get_resize_output_image_size
+        from transformers.image_utils import ChannelDimension
+
+        shape = np.broadcast_to(np.uint8(0), (image.height, image.width, 3))  # the geometry, no pixels
+        h, w = get_resize_output_image_size(
+            shape, size=size["shortest_edge"], default_to_square=False, input_data_format=ChannelDimension.LAST
+        )
+        if w * h >= image.width * image.height:
+            return image  # enlarging: left to the processor
+        return image.resize((w, h), resample=Image.Resampling(int(getattr(p, "resample", Image.Resampling.BICUBIC))))
+
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
-        """One image at a time (decode, check, process, release), so a batch holds at most one
-        decoded image in memory."""
+        """One image at a time (decode, check, shrink as the processor would, process, release), so
+        a batch holds at most one decoded image in memory."""
         rows = []
         for i, img in enumerate(as_image_list(images)):
             picture = to_pil(img, i)
             self._check_resize(picture, i)
+            picture = self._shrink(picture)
             rows.append(np.asarray(self.processor(images=[picture], return_tensors="np")["pixel_values"]))
             del picture
         pixel_values = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
