@@ -12,6 +12,8 @@ existing one.
 
 from __future__ import annotations
 
+import copy
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,14 +21,16 @@ from pathlib import Path
 import torch
 
 from apet_trt.apet_ops import ApetConfig
+from apet_trt.apet_ops.compat import config_dtype
 
 from . import manifest as manifest_writer
 from .engine_dir import EngineDirWriter
-from .models.llava import LlavaVisionEngine, checkpoint_config, facts, load_checkpoint
-from .onnx_export import INPUT, OUTPUTS, compare_with_torch, export_vision_onnx
-from .presets import PRESETS, PROMPT_TEMPLATE, build_preset, preset_config
+from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
+from .onnx_export import compare_with_torch, export_vision_onnx
+from .precision import compressor_not_fp32, part_dtypes
+from .presets import PRESETS, get_preset, load_preset, preset_config
 from .tensorrt_build import INSTALL_HINT as TRT_HINT
-from .tensorrt_build import build_tensorrt, tensorrt_version
+from .tensorrt_build import build_tensorrt, llm_plan_record, tensorrt_version
 from .trtllm_build import INSTALL_HINT as TRTLLM_HINT
 from .trtllm_build import TrtllmBuildConfig, build_trtllm, tensorrt_llm_version
 
@@ -43,7 +47,7 @@ class BuildConfig:
     no_apet: bool = False
     max_batch: int = 8
     opt_batch: int = 1
-    fp16: bool = False
+    fp16: bool = False  # tower and projector exported in float16; the compressor stays float32
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
@@ -101,41 +105,72 @@ def _versions() -> dict:
     }
 
 
-def _resolve(model: str):
-    """-> (source, config): which kind of model, and its config, without reading any weights."""
+def checkpoint_config(path: Path):
+    """A local checkpoint's config (offline, no weights read)."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def _resolve(model: str) -> tuple[str, ExportFamily]:
+    """-> (source, the model's family adapter on its config): without reading any weights."""
     if model in PRESETS:
-        return "preset", preset_config(model)[0]
+        return "preset", family_class(get_preset(model).family)(preset_config(model)[0])
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing checkpoint directory"
         )
-    return "path", checkpoint_config(path)
+    config = checkpoint_config(path)
+    try:
+        family = family_for_model_type(config.model_type)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return "path", family(config)
 
 
-def _load(model: str, source: str):
-    """-> (model, config, image processor, tokenizer, preset or None)."""
+def _load(model: str, source: str, family: ExportFamily) -> LoadedModel:
     if source == "preset":
-        m, config, processor, tokenizer, preset = build_preset(model)
-        return m, config, processor, tokenizer, preset
-    m, config, processor, tokenizer = load_checkpoint(Path(model).expanduser())
-    return m, config, processor, tokenizer, None
+        return load_preset(model)
+    return family.load_checkpoint(Path(model).expanduser())
 
 
-def _llm_dtype(config, source: str, preset) -> str:
+def _llm_dtype(config, source: str, loaded: LoadedModel) -> str:
     if source == "preset":
-        return "float32" if preset.materialise_language_model else "float16"
-    dtype = next(
-        (
-            d
-            for cfg in (config.text_config, config)
-            for attr in ("dtype", "torch_dtype")
-            if (d := getattr(cfg, attr, None)) is not None
-        ),
-        None,
-    )
+        return "float32" if loaded.language_model_saved else "float16"
+    dtype = next((d for cfg in (config.text_config, config) if (d := config_dtype(cfg)) is not None), None)
     name = str(dtype).replace("torch.", "") if dtype is not None else "float16"
     return name if name in ("float16", "bfloat16", "float32") else "float16"
+
+
+def _profile_shapes(io: dict, batch: int) -> dict[str, tuple[int, ...]]:
+    """Each input's shape for `batch` items: the dynamic (named) dim is the items axis."""
+    return {t["name"]: tuple(batch if isinstance(d, str) else d for d in t["shape"]) for t in io["inputs"]}
+
+
+def _export_part(part: EnginePart, work: Path, fp16: bool, batches: list[int]) -> dict:
+    """One extra vision engine -> <name>.onnx, checked against PyTorch; -> its manifest `parts` entry."""
+    module = (copy.deepcopy(part.module).half() if fp16 else part.module.float()).eval()
+    io = part.io
+    dynamic = {
+        t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+        for t in [*io["inputs"], *io["outputs"]]
+    }
+    path = export_vision_onnx(
+        module,
+        work / f"{part.name}.onnx",
+        inputs=part.example_inputs(2, torch.Generator().manual_seed(0)),
+        output_names=[o["name"] for o in io["outputs"]],
+        dynamic_axes=dynamic,
+    )
+    for c in compare_with_torch(module, path, part.example_inputs, batches=batches):
+        if not c.agreement.passed(reduced_precision=fp16):
+            raise RuntimeError(
+                f"ONNX Runtime disagrees with PyTorch on {part.name}.onnx at batch {c.batch}: {c.agreement}"
+            )
+    return {"io": io, "engines": {"onnx": path.name, "tensorrt": None}}
 
 
 def build(config: BuildConfig, *, quiet: bool = False) -> dict:
@@ -151,128 +186,154 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
     apet = config.apet()  # keep / basis / start / ridge checked here
-    source, hf_config = _resolve(config.model)
+    source, family = _resolve(config.model)
     checkpoint = [Path(config.model).expanduser()] if source == "path" else []
     writer = EngineDirWriter(config.out, force=config.force, inputs=checkpoint)  # --out checked before the build
-    f = facts(hf_config)
-    if apet is not None:
-        apet.validate_for(f.num_patches)  # keep <= N, start < N: before any weights are built
-    t = apet.keep if apet else f.num_patches
+    apet = family.apet_config(apet)  # the family's variant (e.g. the video layout)
+    family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    n, t = family.num_patches, family.rows_per_item(apet)
     steps = Steps(7, quiet)
 
-    steps(f"loading {config.model}")
-    model, hf_config, processor, tokenizer, preset = _load(config.model, source)
-    engine = LlavaVisionEngine(model, apet).float().eval()  # vision export in float32
+    steps(f"loading {config.model} (family {family.name})")
+    loaded = _load(config.model, source, family)
+    model, hf_config, processor, tokenizer = loaded.model, loaded.config, loaded.processor, loaded.tokenizer
+    engine = family.vision_module(model, apet)
+    # precision is the graph's (export/precision.py): tower and projector in the build's dtype, the
+    # compressor casts to float32 inside; a float16 copy, so that the cast never reaches the model
+    # whose weights are saved as the decoder checkpoint below
+    engine = (copy.deepcopy(engine).half() if config.fp16 else engine.float()).eval()
+    io = family.io(apet)
+    output_names = [o["name"] for o in io["outputs"]]
 
     with writer as work:  # locked; removed again, with the parents it made, if the build fails
         what = "ApET" if apet else "no compression"
-        steps(f"exporting vision tower + {what} + projector to ONNX (N={f.num_patches} -> T={t})")
-        onnx_path = export_vision_onnx(engine, work / "vision.onnx", image_size=f.image_size)
+        steps(f"exporting vision tower + {what} + projector to ONNX (N={n} -> T={t})")
+        onnx_path = export_vision_onnx(
+            engine,
+            work / "vision.onnx",
+            inputs=family.example_inputs(2, torch.Generator().manual_seed(0)),  # batch 2: the batch axis stays symbolic
+            output_names=output_names,
+            dynamic_axes=family.dynamic_axes(apet),
+        )
         steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
+        if wrong := compressor_not_fp32(onnx_path):
+            raise RuntimeError(f"the exported compressor computes outside float32: {', '.join(wrong[:5])}")
+        dtypes = part_dtypes(onnx_path)
+        steps.note("dtypes: " + ", ".join(f"{part} {dt}" for part, dt in dtypes.items() if dt))
 
         steps("ONNX Runtime vs PyTorch")
         batches = sorted({1, min(3, config.max_batch)})
-        for c in compare_with_torch(engine, onnx_path, image_size=f.image_size, batches=batches):
-            steps.note(
-                f"batch {c.batch}: max |diff| {c.max_abs_diff:.2e} ({c.max_rel_diff:.1e} of max), "
-                f"positions equal: {c.positions_equal}"
-            )
-            if not c.positions_equal or c.max_rel_diff > 1e-3:
-                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c}")
+        for c in compare_with_torch(engine, onnx_path, family.example_inputs, batches=batches):
+            steps.note(f"batch {c.batch}: {c.agreement}")
+            if not c.agreement.passed(reduced_precision=config.fp16):
+                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c.agreement}")
+
+        parts = {}  # vision engines beside the main one (export/models/base.py, EnginePart)
+        for part in family.extra_parts(model, apet):
+            steps.note(f"engine part {part.name!r}: exporting {part.name}.onnx and comparing with PyTorch")
+            parts[part.name] = _export_part(part, work, config.fp16, batches)
 
         steps("saving processor, tokenizer and decoder checkpoint")
         processor.save_pretrained(str(work / "processor"))
         tokenizer.save_pretrained(str(work / "tokenizer"))
-        if source == "preset" and preset.materialise_language_model:
+        if source == "preset" and loaded.language_model_saved:
             model.save_pretrained(str(work / "hf"))
             decoder = {"checkpoint": "hf", "weights": "saved"}
         elif source == "preset":
             hf_config.save_pretrained(str(work / "hf"))
-            decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": preset.seed, "config": "hf/config.json"}
+            seed = get_preset(config.model).seed
+            decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": seed, "config": "hf/config.json"}
         else:
             decoder = {"checkpoint": None, "weights": "saved"}  # null: the external checkpoint
         del model
 
         steps("TensorRT engine")
         plan = None
+        plans = {}  # engine kind -> what built its plan (tensorrt_build.plan_record)
         if not config.tensorrt:
             steps.note("skipped (--no-tensorrt)")
         elif tensorrt_version() is None:
             steps.note(f"TensorRT is not importable: wrote the ONNX engine only ({TRT_HINT})")
         else:
+            shapes = [family.profile_shapes(b) for b in (1, config.opt_batch, config.max_batch)]
             result = build_tensorrt(
                 onnx_path,
                 work / "vision.plan",
-                input_name=INPUT,
-                image_size=f.image_size,
-                max_batch=config.max_batch,
-                opt_batch=config.opt_batch,
-                fp16=config.fp16,
+                profile={name: tuple(s[name] for s in shapes) for name in shapes[0]},
             )
             plan = "vision.plan"
-            steps.note(
-                f"saved vision.plan; compressor layers pinned to fp32: {result.fp32_layers}; "
-                f"TensorRT vs ONNX Runtime: {'passed' if result.compare_passed else 'FAILED'}"
-            )
-            if not result.compare_passed:
-                raise RuntimeError(
-                    "TensorRT outputs differ from ONNX Runtime beyond tolerance (see Polygraphy's report)"
+            plans["tensorrt"] = result.record
+            for name, entry in parts.items():
+                part_shapes = [_profile_shapes(entry["io"], b) for b in (1, config.opt_batch, config.max_batch)]
+                part_result = build_tensorrt(
+                    work / entry["engines"]["onnx"],
+                    work / f"{name}.plan",
+                    profile={k: tuple(s[k] for s in part_shapes) for k in part_shapes[0]},
                 )
+                entry["engines"]["tensorrt"] = f"{name}.plan"
+                steps.note(f"saved {name}.plan; TensorRT vs ONNX Runtime: {part_result.agreement}")
+                if not part_result.agreement.passed(reduced_precision=True):
+                    raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on {name}.onnx: {part_result.agreement}")
+            steps.note(
+                f"saved vision.plan (TensorRT {result.record['tensorrt']}, {result.record['gpu']}, compute "
+                f"capability {result.record['compute_capability']}, strongly typed)"
+            )
+            steps.note(f"TensorRT vs ONNX Runtime: {result.agreement}")
+            if not result.agreement.passed(reduced_precision=True):
+                raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on the same graph: {result.agreement}")
 
         steps("TensorRT-LLM decoder engine")
         trtllm = None
-        llm_dtype = _llm_dtype(hf_config, source, preset)
+        llm_dtype = _llm_dtype(hf_config, source, loaded)
         if not config.tensorrt_llm:
             steps.note("skipped (--no-tensorrt-llm)")
         elif tensorrt_llm_version() is None:
             steps.note(f"tensorrt_llm is not importable: the decoder is the Transformers checkpoint ({TRTLLM_HINT})")
         elif decoder["weights"] != "saved":
             steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
+        elif family.trtllm_model_class is None:
+            steps.note(f"TensorRT-LLM's engine flow has no route for the {family.name} family: no engine")
         else:
             # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
-            cfg = TrtllmBuildConfig(max_batch_size=config.max_batch, num_visual_tokens=t, dtype=llm_dtype)
-            trtllm = build_trtllm(checkpoint[0] if source == "path" else work / "hf", work / "llm", cfg, work)
+            cfg = TrtllmBuildConfig(
+                max_batch_size=config.max_batch,
+                num_visual_tokens=family.max_rows_per_image(apet),  # rows per request, at most
+                dtype=llm_dtype,
+                model_class=family.trtllm_model_class,
+            )
+            hf_dir = checkpoint[0] if source == "path" else work / "hf"
+            lm_dir = family.trtllm_checkpoint(hf_dir, work / ".trtllm_hf")  # what the converter reads
+            trtllm = build_trtllm(lm_dir, work / "llm", cfg, work)
+            shutil.rmtree(work / ".trtllm_hf", ignore_errors=True)
             trtllm["engine_dir"] = "llm"
+            plans["tensorrt_llm"] = llm_plan_record(
+                work / "llm", dtype=llm_dtype, tensorrt_llm_version=tensorrt_llm_version()
+            )
 
         steps("manifest")
         text = hf_config.text_config
         fields = {
-            "model": {"id": config.model, "source": source, "family": "llava"},
+            "model": {"id": config.model, "source": source, "family": family.name},
             "external_checkpoint": manifest_writer.external_checkpoint(checkpoint[0]) if checkpoint else None,
-            "vision": {
-                "feature_layer": f.feature_layer,
-                "select_strategy": f.select_strategy,
-                "image_size": f.image_size,
-                "patch_size": f.patch_size,
-                "num_patches": f.num_patches,
-                "feature_dim": f.feature_dim,
-            },
+            **family.manifest_fields(apet),
             "apet": apet.to_dict() if apet else None,
-            "num_visual_tokens": t,
             "llm": {
-                "hidden_size": f.hidden_size,
-                "vocab_size": f.vocab_size,
-                "image_token_id": f.image_token_id,
+                **family.llm_fields(),
                 "dtype": llm_dtype,
-                "max_position_embeddings": f.max_position_embeddings,
                 "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id,
                 "eos_token_id": tokenizer.eos_token_id,
                 "bos_token_id": tokenizer.bos_token_id,
             },
-            "prompt_template": PROMPT_TEMPLATE,
-            "image_token": "<image>",
-            "io": {
-                "inputs": [{"name": INPUT, "dtype": "float32", "shape": ["batch", 3, f.image_size, f.image_size]}],
-                "outputs": [
-                    {"name": OUTPUTS[0], "dtype": "float32", "shape": ["batch", t, f.hidden_size]},
-                    {"name": OUTPUTS[1], "dtype": "int64", "shape": ["batch", t]},
-                ],
-            },
+            "prompt_template": family.prompt_template,
+            "image_token": family.image_token,
+            "io": io,
             "batch": {"min": 1, "opt": config.opt_batch, "max": config.max_batch},
-            "precision": {"vision": "fp16" if (config.fp16 and plan) else "fp32", "compressor": "fp32"},
+            "precision": {"vision": dtypes["vision_tower"], "compressor": dtypes["compressor"]},
             "processor": processor.to_dict(),
             "engines": {"onnx": "vision.onnx", "tensorrt": plan},
+            **({"parts": parts} if parts else {}),
+            "plans": plans,
             "decoder": {"transformers": decoder, "tensorrt_llm": trtllm},
             "versions": _versions(),
             "build": {k: v for k, v in asdict(config).items() if k not in ("out", "force")},
@@ -282,7 +343,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         writer.commit()
 
     if not quiet:
-        print(f"\nengine directory {writer.out}  (N={f.num_patches} -> T={t} visual tokens per image)")
+        print(f"\nengine directory {writer.out}  (N={n} -> T={t} visual tokens per {family.item})")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")

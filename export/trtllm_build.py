@@ -38,6 +38,7 @@ class TrtllmBuildConfig:
     max_text_len: int = 512  # text tokens of a prompt, T excluded
     max_new_tokens: int = 512
     dtype: str = "float16"
+    model_class: str = "LLaMAForCausalLM"  # tensorrt_llm.models class of the language model (the family's)
 
     @property
     def max_multimodal_len(self) -> int:
@@ -51,10 +52,10 @@ class TrtllmBuildConfig:
 def build_trtllm(checkpoint_dir: Path, out_dir: Path, config: TrtllmBuildConfig, work_dir: Path) -> dict:
     """Convert and build; returns the manifest's decoder.tensorrt_llm entry (paths relative to
     the engine directory are filled in by the caller)."""
-    from tensorrt_llm.models import LLaMAForCausalLM
+    from tensorrt_llm import models
 
     ckpt = Path(work_dir) / "trtllm_checkpoint"
-    model = LLaMAForCausalLM.from_hugging_face(str(checkpoint_dir), dtype=config.dtype)
+    model = getattr(models, config.model_class).from_hugging_face(str(checkpoint_dir), dtype=config.dtype)
     model.save_checkpoint(str(ckpt), save_config=True)
     del model
     exe = shutil.which("trtllm-build")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from apet_trt.apet_ops.compat import dtype_kwarg
+
 from .manifest import Manifest
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,38 +25,24 @@ def llm_dtype(manifest: Manifest) -> torch.dtype:
     return dtype_named(manifest.llm.get("dtype", "float32"), f"{manifest.root}: llm.dtype")
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """from_pretrained's dtype argument: `dtype` since Transformers 4.56, `torch_dtype` before (the
-    4.x line is what TensorRT-LLM installs pin)."""
+def load_transformers_model(
+    manifest: Manifest, *, device: torch.device, model_class: str, dtype: torch.dtype | None = None
+):
+    """The VLM (vision tower, projector, language model) as a Transformers model of `model_class`
+    (the family's, runtime/families/), in eval mode."""
     import transformers
 
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def _model_class(family: str):
-    if family == "llava":
-        from transformers import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
-
-
-def load_transformers_model(manifest: Manifest, *, device: torch.device, dtype: torch.dtype | None = None):
-    """The VLM (vision tower, projector, language model) as a Transformers model, in eval mode."""
     entry = (manifest.data.get("decoder") or {}).get("transformers")
     if not entry:
         raise RuntimeError(f"{manifest.root}: the manifest names no Transformers checkpoint (decoder.transformers)")
     dtype = dtype or llm_dtype(manifest)
-    cls = _model_class(manifest.family)
+    cls = getattr(transformers, model_class)
     weights = entry.get("weights", "saved")
     if weights == "saved":
         path = manifest.transformers_checkpoint()
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: the Transformers checkpoint named by the manifest does not exist")
-        model = cls.from_pretrained(str(path), **_dtype_kwarg(dtype))
+        model = cls.from_pretrained(str(path), **dtype_kwarg(dtype))
     elif weights == "random-seeded":
         from transformers import AutoConfig
 

@@ -1,15 +1,17 @@
 """Checks on what the runtime did not produce itself, each a one-line call where it is needed:
 
-    check_engine_io     at load: the vision engine's declared inputs and outputs (names, dtypes,
-                        ranks, static dims) against the manifest's `io`
-    check_outputs       every request: positions ascending, unique and in [0, N), embeddings finite
-    prompt_list         prompts: a string or a list of strings, said plainly otherwise
-    sampling_values     SamplingConfig's fields, normalised (numpy integers accepted), before any
-                        model is loaded
+    check_engine_dtypes  at load: the vision engine's declared input and output dtypes against the
+                         manifest's `io` (names and static dims: VisionBackend.check_io)
+    check_outputs        every engine call: each item's positions unique and in [0, N), embeddings
+                         finite (all families)
+    check_ascending      a family whose rows are in spatial order: positions strictly ascending
+    prompt_list          prompts: a string or a list of strings, said plainly otherwise
+    sampling_values      SamplingConfig's fields, normalised (numpy integers accepted), before any
+                         model is loaded
 
 An engine that disagrees with its manifest (a replaced ONNX re-hashed into it, a plan built for
-another shape) fails here with a line naming the engine file, never with a backend's raw error at
-the first request or with output printed as if it were fine.
+another shape) fails here with a line naming the engine, never with a backend's raw error at the
+first request or with output printed as if it were fine.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class TensorSpec:
 
 
 def ort_io(session) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """An onnxruntime.InferenceSession's declared (inputs, outputs)."""
+    """An onnxruntime.InferenceSession's declared (inputs, outputs), dtypes in the manifest's names."""
 
     def specs(args):
         return [TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
@@ -54,55 +56,55 @@ def ort_io(session) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return specs(session.get_inputs()), specs(session.get_outputs())
 
 
-def _static(dim) -> bool:
-    return isinstance(dim, int) and dim >= 0
-
-
-def check_engine_io(source, manifest, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
-    """At load: the engine takes and emits what the manifest says (dims that either side leaves
-    dynamic are not compared)."""
+def check_engine_dtypes(source, manifest, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+    """At load: every tensor the engine declares has the manifest's dtype."""
     for side, got in (("inputs", inputs), ("outputs", outputs)):
-        want = {t["name"]: t for t in manifest.data["io"][side]}
-        have = {t.name: t for t in got}
-        if set(have) != set(want):
-            raise RuntimeError(
-                f"{source}: the engine's {side} {sorted(have)} differ from the manifest's io.{side} {sorted(want)}; "
-                "rebuild the engine directory with `apet build`"
-            )
-        for name, spec in want.items():
-            t = have[name]
-            shape = list(spec["shape"])
-            if t.dtype is not None and t.dtype != spec["dtype"]:
+        want = {t["name"]: t["dtype"] for t in manifest.data["io"][side]}
+        for t in got:
+            if t.name in want and t.dtype is not None and t.dtype != want[t.name]:
                 raise RuntimeError(
-                    f"{source}: {side[:-1]} {name!r} is {t.dtype}, the manifest says {spec['dtype']}; "
-                    "rebuild the engine directory with `apet build`"
-                )
-            if len(t.shape) != len(shape) or any(_static(a) and _static(b) and a != b for a, b in zip(t.shape, shape)):
-                raise RuntimeError(
-                    f"{source}: {side[:-1]} {name!r} has shape {list(t.shape)}, the manifest says {shape}; "
+                    f"{source}: {side[:-1]} {t.name!r} is {t.dtype}, the manifest says {want[t.name]}; "
                     "rebuild the engine directory with `apet build`"
                 )
 
 
-def check_outputs(source, manifest, embeddings: torch.Tensor, positions: torch.Tensor) -> None:
-    """Every request: each image's kept positions strictly ascending (so unique) and in [0, N), its
-    embeddings finite. Names the image and the engine."""
+def check_outputs(source, manifest, outputs: dict[str, torch.Tensor]) -> None:
+    """Every engine call: item b's `positions` are unique and in [0, N) (N: vision.num_patches, the
+    rows one item has before compression), its `embeddings` finite. Names the item and the engine."""
+    positions, embeddings = outputs.get("positions"), outputs.get("embeddings")
     n = manifest.num_patches
-    for b in range(positions.shape[0]):
-        row = positions[b]
-        if row.numel() and (int(row.min()) < 0 or int(row.max()) >= n):
-            bad = int(row[(row < 0) | (row >= n)][0])
+    if positions is not None and positions.ndim == 2 and positions.numel():
+        pos = positions.to(torch.int64).cpu()
+        bad = (pos < 0) | (pos >= n)
+        if bool(bad.any()):
+            b = int(bad.any(dim=1).nonzero()[0])
             raise RuntimeError(
-                f"{source}: image {b}: the vision engine returned position {bad}, outside [0, N={n}); the engine does "
-                "not match its manifest: rebuild it with `apet build`"
+                f"{source}: item {b}: the vision engine returned position {int(pos[b][bad[b]][0])}, outside "
+                f"[0, N={n}); the engine does not match its manifest: rebuild it with `apet build`"
             )
-        if row.numel() > 1 and not bool((row[1:] > row[:-1]).all()):
+        ordered = pos.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if bool(repeated.any()):
+            b = int(repeated.nonzero()[0])
             raise RuntimeError(
-                f"{source}: image {b}: the vision engine returned positions that are not strictly ascending "
-                f"({row.tolist()[:8]}...); the engine does not match its manifest: rebuild it with `apet build`"
+                f"{source}: item {b}: the vision engine returned a position twice ({pos[b].tolist()[:8]}...); "
+                "the engine does not match its manifest: rebuild it with `apet build`"
             )
-        if not bool(torch.isfinite(embeddings[b]).all()):
-            raise RuntimeError(f"{source}: image {b}: the vision engine returned NaN or Inf embeddings")
+    if embeddings is not None and embeddings.is_floating_point() and not bool(torch.isfinite(embeddings).all()):
+        b = int((~torch.isfinite(embeddings)).flatten(1).any(dim=1).nonzero()[0]) if embeddings.ndim > 1 else 0
+        raise RuntimeError(f"{source}: item {b}: the vision engine returned NaN or Inf embeddings")
+
+
+def check_ascending(source, rows) -> None:
+    """A family whose rows are in spatial order (LLaVA-1.5): each image's positions strictly
+    ascending. `rows`: VisualRows."""
+    for b, r in enumerate(rows):
+        p = r.positions
+        if p.numel() > 1 and not bool((p[1:] > p[:-1]).all()):
+            raise RuntimeError(
+                f"{source}: image {b}: the vision engine returned positions that are not ascending "
+                f"({p.tolist()[:8]}...); the engine does not match its manifest: rebuild it with `apet build`"
+            )
 
 
 def _shown(value: Any) -> str:

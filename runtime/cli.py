@@ -20,14 +20,19 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def register(subparsers) -> None:
     run = subparsers.add_parser(
         "run",
-        help="image + prompt through an engine directory",
-        description="Run one image and prompt through an engine directory: prints the "
+        help="image (or video) + prompt through an engine directory",
+        description="Run one image (or video) and prompt through an engine directory: prints the "
         "text, the tokens kept (N -> T) and per-stage timings.",
         formatter_class=_DefaultsFormatter,
     )
     run.add_argument("--engine", required=True, help="engine directory (built by `apet build`)")
-    run.add_argument("--image", required=True, help="local image file (PNG, JPEG, WebP, TIFF, ...; up to 8192x8192)")
-    run.add_argument("--prompt", required=True, help="question or instruction about the image")
+    media = run.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="local image file (PNG, JPEG, WebP, TIFF, ...; up to 8192x8192)")
+    media.add_argument(
+        "--video",
+        help="video file (families that take videos, e.g. video_llava: frames sampled uniformly with PyAV)",
+    )
+    run.add_argument("--prompt", required=True, help="question or instruction about the image or video")
     run.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
     run.add_argument(
         "--keep",
@@ -60,7 +65,8 @@ def register(subparsers) -> None:
         "--overlay",
         default=None,
         metavar="OUT.png",
-        help="write the kept patches over the image to this new file (never the input image or the engine dir)",
+        help="write the kept patches over the image (a video: a contact sheet of the sampled frames) to this new "
+        "file (never the input or the engine dir)",
     )
     run.add_argument("--force-overlay", action="store_true", help="let --overlay replace an existing file")
     run.add_argument("--grid", action="store_true", help="also print the patch grid, kept patches as '#'")
@@ -85,7 +91,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     from . import load
     from .decoders import SamplingConfig
-    from .images import check_image_file
+    from .images import check_image_file, check_local_file
     from .overlay import overlay_target
 
     # every argument checked before a model is loaded
@@ -97,13 +103,17 @@ def run_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    check_image_file(args.image, "--image")
+    if args.image is not None:
+        check_image_file(args.image, "--image")  # path, format and geometry, from the header
+    else:
+        check_local_file(args.video, "--video", "video")
+    media = {"images": args.image, "videos": args.video}
     if args.overlay:
-        overlay_target(args.overlay, image=args.image, engine_dir=args.engine, force=args.force_overlay)
+        overlay_target(args.overlay, image=args.image or args.video, engine_dir=args.engine, force=args.force_overlay)
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
     [result] = pipe.generate(
-        args.image,
-        args.prompt,
+        prompts=args.prompt,
+        **media,
         max_new_tokens=sampling.max_new_tokens,
         do_sample=sampling.do_sample,
         temperature=sampling.temperature,
@@ -113,7 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     overlay_path = None
     if args.overlay:
-        overlay_path = write_overlay(pipe, args.image, result.positions, args.overlay, force=args.force_overlay)
+        overlay_path = write_overlay(pipe, media, result.positions, args.overlay, force=args.force_overlay)
     if args.json:
         payload = {
             "text": result.text,
@@ -135,7 +145,7 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")
     if args.grid:
-        print(patch_grid(result.positions, pipe.manifest))
+        print(patch_grid(pipe, media, result.positions))
     print(f"text     {result.text!r}")
     print(
         f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
@@ -147,25 +157,19 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def patch_grid(positions, manifest) -> str:
-    """The image's patch grid as text, '#' where a patch was kept (row-major, CLS excluded)."""
-    v = manifest.vision
-    side = int(v["image_size"]) // int(v["patch_size"])
-    offset = 0 if v.get("select_strategy", "default") == "default" else 1  # "full": position 0 is CLS
-    kept = {p - offset for p in positions}
-    return "\n".join(
-        "         " + "".join("#" if r * side + c in kept else "." for c in range(side)) for r in range(side)
-    )
+def patch_grid(pipe, media: dict, positions) -> str:
+    """The image's (or each sampled frame's) patch grid(s) as text, '#' where a patch was kept.
+    `media`: {"images": path or None, "videos": path or None}, one of them."""
+    from .overlay import grid_text
+
+    return grid_text(pipe.family.patch_map(pipe.preprocess(media["images"], videos=media["videos"]), 0), positions)
 
 
-def write_overlay(pipe, image, positions, out, *, force: bool = False) -> Path:
-    from .overlay import draw_kept_patches, overlay_target, save_overlay
+def write_overlay(pipe, media: dict, positions, out, *, force: bool = False) -> Path:
+    from .overlay import draw_patch_map, overlay_target, save_overlay
 
-    target = overlay_target(out, image=image, engine_dir=pipe.manifest.root, force=force)
-    pixel_values = pipe.preprocessor(image)
-    crop = pipe.preprocessor.unnormalize(pixel_values[0])
-    v = pipe.manifest.vision
-    picture = draw_kept_patches(
-        crop, positions, patch_size=int(v["patch_size"]), drop_cls=v.get("select_strategy", "default") == "default"
-    )
+    source = media["images"] or media["videos"]
+    target = overlay_target(out, image=source, engine_dir=pipe.manifest.root, force=force)
+    batch = pipe.preprocess(media["images"], videos=media["videos"])
+    picture = draw_patch_map(pipe.family.patch_map(batch, 0), positions)
     return save_overlay(picture, target, force=force)

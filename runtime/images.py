@@ -24,7 +24,6 @@ directories, FIFOs and devices, missing files.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import stat
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from apet_trt.apet_ops.compat import convert_to_rgb, load_image_processor
+
 ImageLike = Any  # PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
 MAX_SIDE = 8192
@@ -45,30 +46,38 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|data:)")
 _ROWS = 1024  # rows per chunk when scaling high-bit-depth images (bounded temporaries)
 _BAND_PIXELS = 1 << 22  # pixels per band when compositing transparency
+# processors whose work starts with a shortest-edge resize of the whole image (so doing it first is
+# exact; LLaVA-NeXT's anyres, for one, needs the full image)
+SHRINKABLE = ("CLIPImageProcessor", "CLIPImageProcessorPil")
 
 
 # --- paths ----------------------------------------------------------------------------------------
 
 
-def check_image_path(path: str | os.PathLike, where: str = "image") -> Path:
-    """A local, regular image file, or an error saying what the path is instead."""
+def check_local_file(path: str | os.PathLike, where: str = "image", kind: str = "image") -> Path:
+    """A local, regular `kind` file (image, video), or an error saying what the path is instead: a
+    URL, '-' (standard input), a directory, a FIFO or device, nothing."""
     text = os.fsdecode(os.fspath(path))
     if text == "-":
-        raise ValueError(f"{where}: '-' (standard input) is not supported; save the image to a file and pass its path")
+        raise ValueError(f"{where}: '-' (standard input) is not supported; save the {kind} to a file and pass its path")
     if _URL.match(text):
-        raise ValueError(f"{where}: {text} is a URL; apet reads local image files only (download it first)")
+        raise ValueError(f"{where}: {text} is a URL; apet reads local {kind} files only (download it first)")
     p = Path(text)
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: image file {p} does not exist") from None
+        raise FileNotFoundError(f"{where}: {kind} file {p} does not exist") from None
     except OSError as exc:
         raise ValueError(f"{where}: {p} cannot be read ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{where}: {p} is a directory, not an image file")
+        raise IsADirectoryError(f"{where}: {p} is a directory, not {'an' if kind[0] in 'aeiou' else 'a'} {kind} file")
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{where}: {p} is not a regular file (a FIFO, socket or device)")
     return p
+
+
+def check_image_path(path: str | os.PathLike, where: str = "image") -> Path:
+    return check_local_file(path, where, "image")
 
 
 # --- geometry -------------------------------------------------------------------------------------
@@ -157,17 +166,12 @@ def _has_alpha(image: Image.Image) -> bool:
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
     """Transformers' convert_to_rgb - transparency composited onto white - applied to bands of rows
-    (it is per pixel, so the result is the same) to keep its temporaries small for large images. Its
-    signature grew a return_numpy flag in Transformers 5; 4.x returns a PIL image."""
-    from transformers.image_transforms import convert_to_rgb
-
-    numpy_flag = "return_numpy" in inspect.signature(convert_to_rgb).parameters
+    (it is per pixel, so the result is the same) to keep its temporaries small for large images."""
     out = Image.new("RGB", image.size)
     rows = max(1, _BAND_PIXELS // image.width)
     for top in range(0, image.height, rows):
         band = image.crop((0, top, image.width, min(image.height, top + rows)))
-        rgb = Image.fromarray(convert_to_rgb(band, return_numpy=True)) if numpy_flag else convert_to_rgb(band)
-        out.paste(rgb, (0, top))
+        out.paste(convert_to_rgb(band), (0, top))
     return out
 
 
@@ -280,22 +284,15 @@ class ImagePreprocessor:
     """The checkpoint's own HF image processor (loaded from the engine dir's processor/),
     plus input validation. `__call__(images) -> pixel_values` float32 numpy [B, 3, S, S]."""
 
-    def __init__(self, processor_dir: str | os.PathLike, image_size: int):
-        from transformers import AutoImageProcessor
-
+    def __init__(self, processor_dir: str | os.PathLike, image_size: int | None = None):
         processor_dir = Path(processor_dir)
         if not (processor_dir / "preprocessor_config.json").is_file():
             raise FileNotFoundError(
                 f"{processor_dir}: no preprocessor_config.json (the image processor "
                 "is missing from the engine directory)"
             )
-        # The PIL processors need no torchvision: Transformers 5 selects them with backend="pil"
-        # (older releases: use_fast=False).
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), backend="pil")
-        except (TypeError, ValueError):
-            self.processor = AutoImageProcessor.from_pretrained(str(processor_dir), use_fast=False)
-        self.image_size = int(image_size)
+        self.processor = load_image_processor(processor_dir)  # the PIL one: no torchvision needed
+        self.image_size = None if image_size is None else int(image_size)
         for attr in ("size", "crop_size"):
             for key, value in _size_fields(getattr(self.processor, attr, None)).items():
                 if isinstance(value, (int, float)) and value > MAX_SIDE:
@@ -328,7 +325,7 @@ class ImagePreprocessor:
         while the processor never copies a large decoded image whole."""
         p = self.processor
         size = _size_fields(getattr(p, "size", None))
-        if not getattr(p, "do_resize", True) or set(size) != {"shortest_edge"}:
+        if type(p).__name__ not in SHRINKABLE or not getattr(p, "do_resize", True) or set(size) != {"shortest_edge"}:
             return image
         from transformers.image_transforms import get_resize_output_image_size
         from transformers.image_utils import ChannelDimension
@@ -341,25 +338,32 @@ class ImagePreprocessor:
             return image  # enlarging: left to the processor
         return image.resize((w, h), resample=Image.Resampling(int(getattr(p, "resample", Image.Resampling.BICUBIC))))
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
-        """One image at a time (decode, check, shrink as the processor would, process, release), so
-        a batch holds at most one decoded image in memory."""
-        rows = []
-        for i, img in enumerate(as_image_list(images)):
+    def features(self, images: ImageLike | Sequence[ImageLike], **kwargs) -> dict[str, np.ndarray]:
+        """Every output of the processor as numpy (pixel_values float32, checked finite); what
+        shapes they must have is the model family's business (runtime/families/)."""
+        pil = []
+        for i, img in enumerate(as_image_list(images)):  # each decoded image shrunk before the next is read
             picture = to_pil(img, i)
             self._check_resize(picture, i)
-            picture = self._shrink(picture)
-            rows.append(np.asarray(self.processor(images=[picture], return_tensors="np")["pixel_values"]))
-            del picture
-        pixel_values = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
-        expected = (len(rows), 3, self.image_size, self.image_size)
+            pil.append(self._shrink(picture))
+        out = {k: np.asarray(v) for k, v in self.processor(images=pil, return_tensors="np", **kwargs).items()}
+        pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+        if not np.isfinite(pixel_values).all():
+            bad = int(np.argmax(~np.isfinite(pixel_values).reshape(pixel_values.shape[0], -1).all(axis=1)))
+            raise ValueError(f"image {bad}: preprocessing produced NaN or Inf pixel values")
+        out["pixel_values"] = pixel_values
+        return out
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """pixel_values [B, 3, S, S] of a processor that makes one square crop per image."""
+        pixel_values = self.features(images)["pixel_values"]
+        b = len(as_image_list(images))
+        s = self.image_size if self.image_size is not None else pixel_values.shape[-1]
+        expected = (b, 3, s, s)
         if pixel_values.shape != expected:
             raise ValueError(
                 f"the image processor produced pixel_values {pixel_values.shape}, the engine expects {expected}"
             )
-        if not np.isfinite(pixel_values).all():
-            bad = int(np.argmax(~np.isfinite(pixel_values).reshape(len(rows), -1).all(axis=1)))
-            raise ValueError(f"image {bad}: preprocessing produced NaN or Inf pixel values")
         return pixel_values
 
     def unnormalize(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -160,6 +160,18 @@ class Manifest:
     def family(self) -> str:
         return self.data["model"]["family"]
 
+    @property
+    def parts(self) -> list[str]:
+        """Names of the vision engines beside the main one (a family with two towers), in order."""
+        return list(self.data.get("parts") or {})
+
+    def part(self, name: str) -> Manifest:
+        """The manifest as seen by engine part `name`: its own io and engine files, the rest shared."""
+        entry = (self.data.get("parts") or {}).get(name)
+        if not isinstance(entry, dict) or "io" not in entry or "engines" not in entry:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: no engine part {name!r} with io and engines")
+        return Manifest(root=self.root, data={**self.data, "io": entry["io"], "engines": entry["engines"]})
+
     def section(self, key: str, schema: Mapping[str, Field]) -> Any:
         """A family adapter's own object, `data[key]`, checked against the adapter's schema table
         (the SCHEMA form, names relative to the object); errors name `key.field`."""
@@ -214,7 +226,7 @@ class Manifest:
     @property
     def external_checkpoint(self) -> Path | None:
         """The one folder outside the engine directory the manifest may name (fingerprinted)."""
-        ext = self.data["external_checkpoint"]
+        ext = self.data.get("external_checkpoint")
         return None if ext is None else Path(ext["path"])
 
     def transformers_checkpoint(self) -> Path:

@@ -68,6 +68,34 @@ def _str(**kw) -> Field:
 _ID = _int(0, 1 << 24, null=True)  # token ids; < llm.vocab_size checked by a rule
 _COUNT = _int(1, 1 << 24)
 
+
+def _io(prefix: str) -> dict[str, Field]:
+    """An engine's named inputs and outputs: a string dim is dynamic (its name), a number static."""
+    out = {prefix: Field("object")}
+    for side in ("inputs", "outputs"):
+        out.update(
+            {
+                f"{prefix}.{side}": Field("list", max_len=16),
+                f"{prefix}.{side}[]": Field("object"),
+                f"{prefix}.{side}[].name": _str(pattern=_NAME),
+                f"{prefix}.{side}[].dtype": _str(choices=DTYPES),
+                f"{prefix}.{side}[].shape": Field("list", max_len=8),
+                f"{prefix}.{side}[].shape[]": Field("dim"),
+            }
+        )
+    return out
+
+
+def _engines(prefix: str) -> dict[str, Field]:
+    return {
+        prefix: Field("object"),
+        f"{prefix}.onnx": _str(path="file"),
+        f"{prefix}.tensorrt": _str(null=True, path="file"),
+    }
+
+
+_PRECISION = r"fp32|fp16|bf16|mixed:[a-z0-9+]{1,32}"
+
 SCHEMA: dict[str, Field] = {
     "format": _str(choices=(FORMAT,)),
     "manifest_version": _int(1, 1 << 16),
@@ -83,24 +111,33 @@ SCHEMA: dict[str, Field] = {
     "external_checkpoint.fingerprint.*": Field("object"),
     "external_checkpoint.fingerprint.*.bytes": _int(0, 1 << 50),
     "external_checkpoint.fingerprint.*.sha256": _str(required=False, pattern=_SHA256),
+    # the family's facts (a family adds its own here, one line each)
     "vision": Field("object"),
     "vision.feature_layer": _int(-1024, 1023),
     "vision.select_strategy": _str(choices=("default", "full")),
     "vision.image_size": _int(1, 16384),
     "vision.patch_size": _int(1, 16384),
-    "vision.num_patches": _int(1, 1 << 20),
+    "vision.num_patches": _int(1, 1 << 20, null=True),  # null: N varies with the image
     "vision.feature_dim": _int(1, 1 << 16),
-    "apet": Field("object", null=True),
-    "apet.keep": _int(2, 1 << 20),
+    "vision.num_frames": _int(1, 4096, required=False),  # video_llava: frames sampled per video
+    "vision.image_rows": _int(1, 1 << 20, required=False),  # video_llava: rows of a still image
+    "apet": Field("object", null=True),  # its values: apet_ops.ApetConfig (checked by a rule)
+    "apet.keep": _int(1, 1 << 20, null=True),
+    "apet.keep_ratio": Field("number", required=False, null=True, lo=0.0, hi=1.0),
     "apet.basis": _int(1, 4096),
     "apet.merge": Field("bool"),
     "apet.ridge": Field("number", lo=1e-30, hi=1e3),
     "apet.start": _int(0, 1 << 20),
-    "num_visual_tokens": _int(1, 1 << 20),
+    "apet.seed_placement": _str(required=False, max_len=32),
+    "apet.seed_blend": Field("number", required=False, lo=0.0, hi=1.0),
+    "apet.layout": _str(required=False, max_len=32),
+    "num_visual_tokens": _int(1, 1 << 20, null=True),  # null: rows vary with the image
+    "video_token": _str(required=False, max_len=64, pattern=r"[^{}\s]+"),
     "llm": Field("object"),
     "llm.hidden_size": _int(1, 1 << 16),
     "llm.vocab_size": _COUNT,
     "llm.image_token_id": _int(0, 1 << 24),
+    "llm.video_token_id": _int(0, 1 << 24, required=False),
     "llm.dtype": _str(choices=("float32", "float16", "bfloat16")),
     "llm.max_position_embeddings": _COUNT,
     "llm.pad_token_id": _ID,
@@ -108,30 +145,31 @@ SCHEMA: dict[str, Field] = {
     "llm.bos_token_id": _ID,
     "prompt_template": _str(),
     "image_token": _str(max_len=64, pattern=r"[^{}\s]+"),
-    "io": Field("object"),
-    "io.inputs": Field("list", max_len=16),
-    "io.inputs[]": Field("object"),
-    "io.inputs[].name": _str(pattern=_NAME),
-    "io.inputs[].dtype": _str(choices=DTYPES),
-    "io.inputs[].shape": Field("list", max_len=8),
-    "io.inputs[].shape[]": Field("dim"),
-    "io.outputs": Field("list", max_len=16),
-    "io.outputs[]": Field("object"),
-    "io.outputs[].name": _str(pattern=_NAME),
-    "io.outputs[].dtype": _str(choices=DTYPES),
-    "io.outputs[].shape": Field("list", max_len=8),
-    "io.outputs[].shape[]": Field("dim"),
+    **_io("io"),
     "batch": Field("object"),
     "batch.min": _int(1, 4096),
     "batch.opt": _int(1, 4096),
     "batch.max": _int(1, 4096),
     "precision": Field("object"),
-    "precision.vision": _str(choices=("fp32", "fp16", "bf16")),
-    "precision.compressor": _str(choices=("fp32",)),
+    "precision.vision": _str(null=True, pattern=_PRECISION),
+    "precision.compressor": _str(null=True, choices=("fp32",)),  # null without ApET
     "processor": Field("object", open=True),  # the processor's to_dict(), informational
-    "engines": Field("object"),
-    "engines.onnx": _str(path="file"),
-    "engines.tensorrt": _str(null=True, path="file"),
+    **_engines("engines"),
+    # a family's other vision engines (Video-LLaVA's image tower), each with its own io and files
+    "parts": Field("object", required=False, max_len=16),
+    "parts.*": Field("object"),
+    **_io("parts.*.io"),
+    **_engines("parts.*.engines"),
+    # what built each TensorRT plan (runtime/plans.py)
+    "plans": Field("object", required=False, max_len=16),
+    "plans.*": Field("object"),
+    "plans.*.tensorrt": _str(null=True, max_len=64),
+    "plans.*.gpu": _str(null=True, max_len=256),
+    "plans.*.compute_capability": _str(null=True, max_len=16),
+    "plans.*.strongly_typed": Field("bool", null=True),
+    "plans.*.dtypes": Field("object", max_len=16),
+    "plans.*.dtypes.*": _str(null=True, pattern=r"[a-z0-9:+]{1,32}"),  # fp16, float16, mixed:fp16+fp32
+    "plans.*.tensorrt_llm": _str(required=False, null=True, max_len=64),
     "decoder": Field("object"),
     "decoder.transformers": Field("object", null=True),
     "decoder.transformers.checkpoint": _str(null=True, path="folder"),  # null: external_checkpoint
@@ -297,6 +335,9 @@ def _fail(where: str, message: str):
 
 
 def _rule_tokens(d: dict) -> None:
+    """apet is a valid apet_ops.ApetConfig for N, and T is the rows it gives (N without ApET)."""
+    from apet_trt.apet_ops.config import ApetConfig
+
     n, t, apet = d["vision"]["num_patches"], d["num_visual_tokens"], d["apet"]
     if d["vision"]["patch_size"] > d["vision"]["image_size"]:
         _fail("vision.patch_size", "larger than vision.image_size")
@@ -304,14 +345,14 @@ def _rule_tokens(d: dict) -> None:
         if t != n:
             _fail("num_visual_tokens", f"must equal vision.num_patches={n} when apet is null, got {t}")
         return
-    if apet["keep"] != t:
-        _fail("apet.keep", f"{apet['keep']} differs from num_visual_tokens={t}")
-    if t > n:
-        _fail("num_visual_tokens", f"{t} exceeds vision.num_patches={n}")
-    if apet["basis"] >= apet["keep"]:
-        _fail("apet.basis", f"must be < apet.keep={apet['keep']}, got {apet['basis']}")
-    if apet["start"] >= n:
-        _fail("apet.start", f"must be < vision.num_patches={n}, got {apet['start']}")
+    try:
+        config = ApetConfig.from_dict(apet)
+        if n is not None:
+            config.validate_for(n)
+    except (TypeError, ValueError) as exc:
+        _fail("apet", str(exc).replace("ApetConfig.", "apet."))
+    if n is not None and t is not None and config.output_rows(n) != t:
+        _fail("num_visual_tokens", f"{t} differs from the {config.output_rows(n)} rows apet gives for N={n}")
 
 
 def _rule_batch(d: dict) -> None:
@@ -323,25 +364,31 @@ def _rule_batch(d: dict) -> None:
 
 
 def _rule_io(d: dict) -> None:
-    io, t, h = d["io"], d["num_visual_tokens"], d["llm"]["hidden_size"]
-    for side in ("inputs", "outputs"):
-        names = [x["name"] for x in io[side]]
-        if not names or len(set(names)) != len(names):
-            _fail(f"io.{side}", f"names must be present and unique, got {names}")
-    outputs = {o["name"]: (i, o) for i, o in enumerate(io["outputs"])}
-    if set(outputs) != {"embeddings", "positions"}:
-        _fail("io.outputs", f"must be 'embeddings' and 'positions', got {sorted(outputs)}")
-    for name, dtype, dims in (("embeddings", "float32", [t, h]), ("positions", "int64", [t])):
+    for prefix, io in [("io", d["io"]), *((f"parts.{k}.io", p["io"]) for k, p in (d.get("parts") or {}).items())]:
+        for side in ("inputs", "outputs"):
+            names = [x["name"] for x in io[side]]
+            if not names or len(set(names)) != len(names):
+                _fail(f"{prefix}.{side}", f"names must be present and unique, got {names}")
+        outputs = {o["name"]: (i, o) for i, o in enumerate(io["outputs"])}
+        if set(outputs) != {"embeddings", "positions"}:
+            _fail(f"{prefix}.outputs", f"must be 'embeddings' and 'positions', got {sorted(outputs)}")
+        for name, dtype, rank in (("embeddings", "float32", 3), ("positions", "int64", 2)):
+            i, o = outputs[name]
+            if o["dtype"] != dtype:
+                _fail(f"{prefix}.outputs[{i}].dtype", f"{name} must be {dtype}, got {o['dtype']!r}")
+            if len(o["shape"]) != rank:
+                _fail(f"{prefix}.outputs[{i}].shape", f"{name} must have rank {rank}, got {o['shape']}")
+    t, h = d["num_visual_tokens"], d["llm"]["hidden_size"]
+    outputs = {o["name"]: (i, o) for i, o in enumerate(d["io"]["outputs"])}
+    for name, dims in (("embeddings", [t, h]), ("positions", [t])):
         i, o = outputs[name]
-        if o["dtype"] != dtype:
-            _fail(f"io.outputs[{i}].dtype", f"{name} must be {dtype}, got {o['dtype']!r}")
-        if len(o["shape"]) != 1 + len(dims) or o["shape"][1:] != dims:
-            want = ["batch", *dims]
+        want = ["items", *(x if x is not None else "rows" for x in dims)]
+        if any(w is not None and isinstance(g, int) and g != w for g, w in zip(o["shape"][1:], dims)):
             _fail(f"io.outputs[{i}].shape", f"{name} must be {want} (T and llm.hidden_size), got {o['shape']}")
-    first = io["inputs"][0]
+    first = d["io"]["inputs"][0]
     size = d["vision"]["image_size"]
     if len(first["shape"]) == 4 and first["shape"][1:] != [3, size, size]:
-        _fail("io.inputs[0].shape", f"an image input must be [batch, 3, {size}, {size}], got {first['shape']}")
+        _fail("io.inputs[0].shape", f"an image input must be [items, 3, {size}, {size}], got {first['shape']}")
 
 
 def _rule_template(d: dict) -> None:
@@ -354,12 +401,17 @@ def _rule_template(d: dict) -> None:
         _fail("prompt_template", f"must hold the field {{prompt}} exactly once and no other, got {template!r}")
     if template.count(token) != 1:
         _fail("prompt_template", f"must hold image_token {token!r} exactly once, got {template!r}")
+    video = d.get("video_token")
+    if (video is None) != ("video_token_id" not in d["llm"]):
+        _fail("video_token", "and llm.video_token_id go together")
+    if video is not None and (video in token or token in video):
+        _fail("video_token", f"{video!r} overlaps image_token {token!r}")
 
 
 def _rule_token_ids(d: dict) -> None:
     llm = d["llm"]
-    for key in ("image_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-        if llm[key] is not None and llm[key] >= llm["vocab_size"]:
+    for key in ("image_token_id", "video_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+        if llm.get(key) is not None and llm[key] >= llm["vocab_size"]:
             _fail(f"llm.{key}", f"{llm[key]} is not below llm.vocab_size={llm['vocab_size']}")
 
 
@@ -389,16 +441,30 @@ def _rule_paths(d: dict) -> None:
     for name, f in SCHEMA.items():
         if f.path is None:
             continue
-        value = _lookup(d, name)
-        if value is None:
-            continue
-        if f.path == "file" and value not in files:
-            _fail(name, f"{value!r} is not listed in files")
-        if f.path == "folder" and not lists_folder(files, value):
-            _fail(name, f"folder {value!r} has no file listed in files")
+        for where, value in _values(d, name):
+            if value is None:
+                continue
+            if f.path == "file" and value not in files:
+                _fail(where, f"{value!r} is not listed in files")
+            if f.path == "folder" and not lists_folder(files, value):
+                _fail(where, f"folder {value!r} has no file listed in files")
     for folder in FIXED_FOLDERS:
         if not lists_folder(files, folder):
             _fail("files", f"lists no file under {folder}/ (the checkpoint's {folder})")
+
+
+def _values(d: dict, dotted: str) -> list[tuple[str, Any]]:
+    """(field, value) for a dotted schema name, `*` expanded over an object's keys."""
+    found = [("", d)]
+    for key in dotted.split("."):
+        step = []
+        for where, node in found:
+            if not isinstance(node, dict):
+                continue
+            keys = list(node) if key == "*" else [key] if key in node else []
+            step += [(_join(where, k), node[k]) for k in keys]
+        found = step
+    return found
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -419,15 +485,6 @@ def _rule_no_pickles(d: dict) -> None:
                 f"files[{rel!r}]",
                 "a pickle file where Transformers loads from (unpickling can run code); save with safetensors",
             )
-
-
-def _lookup(d: dict, dotted: str) -> Any:
-    node: Any = d
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
 
 
 def lists_folder(files: Mapping[str, Any], folder: str) -> bool:

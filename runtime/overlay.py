@@ -53,6 +53,56 @@ def draw_kept_patches(
     return image
 
 
+def kept_boxes(patch_map, positions: Sequence[int]) -> list[list[int]]:
+    """Per crop of `patch_map`, the row-major patch indices of the kept rows (rows that are no
+    patch - CLS, newlines - are skipped)."""
+    rows, cols = patch_map.grid
+    kept: list[list[int]] = [[] for _ in patch_map.crops]
+    for p in positions:
+        if not 0 <= int(p) < len(patch_map.boxes):
+            raise ValueError(f"position {int(p)} is outside the image's {len(patch_map.boxes)} rows")
+        box = patch_map.boxes[int(p)]
+        if box is not None:
+            crop, r, c = box
+            kept[crop].append(r * cols + c)
+    return kept
+
+
+def draw_patch_map(patch_map, positions: Sequence[int], *, scale: int = 2, gap: int = 8) -> Image.Image:
+    """Every crop the engine saw, side by side (`patch_map.columns` to a row, e.g. a video's frames
+    as a contact sheet), dropped patches darkened and kept ones outlined."""
+    pictures = [
+        draw_kept_patches(crop, kept, patch_size=patch_map.patch_size, scale=scale)
+        for crop, kept in zip(patch_map.crops, kept_boxes(patch_map, positions))
+    ]
+    per_row = getattr(patch_map, "columns", None) or len(pictures)
+    rows = [pictures[i : i + per_row] for i in range(0, len(pictures), per_row)]
+    width = max(sum(p.width for p in row) + gap * (len(row) - 1) for row in rows)
+    height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    y = 0
+    for row in rows:
+        x = 0
+        for p in row:
+            sheet.paste(p, (x, y))
+            x += p.width + gap
+        y += max(p.height for p in row) + gap
+    return sheet
+
+
+def grid_text(patch_map, positions: Sequence[int], indent: str = "         ") -> str:
+    """Each crop's patch grid as text, '#' where a patch was kept (row-major); crops one below the
+    other, separated by a blank line."""
+    rows, cols = patch_map.grid
+    blocks = []
+    for kept in kept_boxes(patch_map, positions):
+        marks = set(kept)
+        blocks.append(
+            "\n".join(indent + "".join("#" if r * cols + c in marks else "." for c in range(cols)) for r in range(rows))
+        )
+    return "\n\n".join(blocks)
+
+
 # --- where the picture goes ---------------------------------------------------------------------------
 
 

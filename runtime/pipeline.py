@@ -2,6 +2,12 @@
 
     pipe = runtime.load("engines/tiny-llava-t64")
     [result] = pipe.generate("photo.jpg", "What is in the picture?", max_new_tokens=32)
+    [result] = pipe.generate(prompts="What happens?", videos="clip.mp4")   # families that take videos
+
+The stages, each behind its own interface: the model family (runtime/families/: images -> the
+engine's named inputs -> rows per image, position ids), the vision backend (runtime/backends/:
+named inputs -> named outputs), prompt assembly (runtime/prompt.py: each image token expanded to
+that image's rows) and the decoder (runtime/decoders/).
 
 Thread safety: `generate` and `encode` hold one lock per pipeline, so calls from several threads run
 one after another and give the results serial calls give (the vision execution context and the
@@ -14,18 +20,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from apet_trt.apet_ops.probes import tensorrt_llm_available
+
 from . import checks
-from .backends import VisionBackend, choose_backend, create_backend
+from .backends import PartsBackend, VisionBackend, choose_backend, create_backend
 from .checkpoint import dtype_named, llm_dtype, load_transformers_model
 from .decoders import Decoder, SamplingConfig
-from .images import ImageLike, ImagePreprocessor, as_image_list
+from .families import EngineBatch, RuntimeFamily, VisualRows, family_for
+from .images import ImageLike, as_image_list, to_pil
 from .manifest import Manifest, load_manifest
-from .prompt import PromptAssembler, engine_prompting
+from .plans import plan_mismatch, this_machine
+from .prompt import AssembledPrompt, PromptAssembler, engine_prompting
+from .videos import VideoLike, as_video_list, read_video
 
 log = logging.getLogger("apet.runtime")
 DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
@@ -35,9 +46,11 @@ DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
 class GenerationResult:
     text: str
     ids: list[int]  # generated token ids (eos included when produced)
-    positions: list[int]  # kept patch indices, ascending (N -> T)
-    num_patches: int  # N
-    num_kept: int  # T
+    # kept rows' indices among the image's (video's) uncompressed rows, in the order the LLM reads
+    # them (N -> T); a prompt with several media: each item's, offset by the items before it
+    positions: list[int]
+    num_patches: int  # N: rows the uncompressed model hands the LLM for this prompt's media
+    num_kept: int  # rows handed to the LLM with ApET
     timings: dict[str, float] = field(default_factory=dict)  # ms, for the whole batch of the call
 
     def to_dict(self) -> dict:
@@ -48,7 +61,7 @@ class Pipeline:
     def __init__(
         self,
         manifest: Manifest,
-        preprocessor: ImagePreprocessor,
+        family: RuntimeFamily,
         backend: VisionBackend,
         decoder: Decoder,
         tokenizer,
@@ -57,7 +70,7 @@ class Pipeline:
         backend_reason: str = "",
     ):
         self.manifest = manifest
-        self.preprocessor = preprocessor
+        self.family = family
         self.vision = backend
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -67,19 +80,49 @@ class Pipeline:
         self._lock = threading.Lock()
 
     @property
-    def num_visual_tokens(self) -> int:
+    def num_visual_tokens(self) -> int | None:
+        """T, the rows per image (per crop for multi-crop families); None when it varies per image."""
         return self.manifest.num_visual_tokens
 
-    def encode(self, images: ImageLike | Sequence[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
-        """images -> (embeddings [B, T, H] float32, positions [B, T] int64)."""
+    def _media(self, images, videos) -> list:
+        """images and videos -> the family's media items: RGB PIL images, then sampled Videos."""
+        items = [to_pil(img, i) for i, img in enumerate(as_image_list(images))] if images is not None else []
+        if videos is not None:
+            frames = self.family.frames_per_video
+            if frames is None:
+                raise ValueError(f"the {self.family.name} family takes no videos (images only)")
+            items += [read_video(v, frames, i) for i, v in enumerate(as_video_list(videos))]
+        if not items:
+            raise ValueError("empty batch: pass at least one image or video")
+        return items
+
+    def preprocess(
+        self, images: ImageLike | Sequence[ImageLike] | None = None, *, videos: VideoLike | None = None
+    ) -> EngineBatch:
+        """images (and videos) -> the engine's named inputs (the checkpoint's own image processor)."""
+        return self.family.preprocess(self._media(images, videos))
+
+    def encode(
+        self, images: ImageLike | Sequence[ImageLike] | None = None, *, videos: VideoLike | None = None
+    ) -> list[VisualRows]:
+        """images, then videos -> one VisualRows per item: embeddings [R_i, H] float32, positions [R_i] int64."""
         with self._lock:
-            return self.vision.encode(images)
+            return self.family.encode(self.vision, self.preprocess(images, videos=videos))
+
+    def assemble(self, prompt: str, rows: Sequence[VisualRows], index: int = 0) -> AssembledPrompt:
+        """The prompt's ids with each media token expanded to its item's rows, and the family's
+        position ids for them (None: plain 1-D positions). `rows` in item order; the result's `rows`
+        and `items` are in slot (text) order."""
+        a = self.assembler(prompt, [r.num_rows for r in rows], index, [r.media for r in rows])
+        ids = self.family.position_ids(a.input_ids, a.image_slots, [rows[i] for i in a.items])
+        return a if ids is None else AssembledPrompt(a.input_ids, a.image_slots, a.text, a.rows, ids, a.items)
 
     def generate(
         self,
-        images: ImageLike | Sequence[ImageLike],
-        prompts: str | Sequence[str],
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        prompts: str | Sequence[str] | None = None,
         *,
+        videos: VideoLike | Sequence[VideoLike] | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -87,7 +130,8 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[GenerationResult]:
-        """One image per prompt; a single image and a single string make a batch of one."""
+        """One image per prompt, or one video per prompt (`videos=`, families that take videos), or
+        both; a single item and a single string make a batch of one."""
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -96,19 +140,35 @@ class Pipeline:
             top_p=top_p,
             seed=seed,
         )
-        image_list = as_image_list(images)
+        if prompts is None:
+            raise ValueError("no prompts: pass one prompt per image (or video)")
+        image_list = as_image_list(images) if images is not None else []
+        video_list = as_video_list(videos) if videos is not None else []
         prompt_list = checks.prompt_list(prompts)
-        if len(image_list) != len(prompt_list):
-            raise ValueError(f"{len(image_list)} image(s) but {len(prompt_list)} prompt(s): pass one image per prompt")
+        for what, media in (("image", image_list), ("video", video_list)):
+            if media and len(media) != len(prompt_list):
+                raise ValueError(f"{len(media)} {what}(s) but {len(prompt_list)} prompt(s): pass one {what} per prompt")
+        if not image_list and not video_list:
+            raise ValueError("no images or videos: pass one per prompt")
+        n = len(prompt_list)  # prompt b's media: image b and/or video b (items b and len(images) + b)
+        per_prompt = [[b] * bool(image_list) + [len(image_list) + b] * bool(video_list) for b in range(n)]
         with self._lock:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
-            assembled = [self.assembler(p, i) for i, p in enumerate(prompt_list)]
-            self.decoder.check_lengths(assembled, sampling.max_new_tokens)  # fail before any heavy work
+            for i, p in enumerate(prompt_list):  # the text's own errors, before any heavy work
+                self.assembler.conversation(p, i, int(bool(image_list)), int(bool(video_list)))
+            fixed = self.family.fixed_rows
+            if fixed is not None and not video_list:  # rows known up front: lengths checked before any heavy work
+                early = [self.assembler(p, fixed, i) for i, p in enumerate(prompt_list)]
+                self.decoder.check_lengths(early, sampling.max_new_tokens)
             t0 = time.perf_counter()
-            pixel_values = self.vision.preprocess(image_list)
+            batch = self.family.preprocess(self._media(image_list or None, video_list or None))
             t1 = time.perf_counter()
-            embeddings, positions = self.vision.run(pixel_values)
+            rows = self.family.encode(self.vision, batch)
             t2 = time.perf_counter()
-            out = self.decoder.generate(assembled, embeddings, sampling)
+            media = [[rows[i] for i in items] for items in per_prompt]
+            assembled = [self.assemble(p, media[b], b) for b, p in enumerate(prompt_list)]
+            self.decoder.check_lengths(assembled, sampling.max_new_tokens)
+            visual = [[media[b][i].embeddings for i in a.items] for b, a in enumerate(assembled)]
+            out = self.decoder.generate(assembled, visual, sampling)
             t3 = time.perf_counter()
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.ids]
         timings = {
@@ -123,13 +183,22 @@ class Pipeline:
             GenerationResult(
                 text=texts[b],
                 ids=list(ids),
-                positions=positions[b].tolist(),
-                num_patches=self.manifest.num_patches,
-                num_kept=self.manifest.num_visual_tokens,
+                positions=_positions([media[b][i] for i in assembled[b].items]),
+                num_patches=sum(r.num_patches for r in media[b]),
+                num_kept=sum(r.num_rows for r in media[b]),
                 timings=dict(timings),
             )
             for b, ids in enumerate(out.ids)
         ]
+
+
+def _positions(rows: Sequence[VisualRows]) -> list[int]:
+    """Each item's kept positions, offset by the uncompressed rows of the items before it."""
+    out, offset = [], 0
+    for r in rows:
+        out += (r.positions + offset).tolist()
+        offset += r.num_patches
+    return out
 
 
 def _default_device(device: str | None) -> torch.device:
@@ -144,21 +213,17 @@ def _choose_decoder(manifest: Manifest, requested: str) -> str:
     if requested != "auto":
         return requested
     if (manifest.data.get("decoder") or {}).get("tensorrt_llm"):
-        try:
-            import tensorrt_llm  # noqa: F401
-
-            if torch.cuda.is_available():
-                return "tensorrt_llm"
-        except ImportError:
-            pass
+        ok, why = tensorrt_llm_available()
+        if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
+            return "tensorrt_llm"
         log.warning(
-            "decoder auto: the engine directory has a TensorRT-LLM engine but tensorrt_llm or a GPU "
-            "is missing; using the Transformers decoder"
+            "decoder auto: the engine directory has a TensorRT-LLM engine but %s; using the Transformers decoder", why
         )
     return "transformers"
 
 
-def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.device) -> Decoder:
+def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_loader) -> Decoder:
+    """The decoder `kind` ("transformers" | "tensorrt_llm" | "tensorrt_llm_api") for the engine dir."""
     llm = manifest.llm
     if kind == "transformers":
         from .decoders import TransformersDecoder
@@ -179,24 +244,28 @@ def _build_decoder(kind: str, manifest: Manifest, model_loader, device: torch.de
                 f"{manifest.root}: decoder='tensorrt_llm' but the engine directory has no TensorRT-LLM "
                 "engine (decoder.tensorrt_llm is null); build it with tensorrt_llm installed"
             )
+        if (mismatch := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is not None:
+            raise RuntimeError(mismatch)
         pad = llm.get("pad_token_id")
         return TensorRTLLMDecoder(
             manifest.tensorrt_llm_dir(),
             vocab_size=int(llm["vocab_size"]),
-            num_visual_tokens=manifest.num_visual_tokens,
+            max_rows=family.fixed_rows,
             eos_token_id=int(llm["eos_token_id"]),
             pad_token_id=int(pad if pad is not None else llm["eos_token_id"]),
             dtype=dtype_named(trt_entry["dtype"], f"{manifest.root}: decoder.tensorrt_llm.dtype")
             if trt_entry.get("dtype")
             else llm_dtype(manifest),
         )  # the engine's: the table's
-    from .decoders import TensorRTLLMAPIDecoder
+    if kind == "tensorrt_llm_api":
+        from .decoders import TensorRTLLMAPIDecoder
 
-    return TensorRTLLMAPIDecoder(
-        manifest.transformers_checkpoint(),
-        image_token=manifest.image_token,
-        max_length=int(llm["max_position_embeddings"]),
-    )
+        return TensorRTLLMAPIDecoder(
+            manifest.transformers_checkpoint(),
+            image_token=manifest.image_token,
+            max_length=int(llm["max_position_embeddings"]),
+        )
+    raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {kind!r}")
 
 
 def check_keep(manifest: Manifest, keep: int | None) -> None:
@@ -207,6 +276,11 @@ def check_keep(manifest: Manifest, keep: int | None) -> None:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive int (T, visual tokens per image), got {keep!r}")
     t, n = manifest.num_visual_tokens, manifest.num_patches
+    if t is None:
+        raise ValueError(
+            f"{manifest.root}: this engine's rows per image vary with the image (no fixed T); "
+            f"keep={keep} cannot be checked against it"
+        )
     if keep != t:
         raise ValueError(
             f"{manifest.root}: engine built for T={t} visual tokens (N={n} -> {t}), asked for "
@@ -215,39 +289,62 @@ def check_keep(manifest: Manifest, keep: int | None) -> None:
         )
 
 
+BackendArg = str | VisionBackend | Callable[[Manifest], VisionBackend]
+DecoderArg = str | Decoder | Callable[[Manifest], Decoder]
+
+
 def load(
     engine_dir: str | os.PathLike,
-    backend: str = "auto",
+    backend: BackendArg = "auto",
     device: str | None = None,
     *,
-    decoder: str = "auto",
+    decoder: DecoderArg = "auto",
     verify: bool = True,
     keep: int | None = None,
 ) -> Pipeline:
     """Verify the engine directory's manifest (every file's size and sha256), then build the
-    pipeline: the vision backend ("auto" | "tensorrt" | "onnxruntime" | "torch") and the decoder
-    ("auto" | "transformers" | "tensorrt_llm" | "tensorrt_llm_api"). The chosen backend and why
-    are logged (logger "apet.runtime") and kept in `pipeline.backend` / `pipeline.backend_reason`.
-    `keep`, when given, is the T the caller expects; an engine built for another T is refused."""
+    pipeline: the model family's adapter (by the manifest's model.family), the vision backend and
+    the decoder.
+
+    backend  "auto" | "tensorrt" | "onnxruntime" | "torch", or an already-made VisionBackend, or a
+             loader `f(manifest) -> VisionBackend` (Polygraphy-style: a value or what makes it)
+    decoder  "auto" | "transformers" | "tensorrt_llm" | "tensorrt_llm_api", or a Decoder, or a
+             loader `f(manifest) -> Decoder`
+    The chosen backend and why are logged (logger "apet.runtime") and kept in `pipeline.backend` /
+    `pipeline.backend_reason`. `keep`, when given, is the T the caller expects; an engine built for
+    another T is refused."""
     manifest = load_manifest(engine_dir, verify=verify, progress=True)
     check_keep(manifest, keep)
+    family = family_for(manifest)
     torch_device = _default_device(device)
 
     model_cache: dict = {}
 
     def model_loader():  # one Transformers model shared by the torch backend and the decoder
         if "model" not in model_cache:
-            model_cache["model"] = load_transformers_model(manifest, device=torch_device)
+            model_cache["model"] = load_transformers_model(
+                manifest, device=torch_device, model_class=family.hf_model_class
+            )
         return model_cache["model"]
 
-    preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=int(manifest.vision["image_size"]))
-    name, reason = choose_backend(manifest, backend)
-    if reason.startswith("auto: fell back"):
-        log.warning("vision backend %s (%s)", name, reason)
+    if isinstance(backend, str):
+        name, reason = choose_backend(manifest, backend)
+        if reason.startswith("auto: fell back"):
+            log.warning("vision backend %s (%s)", name, reason)
+        else:
+            log.info("vision backend %s (%s)", name, reason)
+        engines = [
+            create_backend(name, m, device=device, torch_module=lambda: family.torch_module(model_loader()))
+            for m in [manifest, *(manifest.part(p) for p in manifest.parts)]
+        ]  # the main engine, and the family's other towers (manifest parts)
+        vision = engines[0] if len(engines) == 1 else PartsBackend(manifest, engines)
     else:
-        log.info("vision backend %s (%s)", name, reason)
-    vision = create_backend(name, manifest, preprocessor, device=device, hf_model_loader=model_loader)
+        vision = backend if isinstance(backend, VisionBackend) else backend(manifest)
+        reason = "given by the caller"
 
+    if isinstance(decoder, str):
+        dec = build_decoder(_choose_decoder(manifest, decoder), manifest, family, model_loader)
+    else:
+        dec = decoder if isinstance(decoder, Decoder) else decoder(manifest)
     tokenizer, assembler = engine_prompting(manifest)
-    dec = _build_decoder(_choose_decoder(manifest, decoder), manifest, model_loader, torch_device)
-    return Pipeline(manifest, preprocessor, vision, dec, tokenizer, assembler, backend_reason=reason)
+    return Pipeline(manifest, family, vision, dec, tokenizer, assembler, backend_reason=reason)

@@ -65,7 +65,7 @@ class BenchConfig:
     model: str | None = None  # preset or checkpoint path: build both into cache_dir
     keep: int = 64  # T for --model
     basis: int = 10  # k for --model
-    fp16: bool = False  # --model: TensorRT plan in fp16 (ApET stays fp32)
+    fp16: bool = False  # --model: tower and projector in fp16, the ONNX and so the plan (ApET stays fp32)
     cache_dir: str | None = None  # None: <out>/engines
     tokens: list[int] | None = None  # decoder T values; None: N, 192, 128, 64 (+ the engine's T)
     repeats: int | None = None  # None: 10 (2 with quick)
@@ -174,14 +174,13 @@ class BenchConfig:
 
 
 def _preset_patches(model: str) -> int | None:
-    try:
-        from apet_trt.export.presets import PRESETS
-    except ImportError:
+    """N of a preset's engine items (its family's), without building any weights."""
+    from apet_trt.export.models import family_class
+    from apet_trt.export.presets import PRESETS, preset_config
+
+    if model not in PRESETS:
         return None
-    preset = PRESETS.get(model)
-    if preset is None:
-        return None
-    return (preset.vision["image_size"] // preset.vision["patch_size"]) ** 2
+    return family_class(PRESETS[model].family)(preset_config(model)[0]).num_patches
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:
@@ -232,8 +231,8 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
         same_apet = manifest.apet is None
     else:
         same_apet = manifest.apet is not None and all(manifest.apet.get(k) == v for k, v in apet.items())
-    wants_plan_fp16 = fp16 and manifest.engine_path("tensorrt") is not None
-    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == wants_plan_fp16
+    # --fp16 is the graph's precision (vision.onnx and so the plan), not only the plan's
+    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == fp16
     from apet_trt.runtime.backends import tensorrt_available
 
     plan_if_possible = manifest.engine_path("tensorrt") is not None or not tensorrt_available()[0]
@@ -459,10 +458,12 @@ def _vision_model(manifest, device, dtype):
     the saved checkpoint, or - for a preset recorded with seeded random weights - the preset's
     vision parts rebuilt from its seed (the same weights `apet build` exported)."""
     from apet_trt.runtime.checkpoint import load_transformers_model
+    from apet_trt.runtime.families import family_class
 
     entry = (manifest.data.get("decoder") or {}).get("transformers") or {}
     if entry.get("weights", "saved") == "saved":
-        return load_transformers_model(manifest, device=device, dtype=dtype)
+        model_class = family_class(manifest.family).hf_model_class
+        return load_transformers_model(manifest, device=device, model_class=model_class, dtype=dtype)
     if manifest.data["model"].get("source") == "preset":
         try:
             from apet_trt.export.presets import build_preset
@@ -473,47 +474,39 @@ def _vision_model(manifest, device, dtype):
     raise Unavailable(f"{manifest.root}: no saved weights for the torch vision path")
 
 
-def torch_vision_pair(pair: EnginePair, preprocessor, device: str, dtype) -> tuple:
-    """(compressed, baseline) VisionBackends running runtime's TorchVision (tower -> feature layer ->
-    ApetCompressor | nothing -> projector) in PyTorch eager, sharing one copy of the weights."""
+def torch_vision_pair(pair: EnginePair, device: str, dtype) -> tuple:
+    """(compressed, baseline) VisionBackends running the family's PyTorch eager vision module (tower ->
+    feature layer -> ApetCompressor | nothing -> projector), sharing one copy of the weights."""
     import torch
 
     from apet_trt.runtime.backends import VisionBackend
-    from apet_trt.runtime.backends.torch_eager import TorchVision
+    from apet_trt.runtime.families import family_for
 
     class TorchModuleBackend(VisionBackend):
         name = "torch"
 
         def __init__(self, manifest, module):
-            super().__init__(manifest, preprocessor)
+            super().__init__(manifest)
             self.module = module
 
-        def _run_chunk(self, pixel_values):
+        def _run(self, feeds):
             with torch.inference_mode():
-                return self.module(torch.from_numpy(pixel_values).to(device))
+                return self.module(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
 
     model = _vision_model(pair.compressed, torch.device(device), dtype)
-    out = []
-    for manifest in (pair.compressed, pair.baseline):
-        v = manifest.vision
-        module = (
-            TorchVision(
-                model, feature_layer=v["feature_layer"], select_strategy=v["select_strategy"], apet=manifest.apet
-            )
-            .to(device)
-            .eval()
-        )
-        out.append(TorchModuleBackend(manifest, module))
-    return tuple(out)
+    return tuple(
+        TorchModuleBackend(m, family_for(m).torch_module(model).to(device).eval())
+        for m in (pair.compressed, pair.baseline)
+    )
 
 
-def open_vision_pair(name: str, pair: EnginePair, preprocessor) -> tuple:
+def open_vision_pair(name: str, pair: EnginePair) -> tuple:
     """-> (compressed backend, baseline backend, device, clock); raises Unavailable with the reason."""
     from apet_trt.runtime.backends import create_backend, tensorrt_available
 
     if name == "onnxruntime_cpu":
         return (
-            *(create_backend("onnxruntime", m, preprocessor, device="cpu") for m in (pair.compressed, pair.baseline)),
+            *(create_backend("onnxruntime", m, device="cpu") for m in (pair.compressed, pair.baseline)),
             "cpu",
             "wall",
         )
@@ -525,9 +518,7 @@ def open_vision_pair(name: str, pair: EnginePair, preprocessor) -> tuple:
                 f"ONNX Runtime offers no CUDAExecutionProvider (providers: "
                 f"{', '.join(ort.get_available_providers())}; pip install apet-trt[gpu])"
             )
-        backends = [
-            create_backend("onnxruntime", m, preprocessor, device="cuda") for m in (pair.compressed, pair.baseline)
-        ]
+        backends = [create_backend("onnxruntime", m, device="cuda") for m in (pair.compressed, pair.baseline)]
         got = backends[0].session.get_providers()
         if got[0] != "CUDAExecutionProvider":
             raise Unavailable(f"ONNX Runtime could not start its CUDA provider (session providers: {got})")
@@ -544,7 +535,7 @@ def open_vision_pair(name: str, pair: EnginePair, preprocessor) -> tuple:
         if not ok:
             raise Unavailable(why)
         return (
-            *(create_backend("tensorrt", m, preprocessor, device="cuda") for m in (pair.compressed, pair.baseline)),
+            *(create_backend("tensorrt", m, device="cuda") for m in (pair.compressed, pair.baseline)),
             "cuda",
             "cuda_events",
         )
@@ -553,15 +544,15 @@ def open_vision_pair(name: str, pair: EnginePair, preprocessor) -> tuple:
 
         if not torch.cuda.is_available():
             raise Unavailable("no CUDA GPU is visible to torch")
-        return (*torch_vision_pair(pair, preprocessor, "cuda", torch.float16), "cuda", "cuda_events")
+        return (*torch_vision_pair(pair, "cuda", torch.float16), "cuda", "cuda_events")
     raise ValueError(f"unknown vision backend {name!r}")
 
 
 class VisionPairs:
     """Opens each backend pair once (the vision and request sections share them)."""
 
-    def __init__(self, pair: EnginePair, preprocessor):
-        self.pair, self.preprocessor = pair, preprocessor
+    def __init__(self, pair: EnginePair):
+        self.pair = pair
         self._opened: dict[str, tuple] = {}
         self._reasons: dict[str, str] = {}
 
@@ -569,7 +560,7 @@ class VisionPairs:
         """-> (compressed, baseline, device, clock) or None (see reason(name))."""
         if name not in self._opened and name not in self._reasons:
             try:
-                self._opened[name] = open_vision_pair(name, self.pair, self.preprocessor)
+                self._opened[name] = open_vision_pair(name, self.pair)
             except Unavailable as exc:
                 self._reasons[name] = f"not available: {exc}"
             except Exception as exc:  # noqa: BLE001 - a backend that should work but fails is reported
@@ -591,12 +582,16 @@ def _ratio(num: dict | None, den: dict | None) -> float | None:
     return num["median_s"] / den["median_s"]
 
 
-def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, pixel_values, memory: Memory) -> dict:
+def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, batches: dict, memory: Memory) -> dict:
+    """batches: {"with_apet": EngineBatch, "without_apet": EngineBatch}, each engine's named inputs
+    for the same images (from each engine's own family adapter)."""
     import torch
 
+    from apet_trt.runtime.families import family_for
     from apet_trt.scripts.timing import measure_interleaved
 
     entries, positions = [], {}
+    comp_family, base_family = family_for(pair.compressed), family_for(pair.baseline)
     for name in [b for b in VISION_BACKENDS if b in (cfg.backends or VISION_BACKENDS)]:
         entry = {
             "name": name,
@@ -620,7 +615,10 @@ def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, pixel_v
         log(f"vision {name}: T={pair.t} vs N={pair.n}, batch {cfg.batch}")
         try:
             timings = measure_interleaved(
-                {"with_apet": lambda: comp.run(pixel_values), "without_apet": lambda: base.run(pixel_values)},
+                {
+                    "with_apet": lambda: comp_family.encode(comp, batches["with_apet"]),
+                    "without_apet": lambda: base_family.encode(base, batches["without_apet"]),
+                },
                 repeats=cfg.repeats,
                 warmup=cfg.warmup,
                 cuda_events=clock == "cuda_events",
@@ -630,9 +628,12 @@ def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, pixel_v
             # the untimed memory pass also keeps the compressed engine's kept positions
             entry["memory"] = {
                 "with_apet": memory.measure(
-                    lambda: positions.__setitem__(name, comp.run(pixel_values)[1]), cuda=on_cuda
+                    lambda: positions.__setitem__(
+                        name, torch.cat([r.positions for r in comp_family.encode(comp, batches["with_apet"])])
+                    ),
+                    cuda=on_cuda,
                 ),
-                "without_apet": memory.measure(lambda: base.run(pixel_values), cuda=on_cuda),
+                "without_apet": memory.measure(lambda: base_family.encode(base, batches["without_apet"]), cuda=on_cuda),
             }
         except Exception as exc:  # noqa: BLE001 - keep the other backends' results
             entry.update(available=False, reason=f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
@@ -758,11 +759,10 @@ def _make_decoder(model, manifest, text_shape: dict):
 
 
 def _pipeline(manifest, backend, decoder):
-    from apet_trt.runtime.pipeline import Pipeline
-    from apet_trt.runtime.prompt import engine_prompting
+    """runtime.load on an engine directory already verified, with the benchmark's backend and decoder."""
+    from apet_trt import runtime
 
-    tokenizer, assembler = engine_prompting(manifest)
-    return Pipeline(manifest, backend.preprocessor, backend, decoder, tokenizer, assembler, backend_reason="apet bench")
+    return runtime.load(manifest.root, backend=backend, decoder=decoder, verify=False)
 
 
 def count_text_tokens(manifest, prompt: str) -> int:
@@ -770,7 +770,7 @@ def count_text_tokens(manifest, prompt: str) -> int:
     from apet_trt.runtime.prompt import engine_prompting
 
     _, assembler = engine_prompting(manifest)
-    return int(assembler(prompt).input_ids.numel()) - manifest.num_visual_tokens
+    return int(assembler(prompt, manifest.num_visual_tokens).input_ids.numel()) - manifest.num_visual_tokens
 
 
 def bench_request(
@@ -820,7 +820,7 @@ def bench_request(
         variants[k] = {
             "engine": str(pipe.manifest.root),
             "T": pipe.num_visual_tokens,
-            "prompt_tokens": int(pipe.assembler(cfg.prompt).input_ids.numel()),
+            "prompt_tokens": int(pipe.assembler(cfg.prompt, pipe.num_visual_tokens).input_ids.numel()),
             "timing": timings[k],
             "stages_median_s": {
                 "preprocess": med["preprocess"],
@@ -956,7 +956,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     -> the report (the JSON object)."""
     import torch
 
-    from apet_trt.runtime.images import ImagePreprocessor
+    from apet_trt.runtime.families import family_for
+    from apet_trt.runtime.images import to_pil
     from apet_trt.scripts.bench_decoder import DecoderBenchConfig, build_decoder, resolve, shape_of
 
     cfg.validate()
@@ -993,10 +994,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         },
     }
     memory = Memory(cuda=torch.cuda.is_available())
-    preprocessor = ImagePreprocessor(
-        pair.compressed.root / "processor", image_size=int(pair.compressed.vision["image_size"])
-    )
-    pairs = VisionPairs(pair, preprocessor)
+    pairs = VisionPairs(pair)
 
     def section(name, fn):
         if cfg.skipped(name):
@@ -1024,8 +1022,12 @@ def run_bench(cfg: BenchConfig) -> dict:
         device, dtype, layers = resolve(dcfg)
 
     if not cfg.skip_vision:
-        pixel_values = preprocessor([cfg.image] * cfg.batch)
-        section("vision", lambda: bench_vision(cfg, pair, pairs, pixel_values, memory))
+        images = [to_pil(cfg.image)] * cfg.batch
+        batches = {
+            "with_apet": family_for(pair.compressed).preprocess(images),
+            "without_apet": family_for(pair.baseline).preprocess(images),
+        }
+        section("vision", lambda: bench_vision(cfg, pair, pairs, batches, memory))
     section("op", lambda: bench_op(cfg, pair, out_dir))
 
     if needs_decoder:
@@ -1094,7 +1096,7 @@ def register(sub) -> None:
     src.add_argument("--model", help="preset or checkpoint path: build (or reuse) both engine dirs in --cache-dir")
     src.add_argument("--keep", type=int, default=64, help="T for --model (default 64)")
     src.add_argument("--basis", type=int, default=10, help="k for --model (default 10)")
-    src.add_argument("--fp16", action="store_true", help="--model: TensorRT plan in fp16 where TensorRT is present")
+    src.add_argument("--fp16", action="store_true", help="--model: tower and projector in fp16 (ONNX and plan)")
     src.add_argument("--cache-dir", default=None, help="where --model builds engine dirs (default OUT/engines)")
     m = p.add_argument_group("measurement")
     m.add_argument(

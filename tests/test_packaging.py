@@ -55,9 +55,15 @@ def test_no_module_imports_a_folder_by_its_bare_name():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """Built from a copy of the tracked files: an in-tree build/ would keep stale modules."""
+    """Built from a copy of the files git tracks or would track: an in-tree build/ would keep stale modules."""
     out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for rel in tracked.splitlines():
         if (ROOT / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,32 @@
-"""LLaVA-1.5 family (transformers LlavaForConditionalGeneration).
+"""LLaVA-1.5 family (Transformers `LlavaForConditionalGeneration`).
 
 The vision engine: pixel_values [B, 3, S, S] -> CLIP vision tower -> hidden_states[feature_layer]
 -> select strategy ("default" drops CLS) -> ApetCompressor (float32) -> multimodal projector on the
 T kept tokens only -> embeddings [B, T, H_llm] (float32), positions [B, T] (int64). Without ApET the
 same module emits all N tokens with positions 0..N-1: the baseline.
+
+Presets (export/presets.py) give `fields` = {"vision": CLIPVisionConfig kwargs, "text": LlamaConfig
+kwargs, "image_token_id": int | None}.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
+from apet_trt.apet_ops.compat import pil_image_processor_class
+
+from ..tokenizer import byte_level_tokenizer
+from .base import ExportFamily, Preset
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+INPUT = "pixel_values"
+OUTPUTS = ("embeddings", "positions")
 
 
-def _parts(model):
+def parts(model):
     """(vision_tower, multi_modal_projector) across transformers versions (4.x keeps them on the
     outer model, 5.x on model.model)."""
     inner = getattr(model, "model", model)
@@ -46,53 +55,16 @@ class VisionParts(nn.Module):
         return cls(CLIPVisionModel(config.vision_config), LlavaMultiModalProjector(config), config).eval()
 
 
-@dataclass(frozen=True)
-class LlavaFacts:
-    feature_layer: int
-    select_strategy: str
-    image_size: int
-    patch_size: int
-    num_patches: int
-    feature_dim: int
-    hidden_size: int
-    vocab_size: int
-    image_token_id: int
-    max_position_embeddings: int
-
-
-def facts(config) -> LlavaFacts:
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
-        raise ValueError(f"vision_feature_layer={layer!r}: only a single feature layer is supported")
-    strategy = config.vision_feature_select_strategy
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy={strategy!r}: expected 'default' or 'full'")
-    v, t = config.vision_config, config.text_config
-    n = (v.image_size // v.patch_size) ** 2 + (1 if strategy == "full" else 0)
-    return LlavaFacts(
-        layer,
-        strategy,
-        v.image_size,
-        v.patch_size,
-        n,
-        v.hidden_size,
-        t.hidden_size,
-        t.vocab_size,
-        config.image_token_id,
-        t.max_position_embeddings,
-    )
-
-
 class LlavaVisionEngine(nn.Module):
     """pixel_values -> (embeddings [B, T, H] float32, positions [B, T] int64)."""
 
     def __init__(self, model, apet: ApetConfig | None):
         super().__init__()
-        self.vision_tower, self.projector = _parts(model)
-        f = facts(model.config)
-        self.feature_layer, self.select_strategy, self.num_patches = f.feature_layer, f.select_strategy, f.num_patches
-        if apet is not None:
-            apet.validate_for(f.num_patches)
+        self.vision_tower, self.projector = parts(model)
+        family = LlavaExport(model.config)
+        self.feature_layer, self.select_strategy = family.feature_layer, family.select_strategy
+        self.num_patches = family.num_patches
+        family.check_apet(apet)
         self.compressor = ApetCompressor(apet) if apet is not None else None  # node names: /compressor/...
 
     def forward(self, pixel_values: torch.Tensor):
@@ -109,29 +81,130 @@ class LlavaVisionEngine(nn.Module):
         return self.projector(tokens).float(), positions
 
 
-def checkpoint_config(path: str | Path):
-    """A local LLaVA checkpoint's config (offline, no weights read)."""
-    from transformers import AutoConfig
+def image_processor(image_size: int = 336):
+    """CLIP's processor settings (what llava-1.5 ships), PIL backend: no torchvision needed."""
+    return pil_image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+        resample=3,
+    )
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if config.model_type != "llava":
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported yet (supported: llava)")
-    return config
 
+class LlavaExport(ExportFamily):
+    name = "llava"
+    model_types = ("llava",)
+    hf_model_class = "LlavaForConditionalGeneration"
+    prompt_template = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversation format
+    image_token = "<image>"
+    trtllm_model_class = "LLaMAForCausalLM"  # its converter reads a LLaVA checkpoint's text_config
 
-def load_checkpoint(path: str | Path):
-    """A local LLaVA checkpoint (offline): -> (model, config, image processor, tokenizer)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    def __init__(self, config):
+        super().__init__(config)
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(f"vision_feature_layer={layer!r}: only a single feature layer is supported")
+        strategy = config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy={strategy!r}: expected 'default' or 'full'")
+        v = config.vision_config
+        self.feature_layer, self.select_strategy = layer, strategy
+        self.image_size, self.patch_size, self.feature_dim = v.image_size, v.patch_size, v.hidden_size
+        self._n = (v.image_size // v.patch_size) ** 2 + (1 if strategy == "full" else 0)
 
-    path = Path(path)
-    config = checkpoint_config(path)
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, use_fast=False)
-    except Exception as exc:
-        raise FileNotFoundError(f"{path}: no image processor config (preprocessor_config.json): {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True).eval()
-    return model, config, processor, tokenizer
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def preset_config(cls, preset: Preset):
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        f = preset.fields
+        tokenizer = byte_level_tokenizer(f.get("image_token_id"))
+        text = dict(f["text"])
+        text.setdefault("vocab_size", len(tokenizer))
+        text_config = LlamaConfig(
+            **text,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(**f["vision"]),
+            text_config=text_config,
+            image_token_id=tokenizer.convert_tokens_to_ids(cls.image_token),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+        return config, image_processor(f["vision"]["image_size"]), tokenizer
+
+    def preset_model(self, preset: Preset) -> nn.Module:
+        if not preset.materialise_language_model:
+            return VisionParts.from_config(self.config)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration(self.config).eval()
+        with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
+            model.lm_head.weight.mul_(8.0)
+        return model
+
+    # -- the engine ---------------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        return self._n
+
+    def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
+        return LlavaVisionEngine(model, apet)
+
+    def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {INPUT: torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)}
+
+    def io(self, apet: ApetConfig | None) -> dict:
+        t, h = self.rows_per_item(apet), self.config.text_config.hidden_size
+        return {
+            "inputs": [{"name": INPUT, "dtype": "float32", "shape": ["batch", 3, self.image_size, self.image_size]}],
+            "outputs": [
+                {"name": OUTPUTS[0], "dtype": "float32", "shape": ["batch", t, h]},
+                {"name": OUTPUTS[1], "dtype": "int64", "shape": ["batch", t]},
+            ],
+        }
+
+    def reference_rows(self, model: nn.Module, processor, images: list) -> list[torch.Tensor]:
+        pixel_values = torch.from_numpy(processor(images=images, return_tensors="np")["pixel_values"])
+        with torch.no_grad():
+            out = model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=self.feature_layer,
+                vision_feature_select_strategy=self.select_strategy,
+            )
+        out = getattr(out, "pooler_output", out)  # Transformers 5 wraps it in a model output
+        return [x.float() for x in out]
+
+    # -- the manifest -------------------------------------------------------------------------
+    def manifest_fields(self, apet: ApetConfig | None) -> dict:
+        return {
+            "vision": {
+                "feature_layer": self.feature_layer,
+                "select_strategy": self.select_strategy,
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "num_patches": self.num_patches,
+                "feature_dim": self.feature_dim,
+            },
+            "num_visual_tokens": self.rows_per_item(apet),
+        }
+
+    def llm_fields(self) -> dict:
+        t = self.config.text_config
+        return {
+            "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "image_token_id": self.config.image_token_id,
+            "max_position_embeddings": t.max_position_embeddings,
+        }

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..checks import check_engine_io, ort_io
-from ..images import ImagePreprocessor
+from ..checks import check_engine_dtypes, ort_io
 from ..manifest import Manifest
 from . import VisionBackend
 
@@ -30,8 +29,8 @@ def _providers(device: str | None) -> list[str]:
 class OnnxRuntimeBackend(VisionBackend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, preprocessor: ImagePreprocessor, *, device: str | None = None):
-        super().__init__(manifest, preprocessor)
+    def __init__(self, manifest: Manifest, *, device: str | None = None):
+        super().__init__(manifest)
         import onnxruntime as ort
 
         path = manifest.engine_path("onnx")
@@ -44,19 +43,13 @@ class OnnxRuntimeBackend(VisionBackend):
             raise RuntimeError(
                 f"{path}: ONNX Runtime could not load the vision model: {type(exc).__name__}: {exc}"
             ) from exc
-        io = manifest.data["io"]
-        self.input_name = io["inputs"][0]["name"]
-        self.output_names = [o["name"] for o in io["outputs"]]
-        got_in = [i.name for i in self.session.get_inputs()]
-        got_out = [o.name for o in self.session.get_outputs()]
-        if got_in != [self.input_name] or sorted(got_out) != sorted(self.output_names):
-            raise RuntimeError(
-                f"{path}: inputs {got_in} / outputs {got_out} differ from the manifest's "
-                f"{[self.input_name]} / {self.output_names}"
-            )
-        self.check_output_shape(path, next(o.shape for o in self.session.get_outputs() if o.name == "embeddings"))
-        check_engine_io(path, manifest, *ort_io(self.session))  # every input and output vs the manifest's io
+        self.check_io(
+            path,
+            {i.name: i.shape for i in self.session.get_inputs()},
+            {o.name: o.shape for o in self.session.get_outputs()},
+        )
+        check_engine_dtypes(path, manifest, *ort_io(self.session))  # and their dtypes
 
-    def _run_chunk(self, pixel_values: np.ndarray):
-        emb, pos = self.session.run(["embeddings", "positions"], {self.input_name: pixel_values})
-        return torch.from_numpy(emb), torch.from_numpy(pos)
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        values = self.session.run(self.output_names, feeds)
+        return {name: torch.from_numpy(v) for name, v in zip(self.output_names, values)}

@@ -6,6 +6,11 @@ API (TensorRT Python docs, "Runtime", "ICudaEngine", "IExecutionContext"):
   engine.get_tensor_dtype(name), engine.create_execution_context()
   context.set_input_shape(name, shape), context.get_tensor_shape(name),
   context.set_tensor_address(name, ptr), context.execute_async_v3(stream_handle) -> bool
+  data types: trt.float32, float16, bfloat16, int8, int32, int64, bool, uint8
+(NVIDIA/TensorRT python/src/infer/pyFoundationalTypes.cpp and pyCore.cpp, present at v10.16 and
+v11.1; tests/export/test_tensorrt_api.py checks the names where tensorrt imports). A plan built by
+another TensorRT major.minor or for another GPU architecture is refused before deserialising
+(runtime/plans.py).
 """
 
 from __future__ import annotations
@@ -15,22 +20,24 @@ import threading
 import numpy as np
 import torch
 
-from ..images import ImagePreprocessor
 from ..manifest import Manifest
+from ..plans import plan_mismatch, this_machine
 from . import TENSORRT_INSTALL, VisionBackend, tensorrt_available
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+}
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int8: torch.int8,
-        trt.bool: torch.bool,
-    }
-    for name, tdt in (("int64", torch.int64), ("bf16", torch.bfloat16)):
-        if hasattr(trt, name):
-            table[getattr(trt, name)] = tdt
+    table = {getattr(trt, name): tdt for name, tdt in TORCH_DTYPES.items()}
     if dtype not in table:
         raise RuntimeError(f"TensorRT tensor dtype {dtype} has no torch equivalent here")
     return table[dtype]
@@ -39,8 +46,8 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 class TensorRTBackend(VisionBackend):
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, preprocessor: ImagePreprocessor, *, device: str | None = None):
-        super().__init__(manifest, preprocessor)
+    def __init__(self, manifest: Manifest, *, device: str | None = None):
+        super().__init__(manifest)
         ok, why = tensorrt_available()
         if not ok:
             raise RuntimeError(
@@ -53,6 +60,9 @@ class TensorRTBackend(VisionBackend):
                 f"{manifest.root}: no TensorRT plan in this engine directory (it was built "
                 "without TensorRT); rebuild on a machine with TensorRT or use backend='onnxruntime'"
             )
+        mismatch = plan_mismatch(manifest, "tensorrt", this_machine())
+        if mismatch is not None:
+            raise RuntimeError(mismatch)
         import tensorrt as trt
 
         self.trt = trt
@@ -69,20 +79,20 @@ class TensorRTBackend(VisionBackend):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        want_in = [manifest.data["io"]["inputs"][0]["name"]]
-        if self.inputs != want_in or sorted(self.outputs) != ["embeddings", "positions"]:
-            raise RuntimeError(f"{plan}: engine tensors {self.inputs} -> {self.outputs} differ from the manifest")
-        self.check_output_shape(plan, tuple(self.engine.get_tensor_shape("embeddings")))  # -1: dynamic batch
+        shape = lambda n: list(self.engine.get_tensor_shape(n))  # -1: a dynamic dim
+        self.check_io(plan, {n: shape(n) for n in self.inputs}, {n: shape(n) for n in self.outputs})
         self.stream = torch.cuda.Stream(device=self.device)
         self._lock = threading.Lock()  # one execution context: one inference at a time
 
-    def _run_chunk(self, pixel_values: np.ndarray):
-        name = self.inputs[0]
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         with self._lock, torch.cuda.stream(self.stream):
-            x = torch.from_numpy(pixel_values).to(self.device, non_blocking=False)
-            x = x.to(_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
+            inputs = {}  # kept alive until the stream is done with them
+            for name in self.inputs:
+                x = torch.from_numpy(feeds[name]).to(self.device, non_blocking=False)
+                x = x.to(_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
+                self.context.set_input_shape(name, tuple(x.shape))
+                self.context.set_tensor_address(name, x.data_ptr())
+                inputs[name] = x
             outputs = {}
             for out in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(out))
@@ -94,4 +104,4 @@ class TensorRTBackend(VisionBackend):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
             self.stream.synchronize()
-        return outputs["embeddings"], outputs["positions"]
+        return outputs

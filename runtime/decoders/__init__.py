@@ -1,5 +1,6 @@
-"""Decoders behind one interface: the prompt (ids with T image slots) plus the visual embeddings
-[B, T, H] in, generated ids out, with the time to the first token and the decode time.
+"""Decoders behind one interface: the prompts (ids with each image's slots) plus each prompt's
+visual rows (one [R_i, H] tensor per image, R_i may differ between images) in, generated ids out,
+with the time to the first token and the decode time.
 
     TransformersDecoder   the checkpoint's language model fed `inputs_embeds`, with a KV cache
     TensorRTLLMDecoder    TensorRT-LLM's ModelRunnerCpp fed the prompt table (docs/DESIGN.md)
@@ -9,7 +10,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,15 @@ class DecodeOutput:
     decode_ms: float  # every token after the first
 
 
+Visual = Sequence[Sequence[torch.Tensor]]  # visual[b][i]: prompt b's image i, [R_i, H]
+# on_step(tokens): tokens[b] is the id prompt b produced at this step, None once it has finished;
+# returns the rows to stop now (a client that went away), or None
+OnStep = Callable[[list[int | None]], Collection[int] | None]
+
+
 class Decoder(ABC):
-    """`generate(prompts, embeddings, sampling)`: prompts[b] holds T image slots that read
-    embeddings[b] (float32 or the LLM dtype, [B, T, H])."""
+    """`generate(prompts, visual, sampling)`: prompts[b]'s image slots read visual[b]'s rows in
+    order (float32 or the LLM dtype)."""
 
     name: str = "decoder"
     max_length: int  # prompt + new tokens may not exceed this
@@ -60,19 +67,37 @@ class Decoder(ABC):
                 )
 
     @staticmethod
-    def check_batch(prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor) -> None:
-        if embeddings.ndim != 3 or embeddings.shape[0] != len(prompts):
-            raise ValueError(f"embeddings must be [B={len(prompts)}, T, H], got {tuple(embeddings.shape)}")
-        for b, p in enumerate(prompts):
-            if p.image_slots.numel() != embeddings.shape[1]:
+    def check_batch(prompts: Sequence[AssembledPrompt], visual: Visual) -> None:
+        if len(visual) != len(prompts):
+            raise ValueError(f"{len(visual)} sets of visual rows for {len(prompts)} prompts")
+        for b, (p, images) in enumerate(zip(prompts, visual)):
+            shapes = [tuple(x.shape) for x in images]
+            if any(len(s) != 2 for s in shapes) or len({s[1] for s in shapes}) > 1:
+                raise ValueError(f"prompt {b}: visual rows must be [R, H] tensors of one width, got {shapes}")
+            if p.rows and tuple(s[0] for s in shapes) != tuple(p.rows):
                 raise ValueError(
-                    f"prompt {b}: {p.image_slots.numel()} image slots for {embeddings.shape[1]} visual tokens"
+                    f"prompt {b}: its slots take {list(p.rows)} rows per image, given {[s[0] for s in shapes]}"
+                )
+            if p.image_slots.numel() != sum(s[0] for s in shapes):
+                raise ValueError(
+                    f"prompt {b}: {p.image_slots.numel()} image slots for {sum(s[0] for s in shapes)} visual rows"
                 )
 
     @abstractmethod
     def generate(
-        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
+        self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig
     ) -> DecodeOutput: ...
+
+    def generate_streaming(
+        self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig, on_step: OnStep
+    ) -> DecodeOutput:
+        """`generate`, calling `on_step` with each step's tokens. This default replays the finished
+        ids once `generate` returns (a decoder that cannot yield tokens as it goes); a decoder that
+        can overrides it and stops the rows `on_step` returns. The ids returned equal `generate`'s."""
+        out = self.generate(prompts, visual, sampling)
+        for step in range(max((len(ids) for ids in out.ids), default=0)):
+            on_step([ids[step] if step < len(ids) else None for ids in out.ids])
+        return out
 
 
 from .tensorrt_llm import TensorRTLLMAPIDecoder, TensorRTLLMDecoder  # noqa: E402
@@ -80,6 +105,8 @@ from .transformers import TransformersDecoder  # noqa: E402
 
 __all__ = [
     "Decoder",
+    "Visual",
+    "OnStep",
     "DecodeOutput",
     "SamplingConfig",
     "TransformersDecoder",

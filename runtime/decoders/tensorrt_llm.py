@@ -1,8 +1,8 @@
 """TensorRT-LLM decoders (imported lazily: `pip install apet-trt[tensorrt-llm]`, NVIDIA GPU).
 
 TensorRTLLMDecoder: `tensorrt_llm.runtime.ModelRunnerCpp` on an engine built by `trtllm-build`
-(with `--max_multimodal_len` >= max_batch * T). The visual embeddings go in through the prompt
-table exactly as docs/DESIGN.md says; the construction is `prompt_table.build_prompt_table_inputs`.
+(with `--max_multimodal_len` >= max_batch * rows per request). The visual rows go in through the
+prompt table exactly as docs/DESIGN.md says; the construction is `prompt_table.build_prompt_table_inputs`.
 API read from TensorRT-LLM's source, tensorrt_llm/runtime/model_runner_cpp.py:
   ModelRunnerCpp.from_dir(engine_dir, rank=..., max_batch_size=..., max_input_len=..., ...)
   runner.generate(batch_input_ids: list[Tensor], prompt_table=Tensor, prompt_tasks="0,1,...",
@@ -16,8 +16,9 @@ visual_hidden_dim] is flattened ... and passed like a prompt embedding table".)
 
 TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for the models it lists
 with precomputed embeddings: `LLM(model=hf_dir).generate([{"prompt": text,
-"multi_modal_embeddings": {"image": [tensor(T, H)]}}], SamplingParams(...))`. The prompt is the
-conversation text with one image placeholder (the LLM API's input processor expands it).
+"multi_modal_embeddings": {"image": [tensor(R_i, H) per image]}}], SamplingParams(...))`. The prompt
+is the conversation text with one placeholder per image (the LLM API's input processor expands
+each to the rows given).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..prompt import AssembledPrompt
-from . import DecodeOutput, Decoder, SamplingConfig
+from . import DecodeOutput, Decoder, SamplingConfig, Visual
 from .prompt_table import build_prompt_table_inputs
 
 _INSTALL = "pip install apet-trt[tensorrt-llm] (TensorRT-LLM, on a machine with an NVIDIA GPU)"
@@ -47,7 +48,11 @@ def _import_tensorrt_llm():
 
 def _sampling_kwargs(s: SamplingConfig) -> dict:
     """SamplingConfig -> ModelRunnerCpp.generate keyword arguments (they override its
-    trtllm.SamplingConfig fields; "random_seed" is renamed to "seed" there)."""
+    trtllm.SamplingConfig fields). The seed goes in as `random_seed`: generate keeps only the
+    sampling keywords it lists (num_beams, top_k, top_p, temperature, ..., "random_seed", ...) and
+    renames random_seed to the executor SamplingConfig's `seed`; a `seed` keyword would be dropped
+    without a word (tensorrt_llm/runtime/model_runner_cpp.py, ModelRunnerCpp.generate, TensorRT-LLM
+    1.0; tests/export/test_tensorrt_api.py checks it wherever tensorrt_llm imports)."""
     if not s.do_sample:
         return {"top_k": 1, "temperature": 1.0}
     kw = {"temperature": s.temperature, "top_k": s.top_k or 0, "top_p": s.top_p}
@@ -64,7 +69,7 @@ class TensorRTLLMDecoder(Decoder):
         engine_dir: str | Path,
         *,
         vocab_size: int,
-        num_visual_tokens: int,
+        max_rows: int | None,
         eos_token_id: int,
         pad_token_id: int,
         dtype: torch.dtype,
@@ -88,22 +93,26 @@ class TensorRTLLMDecoder(Decoder):
                 f"{engine_dir}: the TensorRT-LLM engine runs in {self.runner.dtype}, the manifest says "
                 f"{self.dtype}; the prompt table must be in the engine's dtype"
             )
-        self.num_visual_tokens = int(num_visual_tokens)
         # ModelRunnerCpp gives each request its own table and rejects one longer than
         # max_prompt_embedding_table_size / max_batch_size (docs/DESIGN.md).
-        per_request = int(self.runner.max_prompt_embedding_table_size) // max(1, int(self.runner.max_batch_size))
-        if per_request < self.num_visual_tokens:
-            raise ValueError(
-                f"{engine_dir}: built with max_multimodal_len "
-                f"{self.runner.max_prompt_embedding_table_size} for max_batch_size "
-                f"{self.runner.max_batch_size}: {per_request} rows per request < T="
-                f"{self.num_visual_tokens}; rebuild with --max_multimodal_len >= "
-                f"{self.num_visual_tokens * int(self.runner.max_batch_size)}"
-            )
+        self.engine_dir = engine_dir
+        self.rows_per_request = int(self.runner.max_prompt_embedding_table_size) // max(
+            1, int(self.runner.max_batch_size)
+        )
+        if max_rows is not None:  # a family with one row count per image: check it now, not per request
+            self._check_rows(int(max_rows), "T=")
         self.max_length = int(self.runner.max_sequence_length)
         self.max_batch_size = int(self.runner.max_batch_size)
         self.max_input_len = int(self.runner.max_input_len)
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
+
+    def _check_rows(self, rows: int, what: str) -> None:
+        if rows > self.rows_per_request:
+            raise ValueError(
+                f"{self.engine_dir}: built with max_multimodal_len {self.runner.max_prompt_embedding_table_size} for "
+                f"max_batch_size {self.runner.max_batch_size}: {self.rows_per_request} visual rows per request < "
+                f"{what}{rows}; rebuild with --max_multimodal_len >= {rows * int(self.runner.max_batch_size)}"
+            )
 
     def check_lengths(self, prompts, max_new_tokens):
         super().check_lengths(prompts, max_new_tokens)
@@ -114,26 +123,26 @@ class TensorRTLLMDecoder(Decoder):
                     f"max_input_len {self.max_input_len}"
                 )
 
-    def generate(
-        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
-    ) -> DecodeOutput:
-        self.check_batch(prompts, embeddings)
+    def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
+        self.check_batch(prompts, visual)
         self.check_lengths(prompts, sampling.max_new_tokens)
+        for b, p in enumerate(prompts):
+            self._check_rows(int(p.image_slots.numel()), f"prompt {b}'s ")
         ids: list[list[int]] = []
         first_ms = decode_ms = 0.0
         for start in range(0, len(prompts), self.max_batch_size):  # the engine's batch limit
             chunk = slice(start, start + self.max_batch_size)
-            out = self._generate_chunk(prompts[chunk], embeddings[chunk], sampling)
+            out = self._generate_chunk(prompts[chunk], visual[chunk], sampling)
             ids += out.ids
             first_ms += out.first_token_ms
             decode_ms += out.decode_ms
         return DecodeOutput(ids=ids, first_token_ms=first_ms, decode_ms=decode_ms)
 
-    def _generate_chunk(self, prompts, embeddings, sampling) -> DecodeOutput:
+    def _generate_chunk(self, prompts, visual, sampling) -> DecodeOutput:
         inputs = build_prompt_table_inputs(
             [p.input_ids for p in prompts],
             [p.image_slots for p in prompts],
-            embeddings,
+            [torch.cat(list(images)) for images in visual],
             vocab_size=self.vocab_size,
             dtype=self.dtype,
         )
@@ -184,12 +193,10 @@ class TensorRTLLMAPIDecoder(Decoder):
         self.image_token = image_token
         self.max_length = int(max_length)
 
-    def generate(
-        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
-    ) -> DecodeOutput:
+    def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
         from tensorrt_llm import SamplingParams
 
-        self.check_batch(prompts, embeddings)
+        self.check_batch(prompts, visual)
         self.check_lengths(prompts, sampling.max_new_tokens)
         params = SamplingParams(
             max_tokens=sampling.max_new_tokens,
@@ -199,7 +206,7 @@ class TensorRTLLMAPIDecoder(Decoder):
             seed=sampling.seed,
         )
         requests = [
-            {"prompt": p.text, "multi_modal_embeddings": {"image": [embeddings[b].cuda()]}}
+            {"prompt": p.text, "multi_modal_embeddings": {"image": [rows.cuda() for rows in visual[b]]}}
             for b, p in enumerate(prompts)
         ]
         t0 = time.perf_counter()

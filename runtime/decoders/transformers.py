@@ -15,8 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
+from apet_trt.apet_ops.compat import cache_kwarg, output_cache
+
 from ..prompt import AssembledPrompt
-from . import DecodeOutput, Decoder, SamplingConfig
+from . import DecodeOutput, Decoder, OnStep, SamplingConfig, Visual
 
 
 def _sample_filter(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
@@ -54,10 +56,8 @@ class TransformersDecoder(Decoder):
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.eos_token_ids = torch.tensor(eos, dtype=torch.int64)
         self.max_length = int(max_length)
-        params = inspect.signature(model.forward).parameters
-        # Transformers >= 5.x names the KV cache argument `cache` (older: `past_key_values`).
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kw = cache_kwarg(model.forward)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @property
     def device(self) -> torch.device:
@@ -67,9 +67,11 @@ class TransformersDecoder(Decoder):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def build_inputs_embeds(self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor):
-        """-> (inputs_embeds [B, L, H], attention_mask [B, L], position_ids [B, L]), left-padded."""
-        self.check_batch(prompts, embeddings)
+    def build_inputs_embeds(self, prompts: Sequence[AssembledPrompt], visual: Visual):
+        """-> (inputs_embeds [B, L, H], attention_mask [B, L], position_ids), left-padded.
+        position_ids is [B, L] (0.. over the unpadded tokens, as generate computes it), or
+        [P, B, L] when the prompts carry a family's own ids (e.g. Qwen2.5-VL's 3-D M-RoPE)."""
+        self.check_batch(prompts, visual)
         b, length = len(prompts), max(int(p.input_ids.numel()) for p in prompts)
         ids = torch.full((b, length), self.pad_token_id, dtype=torch.int64)
         mask = torch.zeros((b, length), dtype=torch.int64)
@@ -79,11 +81,13 @@ class TransformersDecoder(Decoder):
             mask[i, length - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         inputs_embeds = self.embed(ids)
-        visual = embeddings.to(device=self.device, dtype=inputs_embeds.dtype)
         for i, p in enumerate(prompts):
             offset = length - int(p.input_ids.numel())
-            inputs_embeds[i, p.image_slots.to(self.device) + offset] = visual[i]
+            rows = torch.cat(list(visual[i])).to(device=self.device, dtype=inputs_embeds.dtype)
+            inputs_embeds[i, p.image_slots.to(self.device) + offset] = rows
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        if any(p.position_ids is not None for p in prompts):
+            position_ids = _family_positions(prompts, position_ids)
         return inputs_embeds, mask, position_ids
 
     def _forward(self, cache, **inputs):
@@ -91,10 +95,7 @@ class TransformersDecoder(Decoder):
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        new_cache = getattr(out, "cache", None)
-        if new_cache is None:
-            new_cache = getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :].float(), new_cache
+        return out.logits[:, -1, :].float(), output_cache(out)
 
     def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
         if not s.do_sample:
@@ -102,10 +103,15 @@ class TransformersDecoder(Decoder):
         probs = _sample_filter(logits, s).softmax(dim=-1)
         return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
+    def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
+        return self.generate_streaming(prompts, visual, sampling, None)
+
     @torch.inference_mode()
-    def generate(
-        self, prompts: Sequence[AssembledPrompt], embeddings: torch.Tensor, sampling: SamplingConfig
+    def generate_streaming(
+        self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig, on_step: OnStep | None
     ) -> DecodeOutput:
+        """Each step's tokens go to `on_step` as they are picked; the rows it returns stop there (their
+        ids end with what they had), the others go on unchanged."""
         self.check_lengths(prompts, sampling.max_new_tokens)
         gen = None
         if sampling.do_sample:
@@ -118,7 +124,7 @@ class TransformersDecoder(Decoder):
         b = len(prompts)
 
         t0 = time.perf_counter()
-        inputs_embeds, mask, position_ids = self.build_inputs_embeds(prompts, embeddings)
+        inputs_embeds, mask, position_ids = self.build_inputs_embeds(prompts, visual)
         logits, cache = self._forward(None, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids)
         token = self._pick(logits, sampling, gen)
         _sync(self.device)
@@ -126,14 +132,23 @@ class TransformersDecoder(Decoder):
 
         out = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        position = position_ids[:, -1:]
+        # the next token's position: one past the largest so far (with 1-D positions, the last one);
+        # family ids [P, B, L] continue from their largest over all P components alike
+        position = position_ids.amax(dim=-1, keepdim=True)
+        if position.dim() == 3:
+            position = position.amax(dim=0, keepdim=True).expand_as(position).contiguous()
         for step in range(sampling.max_new_tokens):
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+            step_ids: list[int | None] = [None] * b
             for i in range(b):
                 if not done[i]:
                     out[i].append(int(token[i]))
+                    step_ids[i] = out[i][-1]
             if eos.numel():
                 done = done | torch.isin(token, eos)
+            if on_step is not None:
+                for i in on_step(step_ids) or ():
+                    done[i] = True
             if bool(done.all()) or step == sampling.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
@@ -145,6 +160,24 @@ class TransformersDecoder(Decoder):
         _sync(self.device)
         t2 = time.perf_counter()
         return DecodeOutput(ids=out, first_token_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
+
+
+def _family_positions(prompts: Sequence[AssembledPrompt], default: torch.Tensor) -> torch.Tensor:
+    """The prompts' own [P, L] ids, left-padded into [P, B, L] (a prompt without its own ids takes
+    the plain ones on every component); P == 1 gives [B, L]."""
+    dims = {int(p.position_ids.shape[0]) for p in prompts if p.position_ids is not None}
+    if len(dims) != 1:
+        raise ValueError(f"prompts carry position ids with different numbers of components: {sorted(dims)}")
+    (components,) = dims
+    b, length = default.shape
+    out = torch.zeros((components, b, length), dtype=torch.int64, device=default.device)
+    for i, p in enumerate(prompts):
+        n = int(p.input_ids.numel())
+        own = default[i, length - n :].expand(components, n) if p.position_ids is None else p.position_ids
+        if tuple(own.shape) != (components, n):
+            raise ValueError(f"prompt {i}: position ids {tuple(own.shape)} for {n} tokens")
+        out[:, i, length - n :] = own.to(default.device)
+    return out[0] if components == 1 else out
 
 
 def _sync(device: torch.device) -> None:

@@ -45,11 +45,10 @@ def make_tokenizer():
 
 
 def clip_processor_class():
-    """The PIL-backed CLIP image processor: CLIPImageProcessorPil in Transformers 5, CLIPImageProcessor
-    (PIL/numpy) in 4.x."""
-    import transformers
+    """The PIL-backed CLIP image processor (apet_ops.compat: the Transformers-version shims)."""
+    from apet_trt.apet_ops.compat import pil_image_processor_class
 
-    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return pil_image_processor_class("CLIPImageProcessor")
 
 
 def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
@@ -93,9 +92,18 @@ def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
 
 
 def _export_vision_onnx(model, apet: dict | None, path: Path, image_size: int) -> None:
-    from apet_trt.runtime.backends.torch_eager import TorchVision
+    from apet_trt.runtime.families.llava import LlavaTorchVision
 
-    module = TorchVision(model, feature_layer=-2, select_strategy="default", apet=apet).eval()
+    class Tupled(torch.nn.Module):  # the exporter names outputs by position
+        def __init__(self):
+            super().__init__()
+            self.inner = LlavaTorchVision(model, feature_layer=-2, select_strategy="default", apet=apet)
+
+        def forward(self, pixel_values):
+            out = self.inner(pixel_values)
+            return out["embeddings"], out["positions"]
+
+    module = Tupled().eval()
     example = torch.randn(2, 3, image_size, image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -189,3 +197,8 @@ def build_engine_dir(
     }
     write_manifest(root, data)
     return root
+
+
+def stack_rows(rows):
+    """A fixed-T engine's per-image rows (runtime VisualRows) as (embeddings [B, T, H], positions [B, T])."""
+    return torch.stack([r.embeddings for r in rows]), torch.stack([r.positions for r in rows])

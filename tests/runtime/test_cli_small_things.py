@@ -158,7 +158,7 @@ def test_numpy_integers_are_accepted(pipe):
     [
         (b"What is it?", r"prompts: expected a string or a list of strings, got bytes b'What is it\?'; decode it"),
         (5, r"prompts: expected a string or a list of strings, got int 5"),
-        (None, r"got NoneType None"),
+        ({"text": "a"}, r"prompts: expected a string or a list of strings, got dict \{'text': 'a'\}"),
         (["fine", 3], r"prompt 1: expected a string, got int 3"),
     ],
 )
@@ -231,3 +231,17 @@ def test_force_overlay_replaces_a_file_and_the_engine_still_verifies(engine, tmp
     assert oct(existing.stat().st_mode & 0o777) == oct(0o644)
     load_manifest(engine)  # nothing was written inside the engine directory
     assert _sha(Path(PHOTO)) == photo
+
+
+@pytest.mark.parametrize(
+    "video, pattern",
+    [
+        ("https://example.com/clip.mp4", r"--video: https://example\.com/clip\.mp4 is a URL; apet reads local video"),
+        ("-", r"--video: '-' \(standard input\) is not supported; save the video to a file"),
+        ("FOLDER", r"is a directory, not a video file"),
+    ],
+)
+def test_video_paths_are_reported_as_what_they_are(engine, tmp_path, capsys, no_load, video, pattern):
+    video = str(tmp_path) if video == "FOLDER" else video
+    assert main(["run", "--engine", str(engine), "--video", video, "--prompt", "x"]) == 2
+    assert re.search(pattern, _one_line(capsys))

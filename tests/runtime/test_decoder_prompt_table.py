@@ -1,7 +1,8 @@
 """The TensorRT-LLM prompt-table inputs, checked without TensorRT-LLM: TensorRT-LLM's lookup
 (PromptTuningEmbedding: an id >= vocab_size reads row (id - vocab_size) + task * T of the table)
 is emulated in a Transformers language model, and must give the logits of the inputs_embeds path,
-for batch 1 and 3 with different images (embeddings) per request."""
+for batch 1 and 3 with different images (embeddings) per request, of the same and of different
+row counts (LLaVA-NeXT's rows depend on the image)."""
 
 import pytest
 import torch
@@ -29,15 +30,17 @@ def model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def _prompts(batch: int, rng: torch.Generator) -> list[AssembledPrompt]:
-    prompts = []
-    for _ in range(batch):
+def _prompts(rows: list[int], rng: torch.Generator) -> tuple[list[AssembledPrompt], list[list[torch.Tensor]]]:
+    """Prompts whose image has rows[b] slots, and a different random "image" (rows) for each."""
+    prompts, visual = [], []
+    for r in rows:
         before = int(torch.randint(1, 6, (1,), generator=rng))
         after = int(torch.randint(1, 9, (1,), generator=rng))
         text = torch.randint(1, IMAGE_ID, (before + after,), generator=rng)
-        ids = torch.cat([text[:before], torch.full((T,), IMAGE_ID), text[before:]])
-        prompts.append(AssembledPrompt(input_ids=ids, image_slots=torch.arange(before, before + T), text=""))
-    return prompts
+        ids = torch.cat([text[:before], torch.full((r,), IMAGE_ID), text[before:]])
+        prompts.append(AssembledPrompt(input_ids=ids, image_slots=torch.arange(before, before + r), text="", rows=(r,)))
+        visual.append([torch.randn(r, HIDDEN, generator=rng)])
+    return prompts, visual
 
 
 def emulate_trtllm_embedding(
@@ -50,24 +53,24 @@ def emulate_trtllm_embedding(
     return torch.where(virtual.unsqueeze(-1), table_2d[rows], normal)
 
 
-def _reference_logits(model, prompts, embeddings):
+def _reference_logits(model, prompts, visual):
     """The inputs_embeds path (TransformersDecoder's batch construction), per request unpadded."""
     dec = TransformersDecoder(model, image_token_id=IMAGE_ID, pad_token_id=PAD_ID, eos_token_id=None, max_length=256)
-    inputs_embeds, mask, position_ids = dec.build_inputs_embeds(prompts, embeddings)
+    inputs_embeds, mask, position_ids = dec.build_inputs_embeds(prompts, visual)
     with torch.no_grad():
         logits = model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids).logits
     return [logits[b, mask.shape[1] - p.input_ids.numel() :] for b, p in enumerate(prompts)]
 
 
-def _table_logits(model, prompts, embeddings, *, tasks=None):
+def _table_logits(model, prompts, visual, *, tasks=None):
     inputs = build_prompt_table_inputs(
         [p.input_ids for p in prompts],
         [p.image_slots for p in prompts],
-        embeddings,
+        [torch.cat(images) for images in visual],
         vocab_size=VOCAB,
         dtype=torch.float32,
     )
-    table_2d = inputs.prompt_table.reshape(-1, HIDDEN)  # [B*T, H]: the layer's concatenated tables
+    table_2d = inputs.prompt_table.reshape(-1, HIDDEN)  # [B*R, H]: the layer's concatenated tables
     tasks = inputs.tasks if tasks is None else tasks
     out = []
     for ids, task in zip(inputs.batch_input_ids, tasks):  # TensorRT-LLM packs requests: no padding
@@ -78,52 +81,44 @@ def _table_logits(model, prompts, embeddings, *, tasks=None):
     return out, inputs
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_prompt_table_lookup_matches_inputs_embeds(model, rng, batch):
-    prompts = _prompts(batch, rng)
-    embeddings = torch.randn(batch, T, HIDDEN, generator=rng)  # a different "image" per request
-    ref = _reference_logits(model, prompts, embeddings)
-    got, inputs = _table_logits(model, prompts, embeddings)
+@pytest.mark.parametrize("rows", [[T], [T, T, T], [T, 3, 11]])
+def test_prompt_table_lookup_matches_inputs_embeds(model, rng, rows):
+    batch = len(rows)
+    prompts, visual = _prompts(rows, rng)
+    ref = _reference_logits(model, prompts, visual)
+    got, inputs = _table_logits(model, prompts, visual)
     assert inputs.prompt_tasks == ",".join(str(b) for b in range(batch))
-    assert inputs.prompt_table.shape == (batch, T, HIDDEN)
+    assert inputs.prompt_table.shape == (batch, max(rows), HIDDEN)
     for b, p in enumerate(prompts):
         ids = inputs.batch_input_ids[b]
         assert ids.dtype == torch.int32
-        assert ids[p.image_slots].tolist() == [VOCAB + i for i in range(T)]
+        assert ids[p.image_slots].tolist() == [VOCAB + i for i in range(rows[b])]
         other = torch.ones_like(ids, dtype=torch.bool)
         other[p.image_slots] = False
         assert torch.equal(ids[other].long(), p.input_ids[other])
         torch.testing.assert_close(got[b], ref[b], rtol=1e-4, atol=1e-4)
     # ModelRunnerCpp hands request i the table prompt_table[task_i]: same rows as the 2-D formula
     for b in range(batch):
-        torch.testing.assert_close(inputs.prompt_table[inputs.tasks[b]], embeddings[b])
+        torch.testing.assert_close(inputs.prompt_table[inputs.tasks[b], : rows[b]], visual[b][0])
 
 
 def test_wrong_task_ids_read_another_image(model, rng):
     """The check above can fail: every request on task 0 reads request 0's image."""
-    prompts = _prompts(3, rng)
-    embeddings = torch.randn(3, T, HIDDEN, generator=rng)
-    ref = _reference_logits(model, prompts, embeddings)
-    got, _ = _table_logits(model, prompts, embeddings, tasks=[0, 0, 0])
+    prompts, visual = _prompts([T, T, T], rng)
+    ref = _reference_logits(model, prompts, visual)
+    got, _ = _table_logits(model, prompts, visual, tasks=[0, 0, 0])
     assert not torch.allclose(got[2], ref[2], rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_table_dtype_and_errors(rng):
-    prompts = _prompts(2, rng)
-    emb = torch.randn(2, T, HIDDEN, generator=rng)
-    inputs = build_prompt_table_inputs(
-        [p.input_ids for p in prompts], [p.image_slots for p in prompts], emb, vocab_size=VOCAB, dtype=torch.float16
-    )
+    prompts, visual = _prompts([T, T], rng)
+    rows = [v[0] for v in visual]
+    ids, slots = [p.input_ids for p in prompts], [p.image_slots for p in prompts]
+    inputs = build_prompt_table_inputs(ids, slots, rows, vocab_size=VOCAB, dtype=torch.float16)
     assert inputs.prompt_table.dtype == torch.float16
     with pytest.raises(ValueError, match="image slots"):
-        build_prompt_table_inputs(
-            [p.input_ids for p in prompts],
-            [p.image_slots[:-1] for p in prompts],
-            emb,
-            vocab_size=VOCAB,
-            dtype=torch.float16,
-        )
+        build_prompt_table_inputs(ids, [s[:-1] for s in slots], rows, vocab_size=VOCAB, dtype=torch.float16)
     with pytest.raises(ValueError, match="prompts"):
-        build_prompt_table_inputs(
-            [prompts[0].input_ids], [prompts[0].image_slots], emb, vocab_size=VOCAB, dtype=torch.float16
-        )
+        build_prompt_table_inputs(ids[:1], slots[:1], rows, vocab_size=VOCAB, dtype=torch.float16)
+    with pytest.raises(ValueError, match="one width"):
+        build_prompt_table_inputs(ids, slots, [rows[0], rows[1][:, :5]], vocab_size=VOCAB, dtype=torch.float16)

@@ -10,6 +10,7 @@ the first request with a raw backend error.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 from onnx import helper, numpy_helper
 
 from apet_trt import runtime
-from apet_trt.runtime.checks import check_outputs
+from apet_trt.runtime.checks import check_ascending, check_outputs
+from apet_trt.runtime.families import VisualRows
 from apet_trt.runtime.manifest import load_manifest
 from apet_trt.scripts.cli import main
 from helpers.engines import N, build_engine_dir, write_manifest
@@ -56,11 +58,11 @@ CASES = {
         "positions",
         "Add",
         np.int64(N),
-        r"image 0: the vision engine returned position \d+, outside \[0, N=36\)",
+        r"item 0: the vision engine returned position \d+, outside \[0, N=36\)",
     ),
-    "descending": ("positions", "Sub", np.int64(N - 1), r"image 0: .*positions that are not strictly ascending"),
-    "repeated": ("positions", "Mul", np.int64(0), r"image 0: .*positions that are not strictly ascending"),
-    "NaN embeddings": ("embeddings", "Mul", np.float32("nan"), r"image 0: the vision engine returned NaN or Inf"),
+    "descending": ("positions", "Sub", np.int64(N - 1), r"image 0: .*positions that are not ascending"),
+    "repeated": ("positions", "Mul", np.int64(0), r"item 0: the vision engine returned a position twice"),
+    "NaN embeddings": ("embeddings", "Mul", np.float32("nan"), r"item 0: the vision engine returned NaN or Inf"),
 }
 
 
@@ -82,7 +84,7 @@ def test_bad_outputs_of_a_replaced_engine_are_refused_per_request(pristine, tmp_
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""  # nothing printed as if fine
     err = [line for line in captured.err.splitlines() if line.startswith("apet ")]
-    assert len(err) == 1 and "RuntimeError: onnxruntime: image 0" in err[0], captured.err
+    assert len(err) == 1 and re.search(rf"RuntimeError: .*{pattern}", err[0]), captured.err
     assert not overlay.exists()
 
 
@@ -108,9 +110,9 @@ def _input_name(data):
 
 
 INPUT_CASES = {
-    "shape": (_size_112, r"input 'pixel_values' has shape \['batch', 3, 84, 84\], the manifest says \['batch', 3, 112"),
+    "shape": (_size_112, r"the engine takes pixel_values \[batch, 3, 84, 84\], the manifest promises \[batch, 3, 112"),
     "dtype": (_dtype_f16, r"input 'pixel_values' is float32, the manifest says float16"),
-    "name": (_input_name, r"inputs \['pixel_values'\] / outputs .* differ from the manifest's \['images'\]"),
+    "name": (_input_name, r"engine tensors \['pixel_values'\] -> .* differ from the manifest's \['images'\]"),
 }
 
 
@@ -129,29 +131,35 @@ def test_an_input_that_disagrees_with_the_manifest_is_refused_at_load(pristine, 
 
 def test_check_outputs_against_fresh_random_outputs(pristine, rng):
     """Valid outputs (random strictly ascending positions in [0, N), finite rows) pass; each kind of
-    corruption of one entry is named with its image index."""
+    corruption of one entry is named with its item index."""
     manifest = load_manifest(pristine)
     for _ in range(20):
         b = int(torch.randint(1, 4, (1,), generator=rng))
         pos = torch.stack([torch.randperm(N, generator=rng)[:KEEP].sort().values for _ in range(b)])
         emb = torch.randn(b, KEEP, 64, generator=rng)
-        check_outputs("engine", manifest, emb, pos)
+        check_outputs("engine", manifest, {"embeddings": emb, "positions": pos})
+        check_ascending("engine", [VisualRows(emb[i], pos[i], N) for i in range(b)])
         i, j = int(torch.randint(0, b, (1,), generator=rng)), int(torch.randint(1, KEEP, (1,), generator=rng))
         for corrupt, pattern in (
-            (lambda p, e: p[i].__setitem__(j, N), rf"image {i}: .*position {N}, outside"),
-            (lambda p, e: p[i].__setitem__(0, -1), rf"image {i}: .*position -1, outside"),
-            (lambda p, e: p[i].__setitem__(j, p[i, j - 1]), rf"image {i}: .*not strictly ascending"),
-            (lambda p, e: e[i, j].__setitem__(0, float("inf")), rf"image {i}: .*NaN or Inf"),
+            (lambda p, e: p[i].__setitem__(j, N), rf"item {i}: .*position {N}, outside"),
+            (lambda p, e: p[i].__setitem__(0, -1), rf"item {i}: .*position -1, outside"),
+            (lambda p, e: p[i].__setitem__(j, p[i, j - 1]), rf"item {i}: .*a position twice"),
+            (lambda p, e: e[i, j].__setitem__(0, float("inf")), rf"item {i}: .*NaN or Inf"),
         ):
             p, e = pos.clone(), emb.clone()
             corrupt(p, e)
             with pytest.raises(RuntimeError, match=pattern):
-                check_outputs("engine", manifest, e, p)
+                check_outputs("engine", manifest, {"embeddings": e, "positions": p})
+        p = pos.clone()
+        p[i] = p[i].flip(0)
+        with pytest.raises(RuntimeError, match=rf"image {i}: .*not ascending"):
+            check_ascending("engine", [VisualRows(emb[k], p[k], N) for k in range(b)])
 
 
 def test_a_valid_engine_passes_the_same_checks(pristine):
     """The checks never fire on the real engine: positions equal the torch backend's."""
-    _, pos = runtime.load(pristine, backend="onnxruntime").encode([PHOTO, PHOTO])
-    _, ref = runtime.load(pristine, backend="torch").encode([PHOTO, PHOTO])
-    assert pos.shape == (2, KEEP) and bool((pos[:, 1:] > pos[:, :-1]).all())
-    assert torch.equal(pos, ref)
+    rows = runtime.load(pristine, backend="onnxruntime").encode([PHOTO, PHOTO])
+    ref = runtime.load(pristine, backend="torch").encode([PHOTO, PHOTO])
+    for r, q in zip(rows, ref):
+        assert r.positions.shape == (KEEP,) and bool((r.positions[1:] > r.positions[:-1]).all())
+        assert torch.equal(r.positions, q.positions)

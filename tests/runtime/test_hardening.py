@@ -22,11 +22,11 @@ from matplotlib import cbook
 from apet_trt import runtime
 from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference
 from apet_trt.runtime.backends import tensorrt_available
-from apet_trt.runtime.backends.torch_eager import TorchVision
+from apet_trt.runtime.families.llava import LlavaTorchVision
 from apet_trt.runtime.manifest import ManifestError, load_manifest
 from apet_trt.scripts.cli import main
 from helpers.apet_cases import duplicated_tokens, few_huge_tokens, well_posed
-from helpers.engines import IMAGE_SIZE, build_engine_dir, make_model, make_tokenizer, write_manifest
+from helpers.engines import IMAGE_SIZE, build_engine_dir, make_model, make_tokenizer, stack_rows, write_manifest
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 KEEP = 12
@@ -75,7 +75,10 @@ def test_manifest_t_that_the_onnx_does_not_emit_is_refused(engine, tmp_path):
     for out in data["io"]["outputs"]:
         out["shape"][1] = 8
     write_manifest(root, data)
-    with pytest.raises(RuntimeError, match=r"vision.onnx: the engine emits embeddings \[batch, 12, 64\].*T=8"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"vision.onnx: the engine emits embeddings \[batch, 12, 64\], the manifest promises \[batch, 8, 64\]",
+    ):
         runtime.load(root, backend="onnxruntime")
 
 
@@ -146,7 +149,7 @@ def test_fp16_model_keeps_the_oracles_set(rng):
     """The vision tower in float16 (features arrive in float16, squared norms beyond its range):
     the compressor computes in float32 and keeps what the oracle keeps on those same features."""
     model = make_model(make_tokenizer()).half()
-    vision = TorchVision(
+    vision = LlavaTorchVision(
         model,
         feature_layer=-2,
         select_strategy="default",
@@ -203,7 +206,7 @@ def test_same_positions_in_another_process_and_backend(engine):
     """A fresh interpreter running `apet run --json` (ONNX Runtime) keeps what this process keeps
     with the torch backend, twice over."""
     torch_pipe = runtime.load(engine, backend="torch")
-    _, here = torch_pipe.encode(PHOTO)
+    _, here = stack_rows(torch_pipe.encode(PHOTO))
     cmd = [
         sys.executable,
         "-m",

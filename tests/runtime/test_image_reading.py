@@ -295,3 +295,31 @@ def test_compositing_in_bands_equals_transformers_convert_to_rgb(rng, monkeypatc
     numpy_flag = "return_numpy" in inspect.signature(convert_to_rgb).parameters  # Transformers 5; 4.x: PIL
     whole = np.asarray(convert_to_rgb(rgba.copy(), **({"return_numpy": True} if numpy_flag else {})))
     np.testing.assert_array_equal(np.asarray(to_pil(rgba)), whole)
+
+
+def test_images_sent_to_apet_serve_are_read_the_same_way(rng, tmp_path):
+    """`apet serve` decodes uploaded images with the same rules: alpha on white, EXIF applied, and
+    no format outside the raster list (an EPS upload would be handed to Ghostscript)."""
+    import io
+
+    from apet_trt.runtime.serve.config import ServeConfig
+    from apet_trt.runtime.serve.errors import APIError
+    from apet_trt.runtime.serve.media import decode_image_bytes
+
+    cfg = ServeConfig(engine=str(tmp_path))
+    rgb = _rgb(rng)
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[:, :10] = 255
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha])).save(buf, format="PNG")
+    got = np.asarray(decode_image_bytes(buf.getvalue(), cfg, "messages[0]"))
+    np.testing.assert_array_equal(got, np.where(alpha[..., None] == 255, rgb, 255).astype(np.uint8))
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", exif=exif)
+    np.testing.assert_array_equal(np.asarray(decode_image_bytes(buf.getvalue(), cfg, "m")), np.rot90(rgb, k=-1))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(APIError, match="not an image this server can read"):
+        decode_image_bytes(eps, cfg, "m")

@@ -12,7 +12,7 @@ from matplotlib import cbook
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from apet_trt import runtime
-from helpers.engines import IMAGE_SIZE, TEMPLATE, N, build_engine_dir, write_manifest
+from helpers.engines import IMAGE_SIZE, TEMPLATE, N, build_engine_dir, stack_rows, write_manifest
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 KEEP = 12
@@ -73,7 +73,7 @@ def test_greedy_ids_equal_transformers_generate(pipe, hf, rng, batch):
     images = [PHOTO] + [_image(rng) for _ in range(batch - 1)]
     prompts = ["What is in the picture?", "Describe it in three words, then more."][:batch]
     results = pipe.generate(images, prompts, max_new_tokens=10)
-    embeddings, positions = pipe.encode(images)
+    embeddings, positions = stack_rows(pipe.encode(images))
     expected = _hf_generate_from_embeddings(hf, pipe.tokenizer, prompts, embeddings, KEEP, 10)
     for b, r in enumerate(results):
         assert r.ids == expected[b]
@@ -100,7 +100,7 @@ def test_no_compression_equals_plain_generate(tmp_path, rng):
     image = _image(rng)
     prompt = "Where is the cat?"
     inputs = processor(images=image, text=TEMPLATE.format(prompt=prompt), return_tensors="pt")
-    assert inputs["input_ids"][0].tolist() == p.assembler(prompt).input_ids.tolist()
+    assert inputs["input_ids"][0].tolist() == p.assembler(prompt, N).input_ids.tolist()
     with torch.no_grad():
         inputs.pop("token_type_ids", None)  # Transformers 4.x tokenizers add it; generate refuses it
         out = hf.generate(
@@ -120,11 +120,11 @@ def test_backends_keep_the_same_positions(engine, pipe, rng):
     torch_pipe = runtime.load(engine, backend="torch")
     assert torch_pipe.backend == "torch"
     images = [PHOTO, _image(rng), _image(rng)]
-    e_ort, p_ort = pipe.encode(images)
-    e_pt, p_pt = torch_pipe.encode(images)
+    e_ort, p_ort = stack_rows(pipe.encode(images))
+    e_pt, p_pt = stack_rows(torch_pipe.encode(images))
     assert torch.equal(p_ort, p_pt)
     torch.testing.assert_close(e_ort, e_pt, rtol=1e-4, atol=1e-4)
-    e_again, p_again = pipe.encode(images)  # same input, same positions across runs
+    e_again, p_again = stack_rows(pipe.encode(images))  # same input, same positions across runs
     assert torch.equal(p_again, p_ort) and torch.equal(e_again, e_ort)
     assert bool((p_ort.diff(dim=1) > 0).all())  # ascending
 

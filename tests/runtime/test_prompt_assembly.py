@@ -13,13 +13,9 @@ def tok():
 
 
 def _assembler(tok, t):
-    fmt = PromptFormat(
-        template=TEMPLATE,
-        image_token="<image>",
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        num_visual_tokens=t,
-    )
-    return PromptAssembler(fmt, tok)
+    fmt = PromptFormat(template=TEMPLATE, image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"))
+    assembler = PromptAssembler(fmt, tok)
+    return lambda prompt, index=0: assembler(prompt, t, index)
 
 
 @pytest.mark.parametrize("t", [1, 5, 64])
@@ -47,17 +43,33 @@ def test_more_slots_than_images_is_an_error(tok):
 
 def test_template_without_slot_or_prompt_is_an_error(tok):
     with pytest.raises(ValueError, match="exactly once"):
-        PromptAssembler(PromptFormat("USER: {prompt} ASSISTANT:", "<image>", 259, 4), tok)
+        PromptAssembler(PromptFormat("USER: {prompt} ASSISTANT:", "<image>", 259), tok)
     with pytest.raises(ValueError, match="no '\\{prompt\\}'"):
-        PromptAssembler(PromptFormat("USER: <image> ASSISTANT:", "<image>", 259, 4), tok)
+        PromptAssembler(PromptFormat("USER: <image> ASSISTANT:", "<image>", 259), tok)
 
 
 def test_tokenizer_that_splits_the_image_token_is_caught(tok):
-    fmt = PromptFormat(template=TEMPLATE, image_token="<image>", image_token_id=7, num_visual_tokens=2)
+    fmt = PromptFormat(template=TEMPLATE, image_token="<image>", image_token_id=7)
     with pytest.raises(ValueError, match="does not map '<image>' to a single special token"):
-        PromptAssembler(fmt, tok)("hi")
+        PromptAssembler(fmt, tok)("hi", 2)
 
 
 def test_non_string_prompt(tok):
     with pytest.raises(TypeError, match="prompt 0: expected a string"):
         _assembler(tok, 2)(123)
+
+
+def test_each_image_expands_to_its_own_rows(tok):
+    """Two images with different row counts: each placeholder becomes its own contiguous run."""
+    image_id = tok.convert_tokens_to_ids("<image>")
+    fmt = PromptFormat(template=TEMPLATE, image_token="<image>", image_token_id=image_id)
+    a = PromptAssembler(fmt, tok)("USER: <image> vs <image>? ASSISTANT:", [3, 5])
+    head = tok("USER: ", add_special_tokens=True)["input_ids"]
+    mid = tok(" vs ", add_special_tokens=False)["input_ids"]
+    tail = tok("? ASSISTANT:", add_special_tokens=False)["input_ids"]
+    assert a.input_ids.tolist() == head + [image_id] * 3 + mid + [image_id] * 5 + tail
+    assert a.rows == (3, 5) and a.image_slots.numel() == 8
+    with pytest.raises(ValueError, match="at least one visual row"):
+        PromptAssembler(fmt, tok)("x", [0])
+    with pytest.raises(ValueError, match="2 image\\(s\\) but only 1 image slot"):
+        PromptAssembler(fmt, tok)("x", [3, 5])

@@ -8,6 +8,7 @@ from apet_trt import runtime
 from apet_trt.runtime.checkpoint import load_transformers_model
 from apet_trt.runtime.manifest import load_manifest
 from apet_trt.scripts.cli import build_parser, main
+from helpers.engines import stack_rows
 
 PHOTO = "assets/grace_hopper.jpg"
 
@@ -63,9 +64,9 @@ def test_tiny_llava_greedy_ids_equal_transformers_generate(engine):
     assert manifest.num_visual_tokens == 64 and manifest.num_patches == 576
     [r] = pipe.generate(PHOTO, "What is in the picture?", max_new_tokens=12)
     assert r.num_patches == 576 and r.num_kept == 64 and len(r.positions) == 64
-    embeddings, positions = pipe.encode(PHOTO)
+    embeddings, positions = stack_rows(pipe.encode(PHOTO))
     assert r.positions == positions[0].tolist()
-    model = load_transformers_model(manifest, device=torch.device("cpu"))
+    model = load_transformers_model(manifest, device=torch.device("cpu"), model_class="LlavaForConditionalGeneration")
     assert r.ids == _hf_ids(model, pipe.tokenizer, manifest, "What is in the picture?", embeddings, 12)
 
 
@@ -75,7 +76,7 @@ def test_tiny_llava_backends_and_runs_keep_the_same_positions(engine):
         pytest.skip("the preset's weights are not saved: the torch backend refuses it (tested elsewhere)")
     ort = runtime.load(engine, backend="onnxruntime")
     pt = runtime.load(engine, backend="torch")
-    _, p_ort = ort.encode(PHOTO)
-    _, p_pt = pt.encode(PHOTO)
-    _, p_again = ort.encode(PHOTO)
+    _, p_ort = stack_rows(ort.encode(PHOTO))
+    _, p_pt = stack_rows(pt.encode(PHOTO))
+    _, p_again = stack_rows(ort.encode(PHOTO))
     assert torch.equal(p_ort, p_pt) and torch.equal(p_ort, p_again)

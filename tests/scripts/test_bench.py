@@ -216,13 +216,13 @@ def test_torch_vision_path_agrees_with_onnxruntime(engines):
     comp, base = engines
     pair = bench.EnginePair(load_manifest(comp), load_manifest(base))
     pre = ImagePreprocessor(comp / "processor", image_size=336)
-    pixels = pre([str(ROOT / "assets" / "grace_hopper.jpg")])
-    t_comp, t_base = bench.torch_vision_pair(pair, pre, "cpu", torch.float32)
-    o_comp, o_base, device, clock = bench.open_vision_pair("onnxruntime_cpu", pair, pre)
+    feeds = {"pixel_values": pre([str(ROOT / "assets" / "grace_hopper.jpg")])}
+    t_comp, t_base = bench.torch_vision_pair(pair, "cpu", torch.float32)
+    o_comp, o_base, device, clock = bench.open_vision_pair("onnxruntime_cpu", pair)
     assert (device, clock) == ("cpu", "wall")
     for torch_backend, ort_backend, t in ((t_comp, o_comp, 64), (t_base, o_base, 576)):
-        emb_t, pos_t = torch_backend.run(pixels)
-        emb_o, pos_o = ort_backend.run(pixels)
+        emb_t, pos_t = torch_backend.run(feeds).values()
+        emb_o, pos_o = ort_backend.run(feeds).values()
         assert pos_t.shape == (1, t) and torch.equal(pos_t, pos_o)
         torch.testing.assert_close(emb_t, emb_o, rtol=1e-3, atol=1e-4)
 

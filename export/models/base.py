@@ -1,0 +1,190 @@
+"""What a model family tells `apet build`: how to load it (a local checkpoint, or a preset built from
+a config with seeded random weights), its vision engine as a PyTorch module with named inputs and
+outputs, example inputs and dynamic axes to export it with, and the manifest fields the runtime
+adapter of the same family (runtime/families/<family>.py) reads.
+
+One family, one subclass, one file (export/models/<family>.py), listed in export/models/__init__.py.
+export/build.py speaks only this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apet_trt.apet_ops import ApetConfig
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to export: the module holding the vision parts (the whole VLM, or only its
+    vision tower and projector for a preset whose language model is never built), its config,
+    image processor and tokenizer."""
+
+    model: torch.nn.Module
+    config: Any
+    processor: Any
+    tokenizer: Any
+    language_model_saved: bool  # the whole VLM is here, so its weights can be saved for the decoder
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model that needs no checkpoint and no network: a family's config from these fields,
+    seeded random weights. `fields` are the family's own (export/models/<family>.py reads them)."""
+
+    name: str
+    family: str
+    fields: dict
+    materialise_language_model: bool  # False: only the vision parts are built (7B-shape benchmarks)
+    seed: int = 0
+    description: str = ""
+
+
+@dataclass
+class EnginePart:
+    """A vision engine a family needs beside its main one (Video-LLaVA: the image tower beside the
+    video tower), exported the same way as `<name>.onnx` (and `<name>.plan`) and recorded under the
+    manifest's `parts` with its own io; the runtime sends a call to the engine whose inputs it feeds."""
+
+    name: str
+    module: torch.nn.Module  # forward(**named inputs) -> tuple of the outputs in io order
+    io: dict
+    example_inputs: Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+
+
+class ExportFamily(ABC):
+    """The export side of one model family. `config` is the Hugging Face config of the whole VLM."""
+
+    name: str = ""  # manifest model.family; the runtime finds its adapter by it
+    model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family takes
+    hf_model_class: str = ""  # the Transformers class of the whole VLM
+    prompt_template: str = ""  # the conversation format; "{prompt}" and the image token once
+    image_token: str = "<image>"
+    video_token: str | None = None  # the family's video placeholder, when it takes videos
+    media: tuple[str, ...] = ("image",)  # what a request may hold: "image", "video"
+    compressed_media: tuple[str, ...] = ("image",)  # which of them ApET compresses (the rest pass whole)
+    item: str = "image"  # what one engine item is ("image", "crop", "frame"), for messages
+    # tensorrt_llm.models class that converts the language model for TensorRT-LLM's engine flow (the
+    # prompt-table decoder); None: the family has no such route
+    trtllm_model_class: str | None = None
+
+    def __init__(self, config):
+        self.config = config
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def preset_config(cls, preset: Preset) -> tuple[Any, Any, Any]:
+        """-> (config, image processor, tokenizer) for a preset; no weights (cheap)."""
+
+    @abstractmethod
+    def preset_model(self, preset: Preset) -> torch.nn.Module:
+        """The preset's weights, seeded (the caller forks the global RNG around this)."""
+
+    @classmethod
+    def load_checkpoint(cls, path: Path) -> LoadedModel:
+        """A local checkpoint directory (offline): the whole VLM, its image processor and tokenizer."""
+        import transformers
+
+        from apet_trt.apet_ops.compat import load_image_processor
+
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        try:
+            processor = load_image_processor(path, local_files_only=True)
+        except Exception as exc:
+            raise FileNotFoundError(f"{path}: no image processor config (preprocessor_config.json): {exc}") from exc
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        cls_ = getattr(transformers, cls.hf_model_class)
+        model = cls_.from_pretrained(str(path), local_files_only=True).eval()
+        return LoadedModel(model, config, processor, tokenizer, language_model_saved=True)
+
+    # -- what the engine does -----------------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_patches(self) -> int:
+        """N, the tokens of one engine item (an image, a crop) that enter ApET."""
+
+    def check_apet(self, apet: ApetConfig | None) -> None:
+        """Refuse options that cannot work for this model before any weights are built."""
+        if apet is not None:
+            apet.validate_for(self.num_patches)
+
+    def apet_config(self, apet: ApetConfig | None) -> ApetConfig | None:
+        """The family's variant of the build's ApET options (e.g. the video layout); unchanged by default."""
+        return apet
+
+    def rows_per_item(self, apet: ApetConfig | None) -> int:
+        """T: rows of `embeddings` per engine item (N when there is no compression)."""
+        return apet.keep if apet is not None else self.num_patches
+
+    def max_rows_per_image(self, apet: ApetConfig | None) -> int:
+        """The most rows one image (or video) can hand the LLM (what a decoder's multimodal capacity is
+        sized for); one engine item per image: T."""
+        return self.rows_per_item(apet)
+
+    @abstractmethod
+    def vision_module(self, model: torch.nn.Module, apet: ApetConfig | None) -> torch.nn.Module:
+        """The vision engine as a module: forward(**named inputs) -> tuple of the outputs in io order.
+        Its submodules are named `vision_tower`, `compressor` (apet_ops.ApetCompressor) and
+        `projector`: the exported graph's node scopes, by which the build reads each part's dtype
+        and checks that the compressor computes in float32 (export/precision.py)."""
+
+    @abstractmethod
+    def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random named inputs for `batch` engine items (export traces with these; builds compare
+        ONNX Runtime with PyTorch on them)."""
+
+    @abstractmethod
+    def io(self, apet: ApetConfig | None) -> dict:
+        """The manifest's io: {"inputs": [...], "outputs": [...]}, each {"name", "dtype", "shape"};
+        a dim that is a string is dynamic (its name), the others are static."""
+
+    def dynamic_axes(self, apet: ApetConfig | None) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes, from io's named dims."""
+        io = self.io(apet)
+        return {
+            t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+            for t in [*io["inputs"], *io["outputs"]]
+        }
+
+    def profile_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Each input's shape for `batch` items (TensorRT optimisation profiles: min/opt/max); the
+        dynamic (named) dim is the items axis."""
+        io = self.io(None)
+        return {t["name"]: tuple(batch if isinstance(d, str) else d for d in t["shape"]) for t in io["inputs"]}
+
+    @abstractmethod
+    def reference_rows(self, model: torch.nn.Module, processor, images: list) -> list[torch.Tensor]:
+        """Transformers' own answer, for checking the engine: the rows the Hugging Face model hands
+        its language model for these PIL images without compression (one [R_i, H] tensor per image),
+        computed with the model's and processor's own methods only."""
+
+    def reference_video_rows(self, model: torch.nn.Module, processor, videos: list) -> list[torch.Tensor]:
+        """Transformers' own rows for videos ([F, H, W, 3] uint8 frames each), as reference_rows for images."""
+        raise NotImplementedError(f"family {self.name!r} takes no videos")
+
+    def extra_parts(self, model: torch.nn.Module, apet: ApetConfig | None) -> list[EnginePart]:
+        """Vision engines beside the main one (none by default)."""
+        return []
+
+    def trtllm_checkpoint(self, checkpoint: Path, work: Path) -> Path:
+        """The Hugging Face checkpoint TensorRT-LLM's converter (`trtllm_model_class`) reads: the
+        family's own by default; a family whose model type the converter does not know writes its
+        language model as a plain checkpoint under `work` and returns that."""
+        return checkpoint
+
+    # -- what the manifest records ------------------------------------------------------------
+    @abstractmethod
+    def manifest_fields(self, apet: ApetConfig | None) -> dict:
+        """The family's part of the manifest: "vision" facts, "num_visual_tokens", and any
+        family-specific section its runtime adapter reads."""
+
+    @abstractmethod
+    def llm_fields(self) -> dict:
+        """hidden_size, vocab_size, image_token_id, max_position_embeddings of the language model."""

@@ -1,0 +1,151 @@
+"""What a model family tells the runtime: how images become the engine's named inputs, how the
+engine's outputs become each image's visual rows, and how those rows sit in the prompt.
+
+One family, one subclass, one file (runtime/families/<family>.py), listed by name in
+runtime/families/__init__.py. Everything else in the runtime - backends, prompt assembly,
+decoders, the pipeline, the CLI - speaks only this interface:
+
+    batch = family.preprocess(items)             # PIL images / Videos -> EngineBatch (named inputs, per-item facts)
+    rows = family.encode(backend, batch)         # -> list[VisualRows], one per image
+    family.position_ids(prompt_ids, slots, rows) # None (1-D positions) or the family's own ids
+    family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
+    family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
+    family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
+
+Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
+Qwen2.5-VL's dynamic resolution), so nothing downstream assumes one T for a batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..manifest import Manifest
+
+
+@dataclass
+class VisualRows:
+    """One image's (or video's) rows for the LLM.
+
+    embeddings  [R, H] float32, in the order the LLM reads them
+    positions   [R] int64: each row's index in the sequence of rows the uncompressed model would
+                hand the LLM for this image (so with no compression, 0..R-1; with ApET, the kept ones)
+    num_patches that uncompressed row count
+    extras      family facts a decoder or an overlay may need (e.g. a crop layout, a grid)
+    media       "image" or "video": which placeholder of the prompt reads these rows
+    """
+
+    embeddings: torch.Tensor
+    positions: torch.Tensor
+    num_patches: int
+    extras: dict[str, Any] = field(default_factory=dict)
+    media: str = "image"
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+@dataclass
+class EngineBatch:
+    """The vision engine's named inputs for a batch of images, and what the family needs to turn
+    its outputs back into per-image rows (`items[i]` belongs to image i)."""
+
+    feeds: dict[str, np.ndarray]
+    items: list[dict[str, Any]]
+    images: list[Any] = field(default_factory=list, repr=False)  # the PIL images (and Videos), for overlays
+
+
+@dataclass(frozen=True)
+class PatchMap:
+    """Where the uncompressed rows of one image lie in the picture the engine saw: `boxes[r]` is
+    (crop index, row, column) of row r in a grid of patches, or None for a row that is no patch
+    (a CLS or newline row). `crops` are the [S, S, 3] uint8 pictures, `patch_size` in pixels."""
+
+    crops: list[np.ndarray]
+    boxes: list[tuple[int, int, int] | None]
+    grid: tuple[int, int]
+    patch_size: int
+    columns: int | None = None  # pictures per row of an overlay sheet (None: all in one row)
+
+
+class RuntimeFamily(ABC):
+    """The runtime side of one model family (the export side is export/models/<family>.py)."""
+
+    name: str = ""
+    hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
+    # frames the family samples from a video (runtime/videos.py); None: it takes no videos
+    frames_per_video: int | None = None
+    # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
+    # parts (apet serve --upstream); False: no such server registers the model
+    upstream_image_embeds: bool = True
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    @property
+    def fixed_rows(self) -> int | None:
+        """The rows every image gets, when the family knows it before the engine runs (LLaVA-1.5: T);
+        None when it depends on the image or on what the engine kept."""
+        return None
+
+    # -- images -> engine inputs ----------------------------------------------------------------
+    @abstractmethod
+    def preprocess(self, images: Sequence[Any]) -> EngineBatch:
+        """Media items -> the engine's named inputs (the checkpoint's own HF processor): RGB PIL
+        images, and for a family with `frames_per_video`, `videos.Video`s of that many frames."""
+
+    # -- engine outputs -> rows ---------------------------------------------------------------
+    @abstractmethod
+    def encode(
+        self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
+    ) -> list[VisualRows]:
+        """Run the engine (`run(feeds) -> outputs`, in chunks the engine's batch range allows) and
+        split its outputs into one VisualRows per image."""
+
+    # -- the prompt ---------------------------------------------------------------------------
+    def position_ids(
+        self, input_ids: torch.Tensor, image_slots: torch.Tensor, rows: Sequence[VisualRows]
+    ) -> torch.Tensor | None:
+        """Position ids for a prompt whose `image_slots` read `rows` in order: None for plain 1-D
+        positions (0..L-1, what every decoder does by itself), else a family's own [P, L] ids."""
+        return None
+
+    # -- the handoff to a serving engine ------------------------------------------------------
+    def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+        """One image's rows as the tensors of vLLM's `image_embeds` content part: {"image_embeds":
+        [R, H]} alone (sent as one tensor) for families whose upstream expands the image token to R
+        placeholders (LLaVA-1.5, LLaVA-NeXT); a family whose upstream needs more (Qwen2.5-VL:
+        "image_grid_thw") adds its fields and is sent in vLLM's dict form."""
+        return {"image_embeds": rows.embeddings}
+
+    def rows_from_handoff(self, fields: dict[str, torch.Tensor]) -> VisualRows:
+        """The inverse of `handoff_fields`, for a decoder fed `image_embeds` parts: `fields` holds
+        decoded, shape-checked tensors ("image_embeds" [R, H] float32). The uncompressed count is
+        not in the payload, so num_patches is R and positions are 0..R-1."""
+        extra = sorted(set(fields) - {"image_embeds"})
+        if extra:
+            raise ValueError(f"the {self.name} family takes image_embeds alone, not {extra}")
+        emb = fields["image_embeds"]
+        return VisualRows(emb, torch.arange(emb.shape[0], dtype=torch.int64), int(emb.shape[0]))
+
+    # -- pictures -----------------------------------------------------------------------------
+    @abstractmethod
+    def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
+        """Where image `index`'s uncompressed rows lie in what the engine saw (for --grid/--overlay)."""
+
+    # -- the Torch module (backend="torch") ---------------------------------------------------
+    def torch_module(self, hf_model) -> torch.nn.Module:
+        """The vision engine in PyTorch eager, from the checkpoint's own modules: named inputs in,
+        named outputs out, the same contract as the exported graph."""
+        raise NotImplementedError(f"family {self.name!r} has no PyTorch eager vision module")
+
+    def summary(self) -> list[str]:
+        """Family lines for `apet inspect`."""
+        return []
