@@ -45,7 +45,8 @@ MAX_ASPECT = 200
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|data:)")
 _ROWS = 1024  # rows per chunk when scaling high-bit-depth images (bounded temporaries)
-_BAND_PIXELS = 1 << 22  # pixels per band when compositing transparency
+_BAND_PIXELS = 1 << 18  # pixels per band when compositing transparency (float64 temporaries)
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 # processors whose work starts with a shortest-edge resize of the whole image (so doing it first is
 # exact; LLaVA-NeXT's anyres, for one, needs the full image)
 SHRINKABLE = ("CLIPImageProcessor", "CLIPImageProcessorPil")
@@ -179,10 +180,11 @@ def as_displayed(image: Image.Image, where: str, *, own: bool = False) -> Image.
     """An RGB image as a viewer shows it: EXIF orientation applied, high bit depths scaled,
     transparency composited onto white. `own`: the image may be changed in place (opened here)."""
     check_geometry(image.width, image.height, where)
-    if own:
-        ImageOps.exif_transpose(image, in_place=True)
-    else:
-        image = ImageOps.exif_transpose(image)
+    if image.getexif().get(_ORIENTATION, 1) not in (None, 1):  # Pillow copies even when nothing turns
+        if own:
+            ImageOps.exif_transpose(image, in_place=True)
+        else:
+            image = ImageOps.exif_transpose(image)
     image = _to_8bit(image, where)
     if image.mode == "RGB":
         return image

@@ -323,3 +323,53 @@ def test_images_sent_to_apet_serve_are_read_the_same_way(rng, tmp_path):
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     with pytest.raises(APIError, match="not an image this server can read"):
         decode_image_bytes(eps, cfg, "m")
+
+
+PEAK = """
+import sys, threading, time
+import numpy as np, psutil
+from apet_trt.runtime.images import ImagePreprocessor
+pre = ImagePreprocessor(sys.argv[1], image_size=336)
+pre(np.zeros((400, 300, 3), np.uint8))  # warm: the processor's own buffers
+me, peak, done = psutil.Process(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], me.memory_info().rss)
+        time.sleep(0.001)
+before = me.memory_info().rss
+watcher = threading.Thread(target=watch)
+watcher.start()
+pre(sys.argv[2])
+done.set()
+watcher.join()
+print(max(peak[0], me.memory_info().rss) - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_peak_memory_grows_by_at_most_10_bytes_per_pixel(tmp_path, mode):
+    """The README's bound, on a 16.8 MP image read in a fresh process: the resident memory grows by at
+    most 10 bytes per pixel while it is read and processed (RSS sampled every millisecond)."""
+    import subprocess
+    import sys
+
+    side = 4096
+    processor = tmp_path / "processor"
+    clip_processor_class()(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(
+        str(processor)
+    )
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    picture = np.empty((side, side, len(mode)), np.uint8)
+    for c in range(len(mode)):
+        picture[..., c] = (ramp[:, None] * (c + 1) + ramp[None, :]).astype(np.uint32) % 256
+    Image.fromarray(picture, mode=mode).save(tmp_path / "big.png", compress_level=1)
+    del picture
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK, str(processor), str(tmp_path / "big.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    grown = int(r.stdout.strip().splitlines()[-1])
+    assert grown <= 10 * side * side, f"{grown / side / side:.1f} bytes per pixel"
