@@ -75,3 +75,14 @@ def config_model_type(config) -> str:
     config's attributes onto some composite configs it loads (Qwen2.5-VL's then reads
     "qwen2_5_vl_text"), the class attribute keeps the composite model's."""
     return getattr(type(config), "model_type", "") or config.model_type
+
+
+def convert_to_rgb(image):
+    """Transformers' convert_to_rgb (transparency composited onto white) -> a PIL RGB image: 5.x
+    grew a return_numpy flag (and warns without it), 4.x returns a PIL image."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
+
+    if "return_numpy" in inspect.signature(hf_convert_to_rgb).parameters:
+        return Image.fromarray(hf_convert_to_rgb(image, return_numpy=True))
+    return hf_convert_to_rgb(image)

@@ -416,3 +416,18 @@ def test_onnxruntime_plans_no_memory_patterns_for_varying_token_axes(pipes, tmp_
     assert pipes["full"].vision.session.get_session_options().enable_mem_pattern is False
     llava = runtime.load(build_engine_dir(tmp_path / "llava"), backend="onnxruntime")
     assert llava.vision.session.get_session_options().enable_mem_pattern is True
+
+
+def test_a_manifest_with_a_bad_family_field_is_refused_naming_it(engines, tmp_path):
+    import json
+    import shutil
+
+    from apet_trt.runtime.manifest import ManifestError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(engines["keep"], bad)
+    data = json.loads((bad / "manifest.json").read_text())
+    data["qwen2_5_vl"]["images_per_call"] = 0
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"qwen2_5_vl\.images_per_call: must be in 1\.\.4096, got 0"):
+        runtime.load(bad, backend="onnxruntime")

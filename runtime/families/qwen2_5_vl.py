@@ -27,11 +27,21 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_ascending
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
+from ..manifest_schema import Field
 from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
+# the manifest's "qwen2_5_vl" object (export/models/qwen2_5_vl.py writes it; docs/ENGINE_DIR.md)
+SECTION = {
+    "images_per_call": Field("int", null=True, lo=1, hi=4096),  # null: up to batch.max (no ApET)
+    "tensorrt_max_tokens": Field("int", null=True, lo=1, hi=1 << 24),
+    "image_token_id": Field("int", lo=0, hi=1 << 24),
+    "vision_start_token_id": Field("int", lo=0, hi=1 << 24),
+    "tokens_per_second": Field("number", lo=0, hi=1e6),
+}
 
 
 # -- the engine's index inputs for a list of grids ------------------------------------------------
@@ -115,7 +125,7 @@ class Qwen25VLFamily(RuntimeFamily):
 
     def __init__(self, manifest):
         super().__init__(manifest)
-        v, q = manifest.vision, manifest.data.get("qwen2_5_vl") or {}
+        v, q = manifest.vision, manifest.section("qwen2_5_vl", SECTION)
         try:
             self.patch_size, self.merge = int(v["patch_size"]), int(v["spatial_merge_size"])
             self.window_blocks = int(v["window_size"]) // self.merge // self.patch_size
@@ -132,7 +142,7 @@ class Qwen25VLFamily(RuntimeFamily):
             self.apet = ApetConfig.from_dict(manifest.apet)
         per_call = q.get("images_per_call")
         self.images_per_call = manifest.batch_max if per_call is None else int(per_call)
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor")
+        self.preprocessor = ImagePreprocessor(manifest.root / "processor", size_in_pixels=True)
 
     @property
     def fixed_rows(self) -> int | None:
@@ -203,8 +213,15 @@ class Qwen25VLFamily(RuntimeFamily):
             offset = 0  # positions count over the call's uncompressed rows: make them per image
             for i, e, p in zip(items, emb.split(expected), pos.split(expected)):
                 item = batch.items[i]
-                rows.append(VisualRows(e, p - offset, item["num_rows"], extras={"grid_thw": item["grid"]}))
+                p = p - offset
+                if p.numel() and (int(p.min()) < 0 or int(p.max()) >= item["num_rows"]):
+                    raise RuntimeError(
+                        f"{self.manifest.root}: image {i}: the vision engine returned positions outside its "
+                        f"{item['num_rows']} rows; the engine does not match its manifest: rebuild it with `apet build`"
+                    )
+                rows.append(VisualRows(e, p, item["num_rows"], extras={"grid_thw": item["grid"]}))
                 offset += item["num_rows"]
+        check_ascending(self.manifest.root, rows)  # kept rows leave in position order (and so are unique)
         return rows
 
     # -- the prompt ---------------------------------------------------------------------------
