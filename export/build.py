@@ -146,10 +146,10 @@ def _resolve(model: str, pixels: dict | None = None) -> tuple[str, ExportFamily]
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     try:
-        processor = load_image_processor(path, local_files_only=True)
-    except Exception as exc:
-        raise FileNotFoundError(f"{path}: no image processor config (preprocessor_config.json): {exc}") from exc
-    return "path", family(config, family.configure_processor(processor, **pixels))
+        processor = family.configure_processor(load_image_processor(path, local_files_only=True), **pixels)
+    except OSError:
+        processor = None  # none saved: loading the checkpoint says so, after the --out checks
+    return "path", family(config, processor)
 
 
 def _load(model: str, source: str, family: ExportFamily) -> LoadedModel:
