@@ -409,8 +409,8 @@ def test_pixel_range_options_bound_the_token_axis(tmp_path, capsys):
 
 def test_onnxruntime_plans_no_memory_patterns_for_varying_token_axes(pipes, tmp_path):
     """ONNX Runtime plans memory per input shape; with token counts that change per call those plans
-    pile up (22 GB for two images at Qwen2.5-VL-7B's shapes), so a dynamic-token engine runs without
-    them and a batch-only one (LLaVA-1.5) keeps them."""
+    pile up (8 blocks of Qwen2.5-VL-7B's tower, two images: 5.0 GB with them, 2.4 GB without), so a
+    dynamic-token engine runs without them and a batch-only one (LLaVA-1.5) keeps them."""
     from helpers.engines import build_engine_dir
 
     assert pipes["full"].vision.session.get_session_options().enable_mem_pattern is False
