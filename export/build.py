@@ -24,6 +24,7 @@ from apet_trt.apet_ops import ApetConfig
 from apet_trt.apet_ops.compat import config_dtype
 
 from . import manifest as manifest_writer
+from . import parity
 from .models import ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
 from .precision import compressor_not_fp32, part_dtypes
@@ -41,7 +42,7 @@ class BuildConfig:
     keep: int | None = None  # T; None (or no_apet) builds the uncompressed baseline
     basis: int = 10
     merge: bool = True
-    start: int = 0
+    start: int | str = 0  # the first FPS seed's index, or "random" (drawn at run time from start_seed)
     ridge: float = 1e-5
     no_apet: bool = False
     max_batch: int = 8
@@ -50,11 +51,17 @@ class BuildConfig:
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
+    # paper parity (export/parity.py)
+    budget: int | None = None  # 64 | 128 | 192: the official (keep, llm_stage) pairs
+    llm_stage: str | None = None  # "LAYER:KEEP": ApET again on the image rows after LAYER decoder layers
+    start_seed: int = 0  # seeds the run-time draws of start="random"
+    image_aspect: str = "default"  # "pad": LLaVA-1.5's expand2square before the processor
 
     def apet(self) -> ApetConfig | None:
-        if self.no_apet or self.keep is None:
+        plan = parity.resolve(self)
+        if plan.keep is None:
             return None
-        return ApetConfig(keep=self.keep, basis=self.basis, merge=self.merge, ridge=self.ridge, start=self.start)
+        return ApetConfig(keep=plan.keep, basis=self.basis, merge=self.merge, ridge=self.ridge, start=plan.start)
 
 
 class Steps:
@@ -188,10 +195,13 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
     apet = config.apet()  # keep / basis / start / ridge checked here
+    options = parity.resolve(config)
     out = Path(config.out)
     _check_out(out, config.force)
     source, family = _resolve(config.model)
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    parity.check_family(options, family, apet, config)
+    family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"
     n, t = family.num_patches, family.rows_per_item(apet)
     steps = Steps(7, quiet)
 
@@ -282,6 +292,10 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
         elif family.trtllm_model_class is None:
             steps.note(f"TensorRT-LLM's engine flow has no route for the {family.name} family: no engine")
+        elif options.llm_stage is not None:
+            steps.note(
+                "--llm-stage runs in the Transformers decoder only (TensorRT-LLM cannot prune in the LLM): no engine"
+            )
         else:
             # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
@@ -310,6 +324,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             },
             **family.manifest_fields(apet),
             "apet": apet.to_dict() if apet else None,
+            **parity.manifest_fields(options, config),
             "llm": {
                 **family.llm_fields(),
                 "dtype": llm_dtype,
@@ -343,6 +358,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
 
     if not quiet:
         print(f"\nengine directory {out}  (N={n} -> T={t} visual tokens per {family.item})")
+        if options.llm_stage is not None:
+            stage = options.llm_stage
+            print(f"  then ApET after LLM layer {stage.layer}: -> {stage.keep} rows (the Transformers decoder runs it)")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")
