@@ -61,3 +61,9 @@ def output_cache(output):
     """The KV cache a forward returned, under either name."""
     cache = getattr(output, "cache", None)
     return getattr(output, "past_key_values", None) if cache is None else cache
+
+
+def layer_hidden(output) -> torch.Tensor:
+    """A decoder layer's hidden states: the tensor Transformers 5 (and 4.5x) layers return, or the first
+    element of the tuple older ones return."""
+    return output[0] if isinstance(output, tuple) else output

@@ -85,6 +85,22 @@ class Manifest:
     def family(self) -> str:
         return self.data["model"].get("family", "llava")
 
+    # -- paper parity (docs/ENGINE_DIR.md; absent in directories built before them) ----------
+    @property
+    def llm_stage(self) -> dict | None:
+        """ApET inside the LLM: {"layer": L, **ApetConfig fields}, or None."""
+        return self.data.get("llm_stage")
+
+    @property
+    def random_start(self) -> dict | None:
+        """{"seed": S} when every FPS start is drawn at run time, else None (fixed starts)."""
+        return self.data.get("random_start")
+
+    @property
+    def image_aspect(self) -> str:
+        """ "default" (the checkpoint processor's own) or "pad" (expand2square first)."""
+        return self.data.get("image_aspect", "default")
+
     def path_of(self, relative_or_absolute: str) -> Path:
         """A path named in the manifest: relative to the engine directory, or absolute."""
         p = Path(relative_or_absolute)
@@ -111,6 +127,7 @@ class Manifest:
             f"vision       layer {v.get('feature_layer')} ({v.get('select_strategy')}), image {v.get('image_size')}px, "
             f"patch {v.get('patch_size')}, N={self.num_patches}, D={v.get('feature_dim')}",
             f"compression  {comp}: {self.num_patches} -> {self.num_visual_tokens} tokens",
+            *self._parity_lines(),
             f"llm          hidden {llm.get('hidden_size')}, vocab {llm.get('vocab_size')}, image token "
             f"{llm.get('image_token_id')}, dtype {llm.get('dtype')}",
             f"batch        {d['batch'].get('min')}..{d['batch'].get('max')} (opt {d['batch'].get('opt')})",
@@ -120,6 +137,20 @@ class Manifest:
             f"files        {len(d['files'])} checksummed",
         ]
         return "\n".join(lines)
+
+    def _parity_lines(self) -> list[str]:
+        stage, rs = self.llm_stage, self.random_start
+        lines = []
+        if stage:
+            lines.append(
+                f"llm stage    ApET after decoder layer {stage.get('layer')}: -> {stage.get('keep')} rows per image "
+                f"(basis={stage.get('basis')}, seeds by {stage.get('seed_placement')}; Transformers decoder only)"
+            )
+        if rs:
+            lines.append(f"fps start    random, drawn at run time (seed {rs.get('seed')})")
+        if self.image_aspect != "default":
+            lines.append(f"images       {self.image_aspect} to square before the processor")
+        return lines
 
 
 def sha256_file(path: Path) -> str:

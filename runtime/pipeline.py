@@ -47,6 +47,9 @@ class GenerationResult:
     num_patches: int  # N: rows the uncompressed model hands the LLM for this image
     num_kept: int  # rows handed to the LLM with ApET
     timings: dict[str, float] = field(default_factory=dict)  # ms, for the whole batch of the call
+    # with ApET inside the LLM (manifest llm_stage): the positions (as above) of the rows still in the
+    # sequence after that stage; None without it
+    llm_positions: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +158,7 @@ class Pipeline:
                 num_patches=rows[b].num_patches,
                 num_kept=rows[b].num_rows,
                 timings=dict(timings),
+                llm_positions=None if out.llm_kept is None else rows[b].positions[out.llm_kept[b][0]].tolist(),
             )
             for b, ids in enumerate(out.ids)
         ]
@@ -171,6 +175,8 @@ def _choose_decoder(manifest: Manifest, requested: str) -> str:
         raise ValueError(f"decoder must be one of {DECODERS}, got {requested!r}")
     if requested != "auto":
         return requested
+    if manifest.llm_stage:  # ApET inside the LLM: only the Transformers decoder runs it
+        return "transformers"
     if (manifest.data.get("decoder") or {}).get("tensorrt_llm"):
         ok, why = tensorrt_llm_available()
         if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
@@ -184,16 +190,22 @@ def _choose_decoder(manifest: Manifest, requested: str) -> str:
 def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_loader) -> Decoder:
     """The decoder `kind` ("transformers" | "tensorrt_llm" | "tensorrt_llm_api") for the engine dir."""
     llm = manifest.llm
+    common = dict(
+        image_token_id=llm["image_token_id"],
+        pad_token_id=llm.get("pad_token_id"),
+        eos_token_id=llm.get("eos_token_id"),
+        max_length=int(llm["max_position_embeddings"]),
+    )
+    if kind == "transformers" and manifest.llm_stage:
+        from .decoders.stage2 import stage2_decoder
+
+        return stage2_decoder(model_loader(), manifest, family, **common)
     if kind == "transformers":
         from .decoders import TransformersDecoder
 
-        return TransformersDecoder(
-            model_loader(),
-            image_token_id=llm["image_token_id"],
-            pad_token_id=llm.get("pad_token_id"),
-            eos_token_id=llm.get("eos_token_id"),
-            max_length=int(llm["max_position_embeddings"]),
-        )
+        return TransformersDecoder(model_loader(), **common)
+    if manifest.llm_stage:
+        raise RuntimeError(llm_stage_refusal(manifest, kind))
     trt_entry = (manifest.data.get("decoder") or {}).get("tensorrt_llm")
     if kind == "tensorrt_llm":
         from .decoders import TensorRTLLMDecoder
@@ -226,6 +238,15 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
             max_length=int(llm["max_position_embeddings"]),
         )
     raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {kind!r}")
+
+
+def llm_stage_refusal(manifest: Manifest, decoder: str) -> str:
+    """The one line for a decoder that cannot run an engine's ApET stage inside the LLM."""
+    stage = manifest.llm_stage
+    return (
+        f"{manifest.root}: built with --llm-stage {stage.get('layer')}:{stage.get('keep')} (ApET inside the LLM), "
+        f"which the {decoder} decoder cannot run; use decoder='transformers', or build without --llm-stage/--budget"
+    )
 
 
 def check_keep(manifest: Manifest, keep: int | None) -> None:
@@ -302,5 +323,7 @@ def load(
         dec = build_decoder(_choose_decoder(manifest, decoder), manifest, family, model_loader)
     else:
         dec = decoder if isinstance(decoder, Decoder) else decoder(manifest)
+        if manifest.llm_stage and not dec.llm_stage:
+            raise RuntimeError(llm_stage_refusal(manifest, dec.name))
     tokenizer, assembler = engine_prompting(manifest)
     return Pipeline(manifest, family, vision, dec, tokenizer, assembler, backend_reason=reason)

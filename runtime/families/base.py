@@ -78,6 +78,16 @@ class RuntimeFamily(ABC):
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
+        seeded = manifest.random_start  # --start random: the vision stage's draws (the LLM stage's: seed + 1)
+        self._starts = None if not seeded else torch.Generator().manual_seed(int(seeded["seed"]))
+
+    def draw_starts(self, count: int, rows: int) -> np.ndarray:
+        """`count` first-FPS-seed indices in 0..rows-1 (int64), for an engine built with --start random:
+        drawn from a generator seeded with the manifest's random_start.seed when the family loads, so
+        one seed and one sequence of requests give the same starts."""
+        if self._starts is None:
+            raise RuntimeError(f"{self.manifest.root}: the engine draws no random starts (manifest random_start)")
+        return torch.randint(0, rows, (count,), generator=self._starts, dtype=torch.int64).numpy()
 
     @property
     def fixed_rows(self) -> int | None:
@@ -104,6 +114,12 @@ class RuntimeFamily(ABC):
     ) -> torch.Tensor | None:
         """Position ids for a prompt whose `image_slots` read `rows` in order: None for plain 1-D
         positions (0..L-1, what every decoder does by itself), else a family's own [P, L] ids."""
+        return None
+
+    # -- ApET inside the LLM (runtime/decoders/stage2.py) --------------------------------------
+    def llm_stage_rows(self, num_rows: int) -> int | None:
+        """How many of an image's rows (the first ones) ApET's stage inside the LLM prunes, for an
+        image handing the LLM `num_rows`; None: the family has no such stage."""
         return None
 
     # -- pictures -----------------------------------------------------------------------------
