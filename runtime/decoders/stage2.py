@@ -27,7 +27,6 @@ itself only, so no row is all masked): the model's attention must take a 4-D mas
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,25 +36,21 @@ from apet_trt.apet_ops import ApetCompressor, ApetConfig
 from apet_trt.apet_ops.compat import cache_kwarg, layer_hidden
 
 from ..prompt import AssembledPrompt
-from . import DecodeOutput, SamplingConfig, Visual
-from .transformers import TransformersDecoder, _sync
+from . import Visual
+from .transformers import DecodeState, TransformersDecoder
 
 MASKABLE = ("eager", "sdpa")  # attention implementations that take an additive 4-D mask
 
 
 @dataclass
-class PrefillState:
-    """What decoding continues from: the last position's logits [B, V] float32, the KV cache
-    (layers < L: the whole sequence, layers >= L: the pruned one), each part's key mask [B, K] and
-    last position [B, 1], and per prompt per image the rows the stage kept."""
+class PrefillState(DecodeState):
+    """DecodeState for both parts: `mask` / `position` are the whole sequence's (layers < L),
+    `mask2` / `position2` the pruned one's (layers >= L), the cache holds both; `kept`: per prompt
+    per image the indices among the image's rows the stage kept."""
 
-    logits: torch.Tensor
-    cache: object
-    mask: torch.Tensor
-    mask2: torch.Tensor
-    position: torch.Tensor
-    position2: torch.Tensor
-    kept: list[list[torch.Tensor]]
+    mask2: torch.Tensor = None
+    position2: torch.Tensor = None
+    kept: list[list[torch.Tensor]] = None
 
 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -206,10 +201,10 @@ class Stage2Decoder(TransformersDecoder):
         pruned, pruned_mask = left_padded(sequences)
         return pruned, pruned_mask, kept
 
-    # -- generation -----------------------------------------------------------------------------
-    def prefill(self, prompts: Sequence[AssembledPrompt], visual: Visual) -> PrefillState:
-        """The prompt through both parts of the model, with the stage between them: the logits at
-        the last position and what decoding continues from (the cache, masks, positions)."""
+    # -- generation: TransformersDecoder's loop over these two ---------------------------------
+    def prefill(self, prompts: Sequence[AssembledPrompt], visual: Visual) -> tuple[torch.Tensor, PrefillState]:
+        """The prompts through both parts of the model with the stage between them -> (the last
+        position's logits [B, V] float32, what decoding continues from)."""
         from transformers import DynamicCache
 
         inputs_embeds, mask, positions = self.build_inputs_embeds(prompts, visual)
@@ -220,7 +215,8 @@ class Stage2Decoder(TransformersDecoder):
         hidden, mask2, kept = self.prune(hidden, mask, prompts)
         positions2 = (mask2.cumsum(-1) - 1).clamp_min(0)
         hidden = self._layers(hidden, mask2, positions2, cache, self._upper)
-        return PrefillState(self._logits(hidden), cache, mask, mask2, positions[:, -1:], positions2[:, -1:], kept)
+        state = PrefillState(cache, mask, positions[:, -1:], mask2, positions2[:, -1:], kept)
+        return self._logits(hidden), state
 
     def step(self, state: PrefillState, token: torch.Tensor) -> torch.Tensor:
         """One decode step: `token` [B] appended to both parts (positions n + s and n' + s) -> logits."""
@@ -231,38 +227,6 @@ class Stage2Decoder(TransformersDecoder):
         hidden = self._layers(hidden, state.mask, state.position, state.cache, self._lower)
         hidden = self._layers(hidden, state.mask2, state.position2, state.cache, self._upper)
         return self._logits(hidden)
-
-    @torch.inference_mode()
-    def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
-        self.check_lengths(prompts, sampling.max_new_tokens)
-        gen = None
-        if sampling.do_sample:
-            gen = torch.Generator()
-            gen.manual_seed(int(sampling.seed)) if sampling.seed is not None else gen.seed()
-        eos = self.eos_token_ids.to(self.device)
-        b = len(prompts)
-
-        t0 = time.perf_counter()
-        state = self.prefill(prompts, visual)
-        token = self._pick(state.logits, sampling, gen)
-        _sync(self.device)
-        t1 = time.perf_counter()
-
-        out = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for step in range(sampling.max_new_tokens):
-            token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
-            for i in range(b):
-                if not done[i]:
-                    out[i].append(int(token[i]))
-            if eos.numel():
-                done = done | torch.isin(token, eos)
-            if bool(done.all()) or step == sampling.max_new_tokens - 1:
-                break
-            token = self._pick(self.step(state, token), sampling, gen)
-        _sync(self.device)
-        t2 = time.perf_counter()
-        return DecodeOutput(ids=out, first_token_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, llm_kept=state.kept)
 
 
 def stage2_decoder(model: torch.nn.Module, manifest, family, **decoder_kwargs) -> Stage2Decoder:

@@ -191,6 +191,10 @@ def test_llm_stage_decoders_and_run_json(parity_engine, tmp_path):
     plain = TransformersDecoder(pipe.decoder.model, image_token_id=1, pad_token_id=0, eos_token_id=2, max_length=64)
     with pytest.raises(RuntimeError, match="which the transformers decoder cannot run"):
         runtime.load(out, backend="onnxruntime", decoder=plain)
+    from apet_trt.runtime.serve.vision_only import VisionOnlyDecoder  # apet serve --upstream, apet encode
+
+    with pytest.raises(RuntimeError, match="which the upstream decoder cannot run"):
+        runtime.load(out, backend="onnxruntime", decoder=VisionOnlyDecoder.for_manifest)
     image = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(image)
     rc, text, err = cli(

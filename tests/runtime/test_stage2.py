@@ -172,3 +172,20 @@ def test_refusals(tokenizer):
     model.get_decoder().config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="4-D attention masks"):
         _decoder(model, tokenizer, 1, config)
+
+
+def test_streaming_gives_the_ids_of_generate_and_stops_rows(tokenizer, rng):
+    model = make_model(tokenizer, text_layers=2)
+    config = ApetConfig(keep=6, basis=4, seed_placement="error_rank")
+    assemble = _assembler(tokenizer, model)
+    prompts = [assemble(p, 16) for p in PROMPTS[:2]]
+    visual = [[torch.randn(16, model.config.text_config.hidden_size, generator=rng)] for _ in prompts]
+    decoder = _decoder(model, tokenizer, 1, config)
+    sampling = SamplingConfig(max_new_tokens=5)
+    whole = decoder.generate(prompts, visual, sampling)
+    steps = []
+    streamed = decoder.generate_streaming(prompts, visual, sampling, lambda ids: steps.append(ids))
+    assert streamed.ids == whole.ids and all(torch.equal(a, b) for a, b in zip(streamed.llm_kept[0], whole.llm_kept[0]))
+    assert [[s[b] for s in steps if s[b] is not None] for b in range(2)] == whole.ids
+    stopped = decoder.generate_streaming(prompts, visual, sampling, lambda ids: [1])  # row 1 leaves after a token
+    assert stopped.ids[0] == whole.ids[0] and stopped.ids[1] == whole.ids[1][:1]
