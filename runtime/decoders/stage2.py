@@ -96,7 +96,7 @@ class Stage2Decoder(TransformersDecoder):
     layer       prune after this many decoder layers (1..layers-1)
     config      the compressor (keep K, basis, merge, ridge, seed_placement="error_rank", start)
     span_rows   an image's row count -> how many of its first rows the stage prunes (the family's
-                `llm_stage_rows`); an image whose span is None or <= K passes unchanged
+                `llm_stage_rows`); an image whose span is <= K passes unchanged
     start_seed  None: every image starts FPS at config.start; else starts are drawn per image from a
                 generator seeded with it when the decoder is made
     """
@@ -110,7 +110,7 @@ class Stage2Decoder(TransformersDecoder):
         *,
         layer: int,
         config: ApetConfig,
-        span_rows: Callable[[int], int | None],
+        span_rows: Callable[[int], int],
         start_seed: int | None = None,
         **decoder_kwargs,
     ):
@@ -177,7 +177,7 @@ class Stage2Decoder(TransformersDecoder):
             for i, slots in enumerate(torch.split(p.image_slots, list(rows))):
                 span = self.span_rows(int(rows[i]))
                 kept[b].append(torch.arange(int(rows[i])))
-                if span is not None and keep_k < span <= int(rows[i]):
+                if keep_k < span <= int(rows[i]):
                     jobs.append((b, i, slots[:span].to(device) + offset, self._draw_start(span)))
         tokens: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for span in sorted({len(j[2]) for j in jobs}):  # one compressor call per span length
@@ -234,7 +234,7 @@ def stage2_decoder(model: torch.nn.Module, manifest, family, **decoder_kwargs) -
     LLM stage draws from seed + 1, the vision stage from seed)."""
     stage = dict(manifest.llm_stage)
     layer = stage.pop("layer", None)
-    if family.llm_stage_rows(1) is None:
+    if not family.llm_stage:
         raise RuntimeError(f"{manifest.root}: the {family.name} family has no ApET stage inside the LLM (llm_stage)")
     try:
         config = ApetConfig.from_dict(stage)

@@ -11,6 +11,7 @@ decoders, the pipeline, the CLI - speaks only this interface:
     family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
     family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
     family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
+    family.llm_stage_rows(num_rows)              # the rows ApET's stage inside the LLM prunes (llm_stage)
 
 Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
 Qwen2.5-VL's dynamic resolution), so nothing downstream assumes one T for a batch.
@@ -80,6 +81,7 @@ class RuntimeFamily(ABC):
 
     name: str = ""
     hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
+    llm_stage: bool = False  # ApET's stage inside the LLM can prune this family's rows (llm_stage_rows)
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos
     frames_per_video: int | None = None
     # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
@@ -128,10 +130,10 @@ class RuntimeFamily(ABC):
         return None
 
     # -- ApET inside the LLM (runtime/decoders/stage2.py) --------------------------------------
-    def llm_stage_rows(self, num_rows: int) -> int | None:
+    def llm_stage_rows(self, num_rows: int) -> int:
         """How many of an image's rows (the first ones) ApET's stage inside the LLM prunes, for an
-        image handing the LLM `num_rows`; None: the family has no such stage."""
-        return None
+        image handing the LLM `num_rows` (families with `llm_stage`)."""
+        raise NotImplementedError(f"the {self.name} family has no ApET stage inside the LLM")
 
     # -- the handoff to a serving engine ------------------------------------------------------
     def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:

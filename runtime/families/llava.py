@@ -24,6 +24,7 @@ START = "start"  # engines built with --start random: [B] int64, each image's fi
 class LlavaFamily(RuntimeFamily):
     name = "llava"
     hf_model_class = "LlavaForConditionalGeneration"
+    llm_stage = True
 
     def __init__(self, manifest):
         super().__init__(manifest)
