@@ -234,3 +234,22 @@ def test_cli_rejects_bad_values():
         with pytest.raises(SystemExit) as exc, redirect_stderr(err):
             main(["build", "--model", "tiny-llava", option, value, "--out", "x"])
         assert exc.value.code == 2 and message in err.getvalue()
+
+
+def test_no_tensorrt_llm_engine_for_an_llm_stage_build(tmp_path, monkeypatch):
+    """Where tensorrt_llm imports (emulated), an --llm-stage build still writes no TensorRT-LLM engine
+    (it could not prune inside the LLM) and says why."""
+    from apet_trt.export import build as build_module
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("build_trtllm called for an --llm-stage build")
+
+    monkeypatch.setattr(build_module, "tensorrt_llm_version", lambda: "0.0.emulated")
+    monkeypatch.setattr(build_module, "build_trtllm", no_engine)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        data = build(
+            BuildConfig(model="tiny-llava", out=str(tmp_path / "e"), keep=32, llm_stage="1:16", tensorrt=False)
+        )
+    assert data["decoder"]["tensorrt_llm"] is None and "tensorrt_llm" not in data["plans"]
+    assert "--llm-stage runs in the Transformers decoder only" in out.getvalue()
