@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_ascending
 from ..images import ImagePreprocessor, expand_to_square
 from ..manifest import ManifestError
 from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
@@ -39,7 +40,7 @@ class LlavaFamily(RuntimeFamily):
                 f"and num_visual_tokens: {exc}"
             ) from exc
         self.batch_max = manifest.batch_max
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor", image_size=self.image_size)
+        self.preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=self.image_size)
         self.pad = manifest.image_aspect == "pad"
         self.feeds_start = START in [i["name"] for i in manifest.data["io"]["inputs"]]
 
@@ -75,6 +76,7 @@ class LlavaFamily(RuntimeFamily):
                     "per image"
                 )
             rows += [VisualRows(emb[i], pos[i], self.num_patches) for i in range(b)]
+        check_ascending("vision engine", rows)  # LLaVA-1.5's rows are in patch order
         return rows
 
     def llm_stage_rows(self, num_rows: int) -> int:
