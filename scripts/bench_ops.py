@@ -9,7 +9,7 @@ process; where a GPU is present, also ApetCompressor eager on CUDA and ONNX Runt
 JSON schema: {"config": {...}, "machine": {...}, "results": [{"batch": B, "timings": {name:
 {"median_s", "p90_s", "min_s", "repeats"}}, "ratios_vs_oracle": {name: oracle_median /
 median}, "unavailable": {name: reason}}], "agreement": [{"batch": B, "positions_equal_<name>": bool}]}.
-`apet bench` (scripts/bench.py) calls `measure_op` for its "op" section.
+`apet bench` (scripts/bench/op.py) calls `measure_op` for its "op" section.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
-from apet_trt.scripts.timing import machine_info, measure_interleaved
+from apet_trt.scripts.bench.measure import machine_info, measure_interleaved
 
 # (name, device) in the order they are reported; the first is the reference for ratios
 OP_CANDIDATES = (

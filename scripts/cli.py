@@ -3,7 +3,7 @@
     apet build    (export/cli.py)   checkpoint or preset -> engine directory
     apet inspect  (runtime/cli.py)  print a manifest and verify the files against it
     apet run      (runtime/cli.py)  image + prompt through an engine directory
-    apet bench    (scripts/bench.py) latency per stage, compressed vs uncompressed
+    apet bench    (scripts/bench/) latency per stage, compressed vs uncompressed
 
 Errors the user can act on are printed as one line (no traceback) and exit with status 2;
 set APET_DEBUG=1 to see the traceback.
