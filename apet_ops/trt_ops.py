@@ -1,11 +1,16 @@
 """Which ONNX graphs TensorRT's ONNX parser can take, checked before any TensorRT is at hand.
 
 The allowlist lives in trt_onnx_ops.json next to this file, transcribed from the ONNX-TensorRT
-operator support matrix of one TensorRT release; the file's "source" block names the repository,
-path and commit it came from (TensorRT 10.16: onnx/onnx-tensorrt@6bde6596, docs/operators.md).
+operator support matrix of each TensorRT release it is checked against; each release's "source"
+block names the repository, path and commit it came from (docs/operators.md of onnx/onnx-tensorrt):
+TensorRT 10.16 at 6bde6596 (with the restriction texts) and TensorRT 11.1 at 7c51a63a (TensorRT 11
+is the strongly typed only line; its matrix adds Swish and is otherwise 10.16's). A graph passes
+only if every release takes it: TRT_ONNX_OPS is what all of them support, and the opset must be in
+every release's range (opset 9 to 24 for both).
 
   unsupported_ops(model)       op types outside the allowlist, over every graph the parser reads
   check_restrictions(model)    per-node restrictions that can be decided from the graph alone
+  runtime_limits(model)        conditions TensorRT only checks while running (a run-time TopK K <= 3840)
   assert_trt_compatible(model) both, raising ValueError with everything found
 
 A model is an onnx.ModelProto or a path to a .onnx file (read without its external weights).
@@ -28,10 +33,12 @@ from onnx import AttributeProto, numpy_helper
 __all__ = [
     "TRT_ONNX_OPS",
     "TRT_ONNX_UNSUPPORTED",
+    "TRT_RELEASES",
     "TRT_SOURCE",
     "TOPK_MAX_K",
     "unsupported_ops",
     "check_restrictions",
+    "runtime_limits",
     "assert_trt_compatible",
 ]
 
@@ -46,12 +53,32 @@ def _load_data() -> dict:
 
 _DATA = _load_data()
 
-#: Every operator the matrix marks supported (Y), default ONNX domain.
-TRT_ONNX_OPS: frozenset[str] = frozenset(_DATA["supported"])
-#: Every operator the matrix marks unsupported (N). Ops absent from both sets are unsupported too.
-TRT_ONNX_UNSUPPORTED: frozenset[str] = frozenset(_DATA["unsupported"])
-#: Where the list comes from: TensorRT version, repository, path, commit, opset range.
+
+@dataclass(frozen=True)
+class TrtRelease:
+    """One TensorRT release's ONNX operator support matrix."""
+
+    source: dict  # TensorRT version, repository, path, commit, opset range
+    supported: frozenset[str]  # marked Y
+    unsupported: frozenset[str]  # marked N
+
+    @property
+    def version(self) -> str:
+        return self.source["tensorrt_version"]
+
+
+#: Every release the graphs are checked against, oldest first: 10.16, then 11.1.
+TRT_RELEASES: tuple[TrtRelease, ...] = tuple(
+    TrtRelease(dict(r["source"]), frozenset(r["supported"]), frozenset(r["unsupported"]))
+    for r in [_DATA, *_DATA.get("other_releases", [])]
+)
+#: Every operator all the releases' matrices mark supported (Y), default ONNX domain.
+TRT_ONNX_OPS: frozenset[str] = frozenset.intersection(*(r.supported for r in TRT_RELEASES))
+#: Every operator some release's matrix marks unsupported (N). Ops absent from both sets are unsupported too.
+TRT_ONNX_UNSUPPORTED: frozenset[str] = frozenset.union(*(r.unsupported for r in TRT_RELEASES))
+#: Where the 10.16 list (and the restriction texts) come from; TRT_RELEASES has every release's source.
 TRT_SOURCE: dict = dict(_DATA["source"])
+_VERSIONS = ", ".join(r.version for r in TRT_RELEASES)
 #: Largest TopK K TensorRT builds (NvInfer.h, INetworkDefinition::addTopK).
 TOPK_MAX_K: int = int(_DATA["topk_max_k"])
 _TOPK_LAST_AXES: int = int(_DATA["topk_last_axes"])
@@ -122,6 +149,7 @@ def _op_name(node: onnx.NodeProto) -> str:
 def unsupported_ops(model_or_path, *, extra_allowed: Iterable[str] = ()) -> list[str]:
     """Sorted, unique op names the TensorRT ONNX parser has no importer for; [] if none.
 
+    An op counts as supported when every release in TRT_RELEASES supports it (TRT_ONNX_OPS).
     Walks the main graph, every subgraph (If/Loop/Scan attributes, nested), and every function in
     model.functions. A node that calls one of the model's local functions is not itself reported
     (the parser imports local functions by expanding their bodies, whose nodes are checked).
@@ -199,6 +227,7 @@ class _Checker:
     external_dir: Path | None
     functions: dict[tuple[str, str], onnx.FunctionProto]
     problems: list[str] = field(default_factory=list)
+    runtime_limits: list[str] = field(default_factory=list)  # conditions only the run can check
 
     # -- values --
 
@@ -292,21 +321,12 @@ class _Checker:
             if index < len(node.input) and node.input[index]:
                 if scope.lookup(node.input[index]) is not _DYNAMIC:
                     continue
-                if op == "TopK":
-                    self.report(
-                        node,
-                        where,
-                        f"K {node.input[index]!r} is computed at run time, so K <= "
-                        f"{TOPK_MAX_K} cannot be checked and the output shape is data-dependent; "
-                        "make K an initializer or Constant",
-                    )
-                else:
-                    self.report(
-                        node,
-                        where,
-                        f"input {index} ({input_name}) {node.input[index]!r} must be a "
-                        "build-time constant (initializer or Constant) for TensorRT, but is computed at run time",
-                    )
+                self.report(
+                    node,
+                    where,
+                    f"input {index} ({input_name}) {node.input[index]!r} must be a "
+                    "build-time constant (initializer or Constant) for TensorRT, but is computed at run time",
+                )
         if op == "TopK":
             self.check_topk(node, scope, where)
         elif op in ("ScatterElements", "ScatterND"):
@@ -334,7 +354,12 @@ class _Checker:
         k = self.attr(node, "k", None, scope)  # opset < 10: K is an attribute
         if k is None and len(node.input) > 1 and node.input[1]:
             ref = scope.lookup(node.input[1])
-            if ref is not _DYNAMIC:  # the dynamic case is reported by the constant-input check
+            if ref is _DYNAMIC:  # TensorRT takes it (ITopKLayer::setInput(1)); K <= 3840 is a run-time condition
+                self.runtime_limits.append(
+                    f"{_node_label(node)} in {where}: K {node.input[1]!r} is computed at run time; "
+                    f"TensorRT fails at run time if it exceeds {TOPK_MAX_K}"
+                )
+            else:
                 try:
                     k = int(self.value(ref).reshape(-1)[0])
                 except (_NotReadable, IndexError, ValueError, TypeError) as exc:
@@ -386,34 +411,52 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
 def check_restrictions(model_or_path) -> list[str]:
     """Violations of TensorRT parser restrictions that the graph alone decides; [] if none.
 
-    Checked (sources in trt_onnx_ops.json): the default-domain opset is within the range the
-    parser reads; TopK has K <= TOPK_MAX_K (from an attribute, initializer or Constant; a K computed
-    at run time is reported), sorted=1, and reduces one of the last four axes (where the rank is
-    known); inputs TensorRT needs as build-time constants are initializers or Constant outputs
-    (Reduce* axes, CumSum axis, OneHot depth, STFT frame_step/window); ScatterElements and ScatterND
-    carry no reduction other than "none". Walks subgraphs, and local functions at each call site
-    (their inputs bound to the caller's arguments). Each entry names the node and where it is."""
+    Checked (sources in trt_onnx_ops.json): the default-domain opset is within the range the parser
+    of every release in TRT_RELEASES reads; TopK has K <= TOPK_MAX_K where K is a constant
+    (attribute, initializer or Constant; a K computed at run time is legal, see runtime_limits),
+    sorted=1, and reduces one of the last four axes (where the rank is known); inputs TensorRT needs
+    as build-time constants are initializers or Constant outputs (Reduce* axes, CumSum axis, OneHot
+    depth, STFT frame_step/window); ScatterElements and ScatterND carry no reduction other than
+    "none". Walks subgraphs, and local functions at each call site (their inputs bound to the
+    caller's arguments). Each entry names the node and where it is.
+    """
     model, _, external_dir = _load(model_or_path)
     return _restrictions(model, external_dir)
 
 
+def runtime_limits(model_or_path) -> list[str]:
+    """Conditions TensorRT accepts the graph under but only checks while it runs; [] if none.
+
+    Today: every TopK whose K is computed at run time (for example from the input's shape). The
+    parser takes such a K (ITopKLayer::setInput(1), TensorRT >= 8.6; sources in trt_onnx_ops.json),
+    and TensorRT raises a run-time error when it exceeds TOPK_MAX_K. Callers record these next to
+    the engine (e.g. the token range a profile may cover)."""
+    model, _, external_dir = _load(model_or_path)
+    return _run_checker(model, external_dir).runtime_limits
+
+
 def _restrictions(model: onnx.ModelProto, external_dir: Path | None) -> list[str]:
+    return _run_checker(model, external_dir).problems
+
+
+def _run_checker(model: onnx.ModelProto, external_dir: Path | None) -> _Checker:
     checker = _Checker(
         external_dir=external_dir,
         functions={_function_key(f.domain, f.name): f for f in model.functions},
     )
     for opset in model.opset_import:
         if opset.domain in _DEFAULT_DOMAINS:
-            lo, hi = TRT_SOURCE["opset_min"], TRT_SOURCE["opset_max"]
-            if not lo <= opset.version <= hi:
-                checker.problems.append(
-                    f"default-domain opset {opset.version} is outside the range TensorRT "
-                    f"{TRT_SOURCE['tensorrt_version']} parses ({lo} to {hi})"
-                )
+            for release in TRT_RELEASES:
+                lo, hi = release.source["opset_min"], release.source["opset_max"]
+                if not lo <= opset.version <= hi:
+                    checker.problems.append(
+                        f"default-domain opset {opset.version} is outside the range TensorRT "
+                        f"{release.version} parses ({lo} to {hi})"
+                    )
     root = checker.graph_scope(model.graph, None)
     root.ranks = _ranks(model)
     checker.check_nodes(model.graph.node, root, "graph", ())
-    return checker.problems
+    return checker
 
 
 def assert_trt_compatible(model_or_path, *, extra_allowed: Iterable[str] = ()) -> None:
@@ -425,6 +468,6 @@ def assert_trt_compatible(model_or_path, *, extra_allowed: Iterable[str] = ()) -
         return
     parts = []
     if ops:
-        parts.append(f"ops TensorRT {TRT_SOURCE['tensorrt_version']}'s ONNX parser does not support: {', '.join(ops)}")
+        parts.append(f"ops the ONNX parser of TensorRT {_VERSIONS} does not support: {', '.join(ops)}")
     parts.extend(problems)
     raise ValueError(f"{label} is not TensorRT-compatible: " + "; ".join(parts))

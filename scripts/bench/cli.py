@@ -27,7 +27,7 @@ def register(sub) -> None:
     src.add_argument("--model", help="preset or checkpoint path: build (or reuse) both engine dirs in --cache-dir")
     src.add_argument("--keep", type=int, default=64, help="T for --model (default 64)")
     src.add_argument("--basis", type=int, default=10, help="k for --model (default 10)")
-    src.add_argument("--fp16", action="store_true", help="--model: TensorRT plan in fp16 where TensorRT is present")
+    src.add_argument("--fp16", action="store_true", help="--model: tower and projector in fp16 (ONNX and plan)")
     src.add_argument("--cache-dir", default=None, help="where --model builds engine dirs (default OUT/engines)")
     m = p.add_argument_group("measurement")
     m.add_argument(

@@ -31,7 +31,7 @@ class BenchConfig:
     model: str | None = None  # preset or checkpoint path: build both into cache_dir
     keep: int = 64  # T per engine item for --model
     basis: int = 10  # k for --model
-    fp16: bool = False  # --model: TensorRT plan in fp16 (ApET stays fp32)
+    fp16: bool = False  # --model: tower and projector in fp16, the ONNX and so the plan (ApET stays fp32)
     cache_dir: str | None = None  # None: <out>/engines
     tokens: list[int] | None = None  # decoder T values; None: N, 192, 128, 64 (+ the image's T)
     repeats: int | None = None  # None: 10 (2 with quick)
@@ -77,8 +77,7 @@ class BenchConfig:
         return not (self.skip_decoder and self.skip_request)
 
     def validate(self) -> None:
-        """Everything that can be checked before any engine is opened or built. (--keep against the
-        model's N is checked by `apet build` itself, before it builds any weights.)"""
+        """Everything that can be checked before any engine is opened or built."""
         if (self.engine is None) == (self.model is None):
             raise ValueError(
                 "give --engine DIR (optionally with --baseline DIR) or --model MODEL --keep T, "
@@ -120,6 +119,10 @@ class BenchConfig:
             )
         if self.needs_rows and not Path(self.image).is_file():
             raise FileNotFoundError(f"--image {self.image}: no such file")
+        if self.model is not None:
+            n = _preset_patches(self.model)
+            if n is not None and not self.keep < n:
+                raise ValueError(f"--keep {self.keep} must be < N={n} (the tokens per engine item of {self.model})")
 
     def check_tokens(self, n: int) -> None:
         bad = [t for t in self.tokens or () if t > n]
@@ -149,6 +152,17 @@ class BenchConfig:
                 text = str(value)
                 flags.append(f"{flag} {json.dumps(text) if re.search(r'[^A-Za-z0-9_./:,=+-]', text) else text}")
         return "apet bench " + " ".join(flags)
+
+
+def _preset_patches(model: str) -> int | None:
+    """N of a preset's engine items (its family's), without building any weights; None for a path
+    (`apet build` checks a checkpoint's N itself, before it builds any weights)."""
+    from apet_trt.export.models import family_class
+    from apet_trt.export.presets import PRESETS, preset_config
+
+    if model not in PRESETS:
+        return None
+    return family_class(PRESETS[model].family)(preset_config(model)[0]).num_patches
 
 
 def int_list(text: str | None, flag: str) -> list[int] | None:

@@ -45,8 +45,8 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
         same_apet = manifest.apet is None
     else:
         same_apet = manifest.apet is not None and all(manifest.apet.get(k) == v for k, v in apet.items())
-    wants_plan_fp16 = fp16 and manifest.engine_path("tensorrt") is not None
-    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == wants_plan_fp16
+    # --fp16 is the graph's precision (vision.onnx and so the plan), not only the plan's
+    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == fp16
     plan_if_possible = manifest.engine_path("tensorrt") is not None or not tensorrt_available()[0]
     return same_model and same_apet and same_precision and plan_if_possible
 
@@ -83,6 +83,15 @@ def _build_or_reuse(model: str, out: Path, *, keep: int | None, basis: int, fp16
     return load_manifest(out, verify=True), True
 
 
+def build_pair(model: str, cache: Path, *, keep: int, basis: int, fp16: bool) -> EnginePair:
+    """Both engine directories of `model` in `cache` (<model>-t<keep>-k<basis> and <model>-full),
+    built or reused (also scripts/serve_load.py's)."""
+    slug = _slug(model)
+    comp, built_c = _build_or_reuse(model, cache / f"{slug}-t{keep}-k{basis}", keep=keep, basis=basis, fp16=fp16)
+    base, built_b = _build_or_reuse(model, cache / f"{slug}-full", keep=None, basis=basis, fp16=fp16)
+    return EnginePair(comp, base, {"compressed": built_c, "baseline": built_b})
+
+
 def resolve_engines(cfg: BenchConfig, check: Callable[[EnginePair], None] = lambda pair: None) -> EnginePair:
     """The (compressed, baseline) engine directories: given, or built / reused in the cache. Given
     directories are checked against each other, and by `check` (the arguments that need only the
@@ -91,12 +100,7 @@ def resolve_engines(cfg: BenchConfig, check: Callable[[EnginePair], None] = lamb
 
     cache = Path(cfg.cache_dir)
     if cfg.model is not None:
-        slug = _slug(cfg.model)
-        comp, built_c = _build_or_reuse(
-            cfg.model, cache / f"{slug}-t{cfg.keep}-k{cfg.basis}", keep=cfg.keep, basis=cfg.basis, fp16=cfg.fp16
-        )
-        base, built_b = _build_or_reuse(cfg.model, cache / f"{slug}-full", keep=None, basis=cfg.basis, fp16=cfg.fp16)
-        pair = EnginePair(comp, base, {"compressed": built_c, "baseline": built_b})
+        pair = build_pair(cfg.model, cache, keep=cfg.keep, basis=cfg.basis, fp16=cfg.fp16)
         check_pair(pair)
         check(pair)
         return pair

@@ -15,9 +15,11 @@ from apet_trt.apet_ops.trt_ops import (
     TOPK_MAX_K,
     TRT_ONNX_OPS,
     TRT_ONNX_UNSUPPORTED,
+    TRT_RELEASES,
     TRT_SOURCE,
     assert_trt_compatible,
     check_restrictions,
+    runtime_limits,
     unsupported_ops,
 )
 
@@ -55,6 +57,28 @@ def test_source_is_pinned():
     assert TRT_SOURCE["tensorrt_version"].startswith("10.")
     assert TRT_SOURCE["commit"] in TRT_SOURCE["url"]
     assert TRT_SOURCE["opset_min"] <= OPSET <= TRT_SOURCE["opset_max"]
+
+
+def test_tensorrt_11_matrix_is_pinned_and_checked_too():
+    """The TensorRT 11 line (strongly typed only) is checked beside 10.16: its matrix is the one of
+    NVIDIA/TensorRT v11.1's parsers/onnx submodule, opset 9 to 24."""
+    assert [r.version for r in TRT_RELEASES] == ["10.16", "11.1"]
+    new = TRT_RELEASES[1].source
+    assert new["repo"] == "onnx/onnx-tensorrt" and new["path"] == "docs/operators.md"
+    assert new["commit"] == "7c51a63a719180eb5160c874c111746f3fb46a6b" and new["commit"] in new["url"]
+    assert (new["opset_min"], new["opset_max"]) == (9, 24)
+    old, eleven = TRT_RELEASES
+    assert eleven.supported - old.supported == {"Swish"}  # the one difference between the two matrices
+    assert old.supported <= eleven.supported and old.unsupported == eleven.unsupported
+    assert TRT_ONNX_OPS == old.supported & eleven.supported
+
+
+def test_an_op_one_release_lacks_is_reported():
+    """Swish imports on TensorRT 11.1, not on 10.16: a graph with it does not pass both."""
+    model = _model([helper.make_node("Swish", ["x"], ["y"])], [_x()], [_y()], opset=24)
+    assert unsupported_ops(model) == ["Swish"]
+    with pytest.raises(ValueError, match=r"TensorRT 10\.16, 11\.1 does not support: Swish"):
+        assert_trt_compatible(model)
 
 
 def test_allowlist_shape():
@@ -326,9 +350,14 @@ def test_topk_k_limit(k_as):
     assert check_restrictions(_topk_model(TOPK_MAX_K + 1, k_as=k_as)) != []
 
 
-def test_topk_runtime_k_is_reported():
-    problems = check_restrictions(_topk_model(k_as="input"))
-    assert len(problems) == 1 and "run time" in problems[0]
+def test_topk_runtime_k_is_legal_with_a_runtime_limit():
+    """TensorRT's parser takes a K computed at run time (ITopKLayer::setInput(1), since 8.6; see
+    trt_onnx_ops.json): not a restriction, but a condition (K <= 3840) only the run can check."""
+    model = _topk_model(k_as="input")
+    assert check_restrictions(model) == []
+    limits = runtime_limits(model)
+    assert len(limits) == 1 and "run time" in limits[0] and str(TOPK_MAX_K) in limits[0]
+    assert runtime_limits(_topk_model(64)) == []
 
 
 def test_topk_attribute_k_before_opset_10():
@@ -375,8 +404,9 @@ def test_subgraph_input_shadows_outer_constant():
         [],
         [_i64("k", [4])],
     )
-    problems = check_restrictions(model)
-    assert len(problems) == 1 and "run time" in problems[0]
+    assert check_restrictions(model) == []  # the outer K=4 would pass as well: the limit tells them apart
+    limits = runtime_limits(model)
+    assert len(limits) == 1 and "run time" in limits[0] and "body" in limits[0]
 
 
 def test_topk_in_function_binds_call_site_arguments():
@@ -462,10 +492,15 @@ def test_scatter_reduction(op):
     assert unsupported_ops(model) == []  # the op itself is on the list; the reduction is the problem
 
 
-def test_opset_outside_parser_range():
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()], opset=8)
+@pytest.mark.parametrize("opset", [8, 25])
+def test_opset_outside_parser_range(opset):
+    """Outside the range of every release (both read opset 9 to 24): one problem per release."""
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()], opset=opset)
     problems = check_restrictions(model)
-    assert len(problems) == 1 and "opset 8" in problems[0]
+    assert [re.search(r"TensorRT (\S+) parses", p).group(1) for p in problems] == ["10.16", "11.1"]
+    assert all(f"opset {opset} " in p for p in problems)
+    for edge in (9, 24):
+        assert check_restrictions(_model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()], opset=edge)) == []
 
 
 # ---------------------------------------------------------------------------------------------
