@@ -4,7 +4,9 @@ alone, so a saved bench.json can be re-rendered:
 
     python -m apet_trt.scripts.bench.report bench_out/bench.json   # writes bench.md, bench.png beside it
 
-The JSON's schema is docs/BENCH.md, version config.SCHEMA_VERSION.
+The JSON's schema is docs/BENCH.md, version config.SCHEMA_VERSION; the renderer also reads version 1
+(docs/results/bench.json was recorded with it: T and N the manifest's, and the decoder timed on its
+own forward by the benchmark rather than through the runtime's TransformersDecoder).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 from .config import SCHEMA_VERSION, VISION_BACKENDS
+
+READABLE_SCHEMAS = (1, SCHEMA_VERSION)
 
 
 def _entry(value: float, **facts) -> dict:
@@ -93,12 +97,18 @@ def decoder_note(report: dict) -> str | None:
     dec, req = report["decoder"], report["request"]
     if dec.get("status") == "ok":
         m, text, batch = dec["model"], f"{dec['text_tokens']} text tokens", dec["batch"]
-        positions = f"; position ids {dec['position_ids']}"
     elif req.get("status") == "ok":
         c = req["variants"]["compressed"]
-        m, text, batch, positions = req["decoder_model"], f"{c['prompt_tokens'] - c['T']} text tokens", req["batch"], ""
+        m, text, batch = req["decoder_model"], f"{c['prompt_tokens'] - c['T']} text tokens", req["batch"]
     else:
         return None
+    if "class" in m:
+        model = f"the engine's own language model, {m['class']} from `{m['config']}`"
+        runner = ", run by the runtime's TransformersDecoder"
+    else:  # schema 1
+        shapes = "LLaVA-1.5-7B's" if m.get("llava_1_5_7b_shapes") else "the engine's"
+        model, runner = f"a causal LM with {shapes} language-model shapes", ""
+    positions = f"; position ids {dec['position_ids']}" if dec.get("position_ids") else ""
     layers = (
         f"**layer override: {m['layers_run']} of {m['layers_full_model']} layers run** "
         f"(prefill and decode times are for {_layers(m['layers_run'])}"
@@ -107,16 +117,16 @@ def decoder_note(report: dict) -> str | None:
         else f"all {m['layers_full_model']} layers run"
     )
     return (
-        f"Decoder: the engine's own language model, {m['class']} from `{m['config']}` ({m['model_type']}: "
+        f"Decoder: {model} ({m['model_type']}: "
         f"hidden {m['hidden_size']}, MLP {m['intermediate_size']}, {m['num_attention_heads']} heads, "
         f"{m['num_key_value_heads']} KV heads of {m['head_dim']}, vocab {m['vocab_size']}), {layers}, "
-        f"{m['dtype']} on {m['device']}, seeded random weights, run by the runtime's TransformersDecoder{positions}; "
+        f"{m['dtype']} on {m['device']}, seeded random weights{runner}{positions}; "
         f"prompt {text} + T visual rows, batch {batch}."
     )
 
 
 def render_markdown(report: dict) -> str:
-    eng, rows = report["engines"]["compressed"], report["rows"]
+    eng, rows = report["engines"]["compressed"], report.get("rows")  # no rows in schema 1
     cfg, machine, h = report["config"], report["machine"], report["headline"]
     t, n = (rows["T"], rows["N"]) if rows else (eng["num_visual_tokens"], eng["num_patches"])
     cpu = machine.get("cpu_model") or machine.get("processor") or "unknown CPU"
@@ -236,7 +246,8 @@ def render_markdown(report: dict) -> str:
             + (" (layer override)" if m["layer_override"] else "")
             + f"; {dec['new_tokens']} tokens per decode run; KV cache of the full model "
             f"({m['layers_full_model']} layers, float16) and as measured in the run "
-            f"({_layers(m['layers_run'])}, {m['dtype']}). Position ids: {dec['position_ids']}.",
+            f"({_layers(m['layers_run'])}, {m['dtype']})."
+            + (f" Position ids: {dec['position_ids']}." if dec.get("position_ids") else ""),
             "",
             "| T | rows | context | prefill / TTFT | / T=N | decode per token | tokens/s | KV cache full model | "
             "KV measured | RSS delta (prefill) |",
@@ -244,7 +255,8 @@ def render_markdown(report: dict) -> str:
         ]
         for p in dec["points"]:
             lines.append(
-                f"| {p['T']} | {p['rows']} | {p['context']} | {_ms(p['prefill'])} | {_x(p['prefill_ratio_vs_N'])} | "
+                f"| {p['T']} | {p.get('rows', '-')} | {p['context']} | {_ms(p['prefill'])} | "
+                f"{_x(p['prefill_ratio_vs_N'])} | "
                 f"{1e3 * p['decode_s_per_token']:.1f} | {p['decode_tokens_per_s']:.1f} | "
                 f"{_mib(p['kv_cache_bytes_full_model'])} | {_mib(p['kv_cache_bytes_measured'])} | "
                 f"{_mib(p['memory_prefill']['rss_delta_bytes'])} |"
@@ -303,7 +315,7 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eng, rows = report["engines"]["compressed"], report["rows"]
+    eng, rows = report["engines"]["compressed"], report.get("rows")  # no rows in schema 1
     t, n = (rows["T"], rows["N"]) if rows else (eng["num_visual_tokens"], eng["num_patches"])
     fig, (ax, kv) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2, 1]})
     vision = report["vision"]
@@ -369,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"bench report: error: {src}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    if report.get("schema_version") != SCHEMA_VERSION:
+    if report.get("schema_version") not in READABLE_SCHEMAS:
         print(
             f"bench report: error: {src} has schema_version {report.get('schema_version')!r}; this renderer reads "
-            f"{SCHEMA_VERSION} (docs/BENCH.md): run `apet bench` again",
+            f"{' and '.join(map(str, READABLE_SCHEMAS))} (docs/BENCH.md): run `apet bench` again",
             file=sys.stderr,
         )
         return 2

@@ -26,6 +26,7 @@ from apet_trt.runtime.manifest import load_manifest
 from apet_trt.runtime.prompt import AssembledPrompt
 from apet_trt.scripts import bench
 from apet_trt.scripts.bench import decoder as bench_decoder
+from apet_trt.scripts.bench import report as bench_report
 from apet_trt.scripts.bench.engines import EnginePair
 from apet_trt.scripts.bench.vision import VisionPairs, image_rows, open_vision_pair, torch_vision_pair
 from apet_trt.scripts.cli import main
@@ -216,6 +217,15 @@ def test_markdown_states_the_layer_override_and_headline_first(quick):
     assert f"{report['headline']['ttft_T_over_N']['value']:.3f}" in headline
 
 
+def test_saved_json_re_renders_to_the_same_markdown(quick, tmp_path):
+    report, _, out = quick
+    copy = tmp_path / "bench.json"
+    copy.write_text((out / "bench.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench_report.main([str(copy)]) == 0
+    assert (tmp_path / "bench.md").read_text() == (out / "bench.md").read_text()
+
+
 def test_plot_is_a_valid_png(quick):
     _, _, out = quick
     data = (out / "bench.png").read_bytes()
@@ -376,6 +386,30 @@ def test_language_model_of_a_text_config_with_3d_positions_matches_the_vlm():
     torch.testing.assert_close(logits["bench", "3d"], logits["vlm", "3d"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits["bench", "1d"], logits["vlm", "1d"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits["bench", "3d"], logits["bench", "1d"], atol=1e-4)  # the ids reach the model
+
+
+def test_report_renders_the_committed_results(tmp_path):
+    """docs/results/bench.json (the README cites it) re-renders with the current renderer (it reads
+    schema 1, which the committed run used, and the current one); another schema is refused with
+    one line."""
+    src = ROOT / "docs" / "results" / "bench.json"
+    report = json.loads(src.read_text())
+    assert report["schema_version"] in bench_report.READABLE_SCHEMAS
+    if report["schema_version"] == bench.SCHEMA_VERSION:
+        assert_matches(documented_example(), report)
+    md = bench_report.render_markdown(report)
+    for key in ("vision_apet_over_no_apet", "ttft_T_over_N", "request_compressed_over_baseline"):
+        assert f"**{report['headline'][key]['value']:.3f}**" in md
+    copy = tmp_path / "bench.json"
+    copy.write_text(json.dumps(report))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench_report.main([str(copy)]) == 0
+    assert (tmp_path / "bench.md").read_text() == md and (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    copy.write_text(json.dumps({**report, "schema_version": 99}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert bench_report.main([str(copy)]) == 2
+    assert len(err.getvalue().strip().splitlines()) == 1 and "schema_version 99" in err.getvalue()
 
 
 def test_missing_baseline_is_built_into_the_cache_then_reused(engines, tmp_path):
