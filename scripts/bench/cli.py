@@ -33,11 +33,11 @@ def register(sub) -> None:
     m.add_argument(
         "--tokens",
         default=None,
-        help="decoder T values, comma-separated (default N,192,128,64; the image's N and T are always included)",
+        help="decoder T values, comma-separated (default N,192,128,64; the medium's N and T are always included)",
     )
     m.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 10; --quick 2)")
     m.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick 1)")
-    m.add_argument("--batch", type=int, default=1, help="images (and requests) per call (default 1)")
+    m.add_argument("--batch", type=int, default=1, help="images / videos (and requests) per call (default 1)")
     m.add_argument(
         "--decoder-layers",
         type=int,
@@ -55,6 +55,11 @@ def register(sub) -> None:
     )
     m.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"request prompt (default {DEFAULT_PROMPT!r})")
     m.add_argument("--image", default=DEFAULT_IMAGE, help="the bench image (default assets/grace_hopper.jpg)")
+    m.add_argument(
+        "--video",
+        default=None,
+        help="a bench video instead of the image, for families that take videos (e.g. assets/big_buck_bunny.mp4)",
+    )
     m.add_argument(
         "--backends",
         default=None,
@@ -92,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         text_tokens=args.text_tokens,
         prompt=args.prompt,
         image=args.image,
+        video=args.video,
         backends=name_list(args.backends),
         request_backend=args.request_backend,
         device=args.device,

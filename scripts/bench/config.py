@@ -1,5 +1,5 @@
 """`apet bench` options: the configuration object, its defaults, and every check that needs no engine
-directory (the checks that need one - T values against the image's rows, the decoder's layer count -
+directory (the checks that need one - T values against the medium's rows, the decoder's layer count -
 run once the engines are resolved, still before anything is measured)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SCHEMA_VERSION = 2  # of bench.json (docs/BENCH.md)
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_IMAGE = str(ROOT / "assets" / "grace_hopper.jpg")
 DEFAULT_PROMPT = "Describe this image in detail."
-DEFAULT_TOKENS = (192, 128, 64)  # decoder T values, plus N and T of the bench image
+DEFAULT_TOKENS = (192, 128, 64)  # decoder T values, plus N and T of the bench medium
 VISION_BACKENDS = ("tensorrt", "onnxruntime_cuda", "torch_cuda", "onnxruntime_cpu")  # preference order
 SECTIONS = ("vision", "op", "decoder", "request")
 
@@ -33,7 +33,7 @@ class BenchConfig:
     basis: int = 10  # k for --model
     fp16: bool = False  # --model: tower and projector in fp16, the ONNX and so the plan (ApET stays fp32)
     cache_dir: str | None = None  # None: <out>/engines
-    tokens: list[int] | None = None  # decoder T values; None: N, 192, 128, 64 (+ the image's T)
+    tokens: list[int] | None = None  # decoder T values; None: N, 192, 128, 64 (+ the medium's T)
     repeats: int | None = None  # None: 10 (2 with quick)
     warmup: int | None = None  # None: 2 (1 with quick)
     batch: int = 1
@@ -41,7 +41,8 @@ class BenchConfig:
     new_tokens: int | None = None  # None: 16 (2 with quick)
     text_tokens: int | None = None  # None: the prompt's own, with the engine's tokenizer
     prompt: str = DEFAULT_PROMPT
-    image: str = DEFAULT_IMAGE
+    image: str = DEFAULT_IMAGE  # the bench medium: this image ...
+    video: str | None = None  # ... or this video (families that take videos)
     backends: list[str] | None = None  # vision backends to try; None: all of VISION_BACKENDS
     request_backend: str = "auto"  # auto: the first available in VISION_BACKENDS order
     device: str = "auto"  # decoder device: auto | cpu | cuda[:i]
@@ -68,8 +69,13 @@ class BenchConfig:
         return bool(getattr(self, f"skip_{section}"))
 
     @property
+    def media(self) -> tuple[str, str]:
+        """(kind, path) of the bench medium: the video when one is given, else the image."""
+        return ("video", self.video) if self.video is not None else ("image", self.image)
+
+    @property
     def needs_rows(self) -> bool:
-        """Whether a section runs that needs the rows the bench image gets (all but the op)."""
+        """Whether a section runs that needs the rows the bench medium gets (all but the op)."""
         return not (self.skip_vision and self.skip_decoder and self.skip_request)
 
     @property
@@ -117,8 +123,9 @@ class BenchConfig:
             raise ValueError(
                 "every section is skipped (--skip-vision --skip-op --skip-decoder --skip-request): nothing to measure"
             )
-        if self.needs_rows and not Path(self.image).is_file():
-            raise FileNotFoundError(f"--image {self.image}: no such file")
+        kind, path = self.media
+        if self.needs_rows and not Path(path).is_file():
+            raise FileNotFoundError(f"--{kind} {path}: no such file")
         if self.model is not None:
             n = _preset_patches(self.model)
             if n is not None and not self.keep < n:
@@ -128,7 +135,8 @@ class BenchConfig:
         bad = [t for t in self.tokens or () if t > n]
         if bad:
             raise ValueError(
-                f"--tokens values must be <= N={n} (the rows the image gets from the uncompressed engine), got {bad}"
+                f"--tokens values must be <= N={n} (the rows the {self.media[0]} gets from the uncompressed engine), "
+                f"got {bad}"
             )
 
     def vision_backends(self) -> list[str]:

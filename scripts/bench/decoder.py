@@ -9,7 +9,7 @@ the vocabulary - with seeded random weights: the shapes decide the time, not the
 only the first layers run (default 2, a layer override the report states); on a GPU all of them.
 
 The inputs at each T are what a user's request gives the decoder: the bench prompt assembled by the
-engine's own prompt assembler around one image of T rows, with the family's position ids for those
+engine's own prompt assembler around one image (or video) of T rows, with the family's position ids for those
 rows (`family.position_ids`, as `Pipeline.assemble` adds them). For 1-D families such as LLaVA they
 are None and the decoder numbers the tokens 0..L-1 itself; a family with its own [P, L] ids (such
 as Qwen2.5-VL's 3-D M-RoPE) has them passed to the model in prefill and continued in decode. The
@@ -255,7 +255,7 @@ def runtime_decoder(model: torch.nn.Module, manifest, lm: LanguageModel):
 
 @dataclass
 class DecoderCase:
-    """What the decoder gets at one T: the bench prompt around one image of T rows, `batch` times."""
+    """What the decoder gets at one T: the bench prompt around one medium of T rows, `batch` times."""
 
     t: int
     rows_source: str
@@ -268,7 +268,7 @@ class DecoderCase:
 
 
 def rows_at(t: int, rows) -> tuple[object, str]:
-    """One image's rows at T (rows: the bench image's ImageRows) and where they come from."""
+    """One item's rows at T (rows: the bench medium's MediaRows) and where they come from."""
     from apet_trt.runtime.families import VisualRows
 
     comp, base = rows.comp_rows[0], rows.base_rows[0]
@@ -277,34 +277,33 @@ def rows_at(t: int, rows) -> tuple[object, str]:
     if t == base.num_rows:
         return base, UNCOMPRESSED_ROWS
     keep = torch.arange(t) * base.num_rows // t  # ascending and distinct for t <= N
-    return VisualRows(base.embeddings[keep], base.positions[keep], base.num_patches, dict(base.extras)), SPACED_ROWS
+    kept = VisualRows(base.embeddings[keep], base.positions[keep], base.num_patches, dict(base.extras), base.media)
+    return kept, SPACED_ROWS
 
 
 def with_text_tokens(assembled, k: int):
     """The assembled prompt with k text ids (for --text-tokens, which sets how many, not what they
-    say): the ids before the image's rows are kept as far as k allows, those after them are cut or
+    say): the ids before the medium's rows are kept as far as k allows, those after them are cut or
     repeated to make up k."""
-    from apet_trt.runtime.prompt import AssembledPrompt
-
     ids, slots = assembled.input_ids, assembled.image_slots
-    first, last = int(slots[0]), int(slots[-1]) + 1  # one image: its slots are one contiguous run
+    first, last = int(slots[0]), int(slots[-1]) + 1  # one medium: its slots are one contiguous run
     before, after = ids[:first][:k], ids[last:]
     need = k - before.numel()
     filler = after if after.numel() else ids[:first]
     if need > 0 and not filler.numel():
         raise ValueError(f"--text-tokens {k}: the prompt has no text ids to repeat")
     after = filler.repeat(-(-need // max(1, filler.numel())))[:need] if need > 0 else after[:0]
-    return AssembledPrompt(
-        torch.cat([before, ids[first:last], after]), slots - first + before.numel(), assembled.text, assembled.rows
+    return replace(
+        assembled, input_ids=torch.cat([before, ids[first:last], after]), image_slots=slots - first + before.numel()
     )
 
 
 def assemble(pipe, prompt: str, rows, text_tokens: int | None = None):
-    """The prompt for one image of `rows`, as `Pipeline.assemble` makes it (the assembler, then the
+    """The prompt for one medium of `rows`, as `Pipeline.assemble` makes it (the assembler, then the
     family's position ids); with text_tokens, its text ids resized before the positions are made."""
     if text_tokens is None:
         return pipe.assemble(prompt, [rows])
-    a = with_text_tokens(pipe.assembler(prompt, [rows.num_rows]), text_tokens)
+    a = with_text_tokens(pipe.assembler(prompt, [rows.num_rows], 0, [rows.media]), text_tokens)
     ids = pipe.family.position_ids(a.input_ids, a.image_slots, [rows])
     return a if ids is None else replace(a, position_ids=ids)
 

@@ -26,7 +26,7 @@ def _entry(value: float, **facts) -> dict:
 
 def headline(report: dict) -> dict:
     """The ratios the benchmark exists for (compressed / uncompressed; < 1 is faster or smaller),
-    each with the medians it was computed from; T and N are the bench image's rows. null where
+    each with the medians it was computed from; T and N are the bench medium's rows. null where
     its section was skipped or failed."""
     out = {
         "vision_apet_over_no_apet": None,
@@ -141,7 +141,7 @@ def render_markdown(report: dict) -> str:
         "",
         *(
             [
-                f"Rows: `{Path(rows['image']).name}` hands the LLM N={n} rows from the uncompressed engine and "
+                f"Rows: `{Path(rows['media']).name}` hands the LLM N={n} rows from the uncompressed engine and "
                 f"T={t} from the compressed one ({eng['family']} family, {rows['backend']}); "
                 f"per engine item N={eng['num_patches']} -> T={eng['num_visual_tokens']}.",
                 "",
@@ -263,7 +263,7 @@ def render_markdown(report: dict) -> str:
             )
 
     req = report["request"]
-    lines += ["", "## Whole request (image file -> preprocess -> vision -> prefill -> decode)", ""]
+    lines += ["", "## Whole request (media file -> preprocess -> vision -> prefill -> decode)", ""]
     if req.get("status") != "ok":
         lines.append(req.get("status", ""))
     else:

@@ -1,4 +1,4 @@
-"""The whole request, as a user runs it: `Pipeline.generate` (image file -> the family's preprocess ->
+"""The whole request, as a user runs it: `Pipeline.generate` (image or video file -> the family's preprocess ->
 vision -> prompt assembly -> prefill -> new tokens) of the pipelines `runtime.load` makes from the
 two engine directories with the benchmark's vision backend and decoder, compressed vs baseline,
 interleaved. The per-stage medians are the pipeline's own timings of the timed calls."""
@@ -10,17 +10,18 @@ from .measure import Memory, measure_stages
 
 
 def bench_request(cfg: BenchConfig, pipes: dict, rows, model_info: dict, memory: Memory) -> dict:
-    """pipes: {"compressed", "baseline"} Pipelines whose vision backend made `rows` (ImageRows)."""
+    """pipes: {"compressed", "baseline"} Pipelines whose vision backend made `rows` (MediaRows)."""
     import torch
 
     if cfg.request_backend not in ("auto", rows.backend):
         raise RuntimeError(f"--request-backend {cfg.request_backend} could not be opened (see the vision section)")
-    images, prompts = [cfg.image] * cfg.batch, [cfg.prompt] * cfg.batch
+    kind, path = cfg.media
+    media, prompts = {f"{kind}s": [path] * cfg.batch}, [cfg.prompt] * cfg.batch  # images= or videos=
     kept: dict[str, int] = {}
 
     def call(variant):
         def run():
-            [r, *_] = pipes[variant].generate(images, prompts, max_new_tokens=cfg.new_tokens)
+            [r, *_] = pipes[variant].generate(prompts=prompts, max_new_tokens=cfg.new_tokens, **media)
             kept[variant] = r.num_kept
             s = {k: r.timings[f"{k}_ms"] / 1e3 for k in ("preprocess", "vision", "first_token", "decode", "total")}
             return {**s, "ttft": s["preprocess"] + s["vision"] + s["first_token"]}
@@ -39,7 +40,7 @@ def bench_request(cfg: BenchConfig, pipes: dict, rows, model_info: dict, memory:
         variants[k] = {
             "engine": str(pipe.manifest.root),
             "T": kept[k],
-            "prompt_tokens": int(pipe.assembler(cfg.prompt, [kept[k]]).input_ids.numel()),
+            "prompt_tokens": int(pipe.assembler(cfg.prompt, [kept[k]], 0, [kind]).input_ids.numel()),
             "timing": t["call"],
             "stages_median_s": {
                 "preprocess": t["preprocess"]["median_s"],
@@ -56,7 +57,7 @@ def bench_request(cfg: BenchConfig, pipes: dict, rows, model_info: dict, memory:
         "status": "ok",
         "vision_backend": rows.backend,
         "clock": "wall" + (" + cuda synchronize" if sync is not None else ""),
-        "image": cfg.image,
+        "media": path,
         "prompt": cfg.prompt,
         "batch": cfg.batch,
         "new_tokens": cfg.new_tokens,

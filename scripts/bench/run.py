@@ -1,4 +1,4 @@
-"""The benchmark's driver: resolve the two engine directories, find the rows the bench image gets
+"""The benchmark's driver: resolve the two engine directories, find the rows the bench medium gets
 from each, run every section that is not skipped (a failing section is recorded and the others
 still run), then write bench.json, bench.md and bench.png under --out."""
 
@@ -15,7 +15,7 @@ from .config import DEFAULT_TOKENS, SCHEMA_VERSION, SECTIONS, BenchConfig, log
 from .engines import engine_info, resolve_engines
 from .measure import Memory, machine_info, process_peak_rss
 from .report import headline, plot, render_markdown
-from .vision import VisionPairs, image_rows
+from .vision import VisionPairs, media_rows
 
 
 def machine() -> dict:
@@ -46,7 +46,7 @@ def machine() -> dict:
 def check_arguments(cfg: BenchConfig, pair) -> None:
     """The arguments that need the engines' manifests but no weights or hashing: the decoder's layer
     count against the engine's language model, and --tokens against N where the family knows the
-    rows an image gets before it runs (`fixed_rows`; otherwise once the image is encoded)."""
+    rows an image gets before it runs (`fixed_rows`, for an image; otherwise once the medium is encoded)."""
     from apet_trt.runtime.families import family_for
 
     from .decoder import LanguageModel
@@ -54,13 +54,13 @@ def check_arguments(cfg: BenchConfig, pair) -> None:
     if cfg.needs_decoder:
         LanguageModel.for_engine(pair.compressed, layers=cfg.decoder_layers, device=cfg.device)
     n = family_for(pair.baseline).fixed_rows
-    if cfg.needs_rows and n is not None:
+    if cfg.needs_rows and cfg.media[0] == "image" and n is not None:
         cfg.check_tokens(n)
 
 
 def load_pipelines(pair, pairs, rows, decoder) -> dict:
     """`runtime.load` of both engine directories (verified already) with the vision backends that
-    made the bench image's rows and the benchmark's decoder: the pipelines users get, so the decoder
+    made the bench medium's rows and the benchmark's decoder: the pipelines users get, so the decoder
     section assembles prompts and the request section runs requests the way they do."""
     from apet_trt import runtime
 
@@ -90,7 +90,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     pairs = VisionPairs(pair)
 
     # everything that can fail on the arguments, before anything is measured
-    rows = image_rows(cfg, pair, pairs) if cfg.needs_rows else None
+    rows = media_rows(cfg, pair, pairs) if cfg.needs_rows else None
     tokens = []
     if rows is not None:
         cfg.check_tokens(rows.n)
@@ -101,7 +101,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         from apet_trt.runtime.prompt import engine_prompting
 
         lm = LanguageModel.for_engine(pair.compressed, layers=cfg.decoder_layers, device=cfg.device)
-        engine_prompting(pair.compressed)[1](cfg.prompt, [rows.t])  # the tokenizer is there, the prompt assembles
+        # the tokenizer is there, and the prompt assembles around the medium
+        engine_prompting(pair.compressed)[1](cfg.prompt, [rows.t], 0, [rows.kind])
     out_dir.mkdir(parents=True, exist_ok=True)
 
     report: dict = {
@@ -114,7 +115,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             "compressed": engine_info(pair.compressed, pair.built.get("compressed", False)),
             "baseline": engine_info(pair.baseline, pair.built.get("baseline", False)),
         },
-        "rows": None if rows is None else {"image": cfg.image, "backend": rows.backend, "T": rows.t, "N": rows.n},
+        "rows": None
+        if rows is None
+        else {"media": cfg.media[1], "kind": rows.kind, "backend": rows.backend, "T": rows.t, "N": rows.n},
         "headline": None,
         **{s: {"status": f"skipped: --skip-{s}"} for s in SECTIONS},
         "memory": None,

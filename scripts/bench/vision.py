@@ -1,12 +1,13 @@
 """The vision stage: each engine through its model family's adapter, per vision backend.
 
-    batch = family.preprocess(images)      # the engine's named inputs (the checkpoint's own processor)
-    rows = family.encode(backend, batch)   # one VisualRows per image: the rows the LLM gets
+    batch = family.preprocess(items)       # the engine's named inputs (the checkpoint's own processor)
+    rows = family.encode(backend, batch)   # one VisualRows per item: the rows the LLM gets
 
-So multi-crop, dynamic-resolution and multi-call families are measured as they run. The bench
-image's rows - T from the compressed engine, N from the uncompressed one - are what every section
-reports as T and N (`image_rows`): 64 and 576 for LLaVA-1.5 at keep 64; for families whose rows
-depend on the image, what this image gets.
+So multi-crop, dynamic-resolution, multi-call and multi-engine (a family's `parts`) families are
+measured as they run. The bench medium - the image (--image), or a video (--video) for a family that
+takes videos - and its rows, T from the compressed engine and N from the uncompressed one, are what
+every section reports as T and N (`media_rows`): 64 and 576 for LLaVA-1.5 at keep 64; for families
+whose rows depend on the medium, what this one gets.
 
 Backends, in preference order: tensorrt (the engine's vision.plan), onnxruntime_cuda, torch_cuda
 (the family's PyTorch eager module, `family.torch_module`, in fp16), onnxruntime_cpu. One this
@@ -27,6 +28,16 @@ class Unavailable(RuntimeError):
 
 
 # -- backends -----------------------------------------------------------------------------------
+
+
+def _engines(manifest, make):
+    """One backend over the engine directory's vision engines: make(manifest) for the main engine and
+    for each of the family's other towers (manifest parts), behind one PartsBackend - as runtime.load
+    puts them together."""
+    from apet_trt.runtime.backends import PartsBackend
+
+    engines = [make(m) for m in [manifest, *(manifest.part(p) for p in manifest.parts)]]
+    return engines[0] if len(engines) == 1 else PartsBackend(manifest, engines)
 
 
 def _vision_model(manifest, device, dtype):
@@ -70,10 +81,11 @@ def torch_vision_pair(pair: EnginePair, device: str, dtype) -> tuple:
                 return self.module(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
 
     model = _vision_model(pair.compressed, torch.device(device), dtype)
-    return tuple(
-        TorchModuleBackend(m, family_for(m).torch_module(model).to(device).eval())
-        for m in (pair.compressed, pair.baseline)
-    )
+    pairs = []
+    for m in (pair.compressed, pair.baseline):
+        module = family_for(m).torch_module(model).to(device).eval()  # one module takes every part's inputs
+        pairs.append(_engines(m, lambda part, module=module: TorchModuleBackend(part, module)))
+    return tuple(pairs)
 
 
 def open_vision_pair(name: str, pair: EnginePair) -> tuple:
@@ -81,17 +93,22 @@ def open_vision_pair(name: str, pair: EnginePair) -> tuple:
     import torch
 
     from apet_trt.apet_ops.probes import onnxruntime_cuda, tensorrt_available
-    from apet_trt.runtime.backends import create_backend
+    from apet_trt.runtime.backends import PartsBackend, create_backend
 
     engines = (pair.compressed, pair.baseline)
+
+    def opened(kind: str, device: str) -> list:
+        return [_engines(m, lambda part: create_backend(kind, part, device=device)) for m in engines]
+
     if name == "onnxruntime_cpu":
-        return (*(create_backend("onnxruntime", m, device="cpu") for m in engines), "cpu", "wall")
+        return (*opened("onnxruntime", "cpu"), "cpu", "wall")
     if name == "onnxruntime_cuda":
         ok, why = onnxruntime_cuda()
         if not ok:
             raise Unavailable(why)
-        backends = [create_backend("onnxruntime", m, device="cuda") for m in engines]
-        got = backends[0].session.get_providers()
+        backends = opened("onnxruntime", "cuda")
+        main = backends[0].engines[0] if isinstance(backends[0], PartsBackend) else backends[0]
+        got = main.session.get_providers()
         if got[0] != "CUDAExecutionProvider":
             raise Unavailable(f"ONNX Runtime could not start its CUDA provider (session providers: {got})")
         return (*backends, "cuda", "cuda_events" if torch.cuda.is_available() else "wall")
@@ -105,7 +122,7 @@ def open_vision_pair(name: str, pair: EnginePair) -> tuple:
             )
         if not ok:
             raise Unavailable(why)
-        return (*(create_backend("tensorrt", m, device="cuda") for m in engines), "cuda", "cuda_events")
+        return (*opened("tensorrt", "cuda"), "cuda", "cuda_events")
     if name == "torch_cuda":
         if not torch.cuda.is_available():
             raise Unavailable("no CUDA GPU is visible to torch")
@@ -144,22 +161,23 @@ class VisionPairs:
         raise RuntimeError("no vision backend could be opened: " + "; ".join(f"{n}: {self.reason(n)}" for n in order))
 
 
-# -- the bench image's rows ---------------------------------------------------------------------
+# -- the bench medium's rows --------------------------------------------------------------------
 
 
 @dataclass
-class ImageRows:
-    """The bench image (repeated `batch` times) through both engines' family adapters."""
+class MediaRows:
+    """The bench medium (repeated `batch` times) through both engines' family adapters."""
 
+    kind: str  # "image" | "video"
     backend: str  # the vision backend that made the rows (the request section's)
     comp_batch: object  # EngineBatch of the compressed engine's family
     base_batch: object
-    comp_rows: list  # list[VisualRows], one per image
+    comp_rows: list  # list[VisualRows], one per item
     base_rows: list
 
     @property
     def t(self) -> int:
-        """The rows the image hands the LLM with ApET."""
+        """The rows the medium hands the LLM with ApET."""
         return self.comp_rows[0].num_rows
 
     @property
@@ -174,34 +192,53 @@ def backend_order(cfg: BenchConfig) -> list[str]:
     return tried if cfg.request_backend == "auto" else [cfg.request_backend, *tried]
 
 
-def image_rows(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs) -> ImageRows:
-    """Preprocess the bench image with each engine's family and encode it once (untimed)."""
-    from apet_trt.runtime.families import family_for
+def media_items(cfg: BenchConfig, family) -> list:
+    """The bench medium as the family's media items, `batch` times: a PIL image, or a video sampled
+    to the family's frames (runtime/videos.py, as Pipeline.generate(videos=...) reads it)."""
     from apet_trt.runtime.images import to_pil
+    from apet_trt.runtime.videos import read_video
 
-    images = [to_pil(cfg.image)] * cfg.batch
+    kind, path = cfg.media
+    if kind == "image":
+        return [to_pil(path)] * cfg.batch
+    if family.frames_per_video is None:
+        raise ValueError(f"--video: the {family.name} family takes no videos (give --image)")
+    return [read_video(path, family.frames_per_video)] * cfg.batch
+
+
+def media_rows(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs) -> MediaRows:
+    """Preprocess the bench medium with each engine's family and encode it once (untimed)."""
+    from apet_trt.runtime.families import family_for
+
     name = pairs.first(backend_order(cfg))
     comp, base, _, _ = pairs.get(name)
     comp_family, base_family = family_for(pair.compressed), family_for(pair.baseline)
-    comp_batch, base_batch = comp_family.preprocess(images), base_family.preprocess(images)
-    rows = ImageRows(
-        name, comp_batch, base_batch, comp_family.encode(comp, comp_batch), base_family.encode(base, base_batch)
+    comp_batch = comp_family.preprocess(media_items(cfg, comp_family))
+    base_batch = base_family.preprocess(media_items(cfg, base_family))
+    kind, path = cfg.media
+    rows = MediaRows(
+        kind, name, comp_batch, base_batch, comp_family.encode(comp, comp_batch), base_family.encode(base, base_batch)
     )
-    uncompressed = rows.comp_rows[0].num_patches  # what the compressed engine says N is for this image
+    uncompressed = rows.comp_rows[0].num_patches  # what the compressed engine says N is for this medium
     if uncompressed != rows.n:
         raise RuntimeError(
-            f"the compressed engine reports {uncompressed} uncompressed rows for {cfg.image}, the uncompressed "
-            f"engine gives {rows.n}: the two engines disagree about the image"
+            f"the compressed engine reports {uncompressed} uncompressed rows for {path}, the uncompressed "
+            f"engine gives {rows.n}: the two engines disagree about the {kind}"
         )
-    log(f"rows: {cfg.image} gets N={rows.n} rows without ApET, T={rows.t} with ({name})")
+    log(f"rows: {path} gets N={rows.n} rows without ApET, T={rows.t} with ({name})")
+    if rows.t == rows.n:
+        log(
+            f"the compressed engine does not compress this {kind} (T = N = {rows.n}); "
+            + ("a family that compresses videos only is benchmarked with --video" if kind == "image" else "")
+        )
     return rows
 
 
 # -- the section --------------------------------------------------------------------------------
 
 
-def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, rows: ImageRows, memory: Memory) -> dict:
-    """family.encode of both engines on the bench image, per backend, interleaved; then one untimed
+def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, rows: MediaRows, memory: Memory) -> dict:
+    """family.encode of both engines on the bench medium, per backend, interleaved; then one untimed
     call each for memory, which also keeps the compressed engine's kept positions."""
     import torch
 
@@ -260,4 +297,4 @@ def bench_vision(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs, rows: I
                 entry["positions_equal_onnxruntime_cpu"] = bool(
                     torch.equal(positions[entry["name"]], positions["onnxruntime_cpu"])
                 )
-    return {"status": "ok", "batch": cfg.batch, "image": cfg.image, "T": rows.t, "N": rows.n, "backends": entries}
+    return {"status": "ok", "batch": cfg.batch, "media": cfg.media[1], "T": rows.t, "N": rows.n, "backends": entries}
