@@ -51,13 +51,7 @@ def text_config(manifest) -> tuple[Any, str]:
     names) and the file it was read from."""
     from transformers import AutoConfig
 
-    entry = (manifest.data.get("decoder") or {}).get("transformers") or {}
-    if entry.get("config"):
-        path = manifest.path_of(entry["config"])
-    elif entry.get("checkpoint"):
-        path = manifest.path_of(entry["checkpoint"]) / "config.json"
-    else:
-        raise RuntimeError(f"{manifest.root}: the manifest names no Transformers config (decoder.transformers)")
+    path = manifest.transformers_config() or manifest.transformers_checkpoint() / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the Transformers config the manifest names does not exist")
     return AutoConfig.from_pretrained(str(path.parent)).get_text_config(), str(path)

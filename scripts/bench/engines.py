@@ -24,7 +24,7 @@ class EnginePair:
 
 def model_of(manifest) -> str:
     m = manifest.data["model"]
-    return m["id"] if m.get("source") == "preset" else (m.get("path") or m["id"])
+    return m["id"] if m.get("source") == "preset" else str(manifest.external_checkpoint)
 
 
 def _slug(model: str) -> str:
@@ -39,7 +39,7 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
     same_model = (
         m.get("id") == model
         if m.get("source") == "preset"
-        else m.get("path") == str(Path(model).expanduser().resolve())
+        else str(manifest.external_checkpoint) == os.path.realpath(Path(model).expanduser())
     )
     if apet is None:
         same_apet = manifest.apet is None
