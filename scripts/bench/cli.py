@@ -27,6 +27,13 @@ def register(sub) -> None:
     src.add_argument("--model", help="preset or checkpoint path: build (or reuse) both engine dirs in --cache-dir")
     src.add_argument("--keep", type=int, default=64, help="T for --model (default 64)")
     src.add_argument("--basis", type=int, default=10, help="k for --model (default 10)")
+    src.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="--model: build the compressed engine with apet build --budget B (the paper's 64|128|192: ApET in "
+        "the vision stage and again inside the LLM); its LLM stage is measured beside the T points",
+    )
     src.add_argument("--fp16", action="store_true", help="--model: tower and projector in fp16 (ONNX and plan)")
     src.add_argument("--cache-dir", default=None, help="where --model builds engine dirs (default OUT/engines)")
     m = p.add_argument_group("measurement")
@@ -85,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         baseline=args.baseline,
         model=args.model,
         keep=args.keep,
+        budget=args.budget,
         basis=args.basis,
         fp16=args.fp16,
         cache_dir=args.cache_dir,

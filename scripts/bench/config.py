@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # of bench.json (docs/BENCH.md)
+SCHEMA_VERSION = 3  # of bench.json (docs/BENCH.md)
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_IMAGE = str(ROOT / "assets" / "grace_hopper.jpg")
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -30,6 +30,7 @@ class BenchConfig:
     baseline: str | None = None  # uncompressed engine directory; built when missing
     model: str | None = None  # preset or checkpoint path: build both into cache_dir
     keep: int = 64  # T per engine item for --model
+    budget: int | None = None  # --model: the compressed engine is apet build --budget B (--keep is then unused)
     basis: int = 10  # k for --model
     fp16: bool = False  # --model: tower and projector in fp16, the ONNX and so the plan (ApET stays fp32)
     cache_dir: str | None = None  # None: <out>/engines
@@ -91,6 +92,13 @@ class BenchConfig:
             )
         if self.baseline is not None and self.engine is None:
             raise ValueError("--baseline needs --engine (the compressed engine directory)")
+        if self.budget is not None:
+            from apet_trt.export.parity import OFFICIAL_BUDGETS
+
+            if self.model is None:
+                raise ValueError("--budget builds the compressed engine: give it with --model (or pass --engine DIR)")
+            if self.budget not in OFFICIAL_BUDGETS:
+                raise ValueError(f"--budget must be one of {sorted(OFFICIAL_BUDGETS)}, got {self.budget!r}")
         for name, low in (("repeats", 1), ("warmup", 0), ("batch", 1), ("new_tokens", 1), ("keep", 1), ("basis", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -234,14 +234,54 @@ def runtime_decoder(model: torch.nn.Module, manifest, lm: LanguageModel):
     call makes exactly the tokens asked for)."""
     from apet_trt.runtime.decoders import TransformersDecoder
 
+    return TransformersDecoder(model, **_decoder_kwargs(manifest, lm))
+
+
+def _decoder_kwargs(manifest, lm: LanguageModel) -> dict:
     llm = manifest.llm
-    return TransformersDecoder(
-        model,
+    return dict(
         image_token_id=int(llm["image_token_id"]),
         pad_token_id=llm.get("pad_token_id"),
         eos_token_id=None,
         max_length=int(getattr(lm.config, "max_position_embeddings", None) or llm["max_position_embeddings"]),
     )
+
+
+def stage_layer(manifest, lm: LanguageModel) -> int:
+    """The layer the LLM stage follows in the layers run: the engine's (`llm_stage.layer`, of the full
+    model) scaled to the layer override (16 of 32 -> 1 of 2), so the same share of layers sees the
+    vision stage's rows; at least one layer on each side."""
+    full, run = lm.full_layers, lm.layers
+    if run < 2:
+        raise ValueError(f"the engine's LLM stage needs at least 2 decoder layers run (one on each side), got {run}")
+    return min(run - 1, max(1, round(int(manifest.llm_stage["layer"]) * run / full)))
+
+
+def stage_decoder(model: torch.nn.Module, manifest, lm: LanguageModel):
+    """The runtime's Stage2Decoder over the benchmark's model, for an engine whose manifest has
+    llm_stage: the engine's compressor, at `stage_layer` of the layers run."""
+    from apet_trt.apet_ops import ApetConfig
+    from apet_trt.runtime.decoders import Stage2Decoder
+    from apet_trt.runtime.families import family_for
+
+    stage = {k: v for k, v in manifest.llm_stage.items() if k != "layer"}
+    seeded = manifest.random_start
+    return Stage2Decoder(
+        model,
+        layer=stage_layer(manifest, lm),
+        config=ApetConfig.from_dict(stage),
+        span_rows=family_for(manifest).llm_stage_rows,
+        start_seed=None if not seeded else int(seeded["seed"]) + 1,
+        **_decoder_kwargs(manifest, lm),
+    )
+
+
+def kv_cache_bytes_staged(config, context: int, context_after: int, layer: int, batch: int = 1) -> int:
+    """kv_cache_bytes of the full model when layers < `layer` hold `context` tokens and the others
+    `context_after` (the LLM stage's pruned sequence)."""
+    full = int(config.num_hidden_layers)
+    per_token_layer = kv_cache_bytes(config, 1, batch) // full
+    return per_token_layer * (layer * context + (full - layer) * context_after)
 
 
 # -- the inputs at each T -----------------------------------------------------------------------
@@ -329,6 +369,10 @@ def observe_prefill(decoder, prompts, visual) -> Prefill:
     from apet_trt.apet_ops.compat import output_cache
     from apet_trt.runtime.decoders import SamplingConfig
 
+    if getattr(decoder, "llm_stage", False):  # Stage2Decoder runs its layers itself: its own prefill
+        with torch.inference_mode():
+            logits, state = decoder.prefill(prompts, visual)
+        return Prefill(logits.float().clone(), cache_nbytes(state.cache))
     seen = []
 
     def hook(module, args, output):
@@ -346,31 +390,41 @@ def observe_prefill(decoder, prompts, visual) -> Prefill:
 def bench_decoder(cfg: BenchConfig, lm: LanguageModel, pipes: dict, rows, tokens: list[int], memory: Memory) -> dict:
     from apet_trt.runtime.decoders import SamplingConfig
 
-    decoder = pipes["compressed"].decoder
+    decoder = pipes["baseline"].decoder  # vision-only rows: the plain decoder (the compressed one may stage)
+    staged = pipes["compressed"].decoder if getattr(pipes["compressed"].decoder, "llm_stage", False) else None
     cases = decoder_cases(cfg, pipes, rows, tokens)
     sampling = SamplingConfig(max_new_tokens=cfg.new_tokens + 1)  # the first token, then new_tokens decode steps
 
-    def call(case: DecoderCase):
+    def call(case: DecoderCase, dec=decoder):
         def run():
-            out = decoder.generate(case.prompts, case.visual, sampling)
+            out = dec.generate(case.prompts, case.visual, sampling)
             return {"prefill": out.first_token_ms / 1e3, "decode": out.decode_ms / 1e3}
 
         return run
+
+    candidates = {t: call(c) for t, c in cases.items()}
+    stage_case = None
+    if staged is not None:  # the engine's own rows through the LLM stage, interleaved with the T points
+        comp = rows.comp_rows[0]
+        prompt = assemble(pipes["compressed"], cfg.prompt, comp, cfg.text_tokens)
+        stage_case = DecoderCase(comp.num_rows, COMPRESSED_ROWS, [prompt] * cfg.batch, [[comp.embeddings]] * cfg.batch)
+        candidates["llm_stage"] = call(stage_case, staged)
 
     log(
         f"decoder: prefill + {cfg.new_tokens} decode steps at T in {tokens} "
         f"({lm.layers} of {lm.full_layers} layers, {lm.device})"
     )
-    timed = measure_stages(
-        {t: call(c) for t, c in cases.items()}, repeats=cfg.repeats, warmup=cfg.warmup, desc="decoder"
-    )
-    observed: dict[int, Prefill] = {}
+    timed = measure_stages(candidates, repeats=cfg.repeats, warmup=cfg.warmup, desc="decoder")
+    observed: dict = {}
     mem = {
         t: memory.measure(
-            lambda c=c, t=t: observed.__setitem__(t, observe_prefill(decoder, c.prompts, c.visual)),
+            lambda c=c, t=t, d=d: observed.__setitem__(t, observe_prefill(d, c.prompts, c.visual)),
             cuda=lm.device.startswith("cuda"),
         )
-        for t, c in cases.items()
+        for t, c, d in [
+            *((t, c, decoder) for t, c in cases.items()),
+            *((("llm_stage", stage_case, staged),) * bool(staged)),
+        ]
     }
     points = []
     for t, c in cases.items():
@@ -394,8 +448,12 @@ def bench_decoder(cfg: BenchConfig, lm: LanguageModel, pipes: dict, rows, tokens
         )
     first = next(iter(cases.values()))
     own_ids = first.prompts[0].position_ids
+    stage = None
+    if staged is not None:
+        stage = stage_point(cfg, lm, pipes["compressed"].manifest, staged, stage_case, timed, observed, mem, points)
     return {
         "status": "ok",
+        "llm_stage": stage,
         "clock": "wall" + (" + cuda synchronize" if lm.device.startswith("cuda") else ""),  # the decoder's own
         "model": lm.info(),
         "weights": "seeded random (shapes matter for timing, values do not)",
@@ -411,4 +469,36 @@ def bench_decoder(cfg: BenchConfig, lm: LanguageModel, pipes: dict, rows, tokens
         "prompt": cfg.prompt,
         "new_tokens": cfg.new_tokens,
         "batch": cfg.batch,
+    }
+
+
+def stage_point(cfg: BenchConfig, lm: LanguageModel, manifest, staged, case, timed, observed, mem, points) -> dict:
+    """The LLM-stage engine's point: its rows through Stage2Decoder, against the vision-only points at
+    the stage's mean rows over the layers and at the vision stage's T."""
+    full_layer, layer = int(manifest.llm_stage["layer"]), staged.layer
+    keep, t1 = int(manifest.llm_stage["keep"]), case.t
+    span = staged.span_rows(t1)
+    after = case.context - (span - keep if span is not None and span > keep else 0)
+    full = lm.full_layers
+    mean = (full_layer * t1 + (full - full_layer) * keep) / full  # visual rows averaged over the full model's layers
+    by_t = {p["T"]: p for p in points}
+    prefill, decode = timed["llm_stage"]["prefill"], timed["llm_stage"]["decode"]
+    per_token = decode["median_s"] / cfg.new_tokens
+    return {
+        "T_vision": t1,
+        "keep_llm": keep,
+        "layer_full_model": full_layer,
+        "layer_run": layer,
+        "mean_rows_full_model": mean,
+        "context": case.context,
+        "context_after_stage": after,
+        "prefill": prefill,
+        "prefill_ratio_vs_T": {
+            str(t): ratio(prefill, by_t[t]["prefill"]) for t in sorted(by_t) if t in (t1, round(mean))
+        },
+        "decode": decode,
+        "decode_s_per_token": per_token,
+        "kv_cache_bytes_full_model": kv_cache_bytes_staged(lm.config, case.context, after, full_layer, cfg.batch),
+        "kv_cache_bytes_measured": observed["llm_stage"].cache_bytes,
+        "memory_prefill": mem["llm_stage"],
     }

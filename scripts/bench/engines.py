@@ -32,7 +32,7 @@ def _slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
-def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
+def _matches(manifest, model: str, apet: dict | None, fp16: bool, llm_stage: dict | None = None) -> bool:
     from apet_trt.apet_ops.probes import tensorrt_available
 
     m = manifest.data["model"]
@@ -48,31 +48,47 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
     # --fp16 is the graph's precision (vision.onnx and so the plan), not only the plan's
     same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == fp16
     plan_if_possible = manifest.engine_path("tensorrt") is not None or not tensorrt_available()[0]
-    return same_model and same_apet and same_precision and plan_if_possible
+    stage = manifest.llm_stage
+    same_stage = (
+        stage is None
+        if llm_stage is None
+        else stage is not None and all(stage.get(k) == v for k, v in llm_stage.items())
+    )
+    return same_model and same_apet and same_precision and plan_if_possible and same_stage
 
 
-def _build_or_reuse(model: str, out: Path, *, keep: int | None, basis: int, fp16: bool) -> tuple[object, bool]:
-    """-> (verified manifest, built now?). A directory that verifies and matches is reused."""
+def _build_or_reuse(
+    model: str, out: Path, *, keep: int | None, basis: int, fp16: bool, budget: int | None = None
+) -> tuple[object, bool]:
+    """-> (verified manifest, built now?). A directory that verifies and matches is reused. With
+    `budget` the engine is `apet build --budget` (keep: the budget's; an LLM stage)."""
     from apet_trt.export.build import BuildConfig, build
+    from apet_trt.export.parity import OFFICIAL_BUDGETS
     from apet_trt.runtime.manifest import load_manifest
 
     apet = None if keep is None else {"keep": keep, "basis": basis}
+    llm_stage = None
+    if budget is not None:
+        keep, layer, keep2 = OFFICIAL_BUDGETS[budget]
+        apet, llm_stage = {"keep": keep, "basis": basis}, {"layer": layer, "keep": keep2}
     if (out / "manifest.json").is_file():
         try:
             manifest = load_manifest(out, verify=True)
-            if _matches(manifest, model, apet, fp16):
+            if _matches(manifest, model, apet, fp16, llm_stage):
                 log(f"reusing verified engine directory {out}")
                 return manifest, False
             log(f"{out} was built for another configuration: rebuilding it")
         except Exception as exc:  # noqa: BLE001 - any failure to verify means: rebuild
             log(f"{out} does not verify ({' '.join(str(exc).split())}): rebuilding it")
-    log(f"building {out} ({model}, {'T=' + str(keep) if keep else 'no ApET'})")
+    what = f"--budget {budget}" if budget else ("T=" + str(keep) if keep else "no ApET")
+    log(f"building {out} ({model}, {what})")
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
         build(
             BuildConfig(
                 model=model,
                 out=str(out),
-                keep=keep,
+                keep=None if budget else keep,
+                budget=budget,
                 basis=basis,
                 no_apet=keep is None,
                 fp16=fp16,
@@ -83,11 +99,12 @@ def _build_or_reuse(model: str, out: Path, *, keep: int | None, basis: int, fp16
     return load_manifest(out, verify=True), True
 
 
-def build_pair(model: str, cache: Path, *, keep: int, basis: int, fp16: bool) -> EnginePair:
-    """Both engine directories of `model` in `cache` (<model>-t<keep>-k<basis> and <model>-full),
-    built or reused (also scripts/serve_load.py's)."""
+def build_pair(model: str, cache: Path, *, keep: int, basis: int, fp16: bool, budget: int | None = None) -> EnginePair:
+    """Both engine directories of `model` in `cache` (<model>-t<keep>-k<basis>, or <model>-b<budget>-k<basis>,
+    and <model>-full), built or reused (also scripts/serve_load.py's)."""
     slug = _slug(model)
-    comp, built_c = _build_or_reuse(model, cache / f"{slug}-t{keep}-k{basis}", keep=keep, basis=basis, fp16=fp16)
+    name = f"{slug}-b{budget}-k{basis}" if budget else f"{slug}-t{keep}-k{basis}"
+    comp, built_c = _build_or_reuse(model, cache / name, keep=keep, basis=basis, fp16=fp16, budget=budget)
     base, built_b = _build_or_reuse(model, cache / f"{slug}-full", keep=None, basis=basis, fp16=fp16)
     return EnginePair(comp, base, {"compressed": built_c, "baseline": built_b})
 
@@ -100,7 +117,7 @@ def resolve_engines(cfg: BenchConfig, check: Callable[[EnginePair], None] = lamb
 
     cache = Path(cfg.cache_dir)
     if cfg.model is not None:
-        pair = build_pair(cfg.model, cache, keep=cfg.keep, basis=cfg.basis, fp16=cfg.fp16)
+        pair = build_pair(cfg.model, cache, keep=cfg.keep, basis=cfg.basis, fp16=cfg.fp16, budget=cfg.budget)
         check_pair(pair)
         check(pair)
         return pair
@@ -162,6 +179,7 @@ def engine_info(manifest, built: bool) -> dict:
         "feature_dim": manifest.vision.get("feature_dim"),
         "hidden_size": int(manifest.llm["hidden_size"]),
         "apet": manifest.apet,
+        "llm_stage": manifest.llm_stage,
         "tensorrt_plan": manifest.engine_path("tensorrt") is not None,
         "precision": manifest.data.get("precision"),
         "built_by_bench": built,

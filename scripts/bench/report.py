@@ -4,7 +4,8 @@ alone, so a saved bench.json can be re-rendered:
 
     python -m apet_trt.scripts.bench.report bench_out/bench.json   # writes bench.md, bench.png beside it
 
-The JSON's schema is docs/BENCH.md, version config.SCHEMA_VERSION; the renderer also reads version 1
+The JSON's schema is docs/BENCH.md, version config.SCHEMA_VERSION; the renderer also reads version 2
+(no LLM-stage fields) and version 1
 (docs/results/bench.json was recorded with it: T and N the manifest's, and the decoder timed on its
 own forward by the benchmark rather than through the runtime's TransformersDecoder).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .config import SCHEMA_VERSION, VISION_BACKENDS
 
-READABLE_SCHEMAS = (1, SCHEMA_VERSION)
+READABLE_SCHEMAS = (1, 2, SCHEMA_VERSION)  # 3 added the LLM-stage fields, which older reports lack
 
 
 def _entry(value: float, **facts) -> dict:
@@ -261,6 +262,24 @@ def render_markdown(report: dict) -> str:
                 f"{_mib(p['kv_cache_bytes_full_model'])} | {_mib(p['kv_cache_bytes_measured'])} | "
                 f"{_mib(p['memory_prefill']['rss_delta_bytes'])} |"
             )
+        stage = dec.get("llm_stage")
+        if stage:
+            ratios = ", ".join(f"{_x(v)} of T={t}'s" for t, v in stage["prefill_ratio_vs_T"].items())
+            lines += [
+                "",
+                f"ApET inside the LLM (the compressed engine's `llm_stage`): {stage['T_vision']} rows, then "
+                f"{stage['keep_llm']} after layer {stage['layer_full_model']} of {m['layers_full_model']} (run: after "
+                f"layer {stage['layer_run']} of {m['layers_run']}), {stage['mean_rows_full_model']:g} rows on average "
+                f"over the full model's layers; context {stage['context']} -> {stage['context_after_stage']}.",
+                "",
+                "| LLM stage | prefill / TTFT | vs vision-only | decode per token | KV cache full model | KV measured "
+                "| RSS delta (prefill) |",
+                "|---|---|---|---|---|---|---|",
+                f"| {stage['T_vision']} -> {stage['keep_llm']} @ {stage['layer_full_model']} | "
+                f"{_ms(stage['prefill'])} | "
+                f"{ratios} | {1e3 * stage['decode_s_per_token']:.1f} | {_mib(stage['kv_cache_bytes_full_model'])} | "
+                f"{_mib(stage['kv_cache_bytes_measured'])} | {_mib(stage['memory_prefill']['rss_delta_bytes'])} |",
+            ]
 
     req = report["request"]
     lines += ["", "## Whole request (media file -> preprocess -> vision -> prefill -> decode)", ""]
@@ -384,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.get("schema_version") not in READABLE_SCHEMAS:
         print(
             f"bench report: error: {src} has schema_version {report.get('schema_version')!r}; this renderer reads "
-            f"{' and '.join(map(str, READABLE_SCHEMAS))} (docs/BENCH.md): run `apet bench` again",
+            f"{', '.join(map(str, READABLE_SCHEMAS))} (docs/BENCH.md): run `apet bench` again",
             file=sys.stderr,
         )
         return 2

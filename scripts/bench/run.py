@@ -52,22 +52,30 @@ def check_arguments(cfg: BenchConfig, pair) -> None:
     from .decoder import LanguageModel
 
     if cfg.needs_decoder:
-        LanguageModel.for_engine(pair.compressed, layers=cfg.decoder_layers, device=cfg.device)
+        lm = LanguageModel.for_engine(pair.compressed, layers=cfg.decoder_layers, device=cfg.device)
+        if pair.compressed.llm_stage:
+            from .decoder import stage_layer
+
+            stage_layer(pair.compressed, lm)  # at least 2 layers run
     n = family_for(pair.baseline).fixed_rows
     if cfg.needs_rows and cfg.media[0] == "image" and n is not None:
         cfg.check_tokens(n)
 
 
-def load_pipelines(pair, pairs, rows, decoder) -> dict:
+def load_pipelines(pair, pairs, rows, decoders) -> dict:
     """`runtime.load` of both engine directories (verified already) with the vision backends that
-    made the bench medium's rows and the benchmark's decoder: the pipelines users get, so the decoder
-    section assembles prompts and the request section runs requests the way they do."""
+    made the bench medium's rows and the benchmark's decoder (one for both, or {"compressed",
+    "baseline"}: the same model, the compressed engine's running its LLM stage when it has one): the
+    pipelines users get, so the decoder section assembles prompts and the request section runs
+    requests the way they do."""
     from apet_trt import runtime
 
+    if not isinstance(decoders, dict):
+        decoders = {"compressed": decoders, "baseline": decoders}
     comp, base, _, _ = pairs.get(rows.backend)
     return {
-        "compressed": runtime.load(pair.compressed.root, backend=comp, decoder=decoder, verify=False),
-        "baseline": runtime.load(pair.baseline.root, backend=base, decoder=decoder, verify=False),
+        "compressed": runtime.load(pair.compressed.root, backend=comp, decoder=decoders["compressed"], verify=False),
+        "baseline": runtime.load(pair.baseline.root, backend=base, decoder=decoders["baseline"], verify=False),
     }
 
 
@@ -75,7 +83,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     """-> the report (the JSON object), also written with its markdown and plot under cfg.out."""
     import torch
 
-    from .decoder import LanguageModel, bench_decoder, runtime_decoder
+    from .decoder import LanguageModel, bench_decoder, runtime_decoder, stage_decoder
     from .op import bench_op
     from .request import bench_request
     from .vision import bench_vision
@@ -149,8 +157,10 @@ def run_bench(cfg: BenchConfig) -> dict:
             f"decoder model: {model_info['class']} from {model_info['config']}, {lm.layers} of {lm.full_layers} "
             f"layers, {model_info['dtype']} on {lm.device} (seeded random weights)"
         )
-        decoder = runtime_decoder(lm.build(), pair.compressed, lm)
-        pipes = load_pipelines(pair, pairs, rows, decoder)
+        model = lm.build()
+        plain = runtime_decoder(model, pair.compressed, lm)
+        staged = stage_decoder(model, pair.compressed, lm) if pair.compressed.llm_stage else None
+        pipes = load_pipelines(pair, pairs, rows, {"compressed": staged or plain, "baseline": plain})
         section("decoder", lambda: bench_decoder(cfg, lm, pipes, rows, tokens, memory))
         section("request", lambda: bench_request(cfg, pipes, rows, model_info, memory))
 
