@@ -103,6 +103,11 @@ class ExportFamily(ABC):
         """T: rows of `embeddings` per engine item (N when there is no compression)."""
         return apet.keep if apet is not None else self.num_patches
 
+    def max_rows_per_image(self, apet: ApetConfig | None) -> int:
+        """The most rows one image can hand the LLM (what a decoder's multimodal capacity is sized
+        for); one engine item per image: T."""
+        return self.rows_per_item(apet)
+
     @abstractmethod
     def vision_module(self, model: torch.nn.Module, apet: ApetConfig | None) -> torch.nn.Module:
         """The vision engine as a module: forward(**named inputs) -> tuple of the outputs in io order."""
@@ -126,15 +131,21 @@ class ExportFamily(ABC):
         }
 
     def profile_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
-        """Each input's shape for `batch` items (TensorRT optimisation profiles: min/opt/max)."""
+        """Each input's shape for `batch` items (TensorRT optimisation profiles: min/opt/max); the
+        dynamic (named) dim is the items axis."""
         io = self.io(None)
-        return {t["name"]: tuple(batch if d == "batch" else d for d in t["shape"]) for t in io["inputs"]}
+        return {t["name"]: tuple(batch if isinstance(d, str) else d for d in t["shape"]) for t in io["inputs"]}
 
     @abstractmethod
     def reference_rows(self, model: torch.nn.Module, processor, images: list) -> list[torch.Tensor]:
         """Transformers' own answer, for checking the engine: the rows the Hugging Face model hands
         its language model for these PIL images without compression (one [R_i, H] tensor per image),
         computed with the model's and processor's own methods only."""
+
+    def save_files(self, model: torch.nn.Module, out_dir: Path) -> None:  # noqa: B027 - optional hook
+        """Write the files the family's runtime adapter reads besides the engine (e.g. LLaVA-NeXT's
+        newline embedding) into the engine directory being built; `manifest_fields` names them by
+        their relative paths (the manifest lists and hashes every file)."""
 
     # -- what the manifest records ------------------------------------------------------------
     @abstractmethod
