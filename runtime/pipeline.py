@@ -165,18 +165,26 @@ def _default_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _choose_decoder(manifest: Manifest, requested: str) -> str:
+def _choose_decoder(manifest: Manifest, requested: str, family: RuntimeFamily) -> str:
+    """auto: the TensorRT-LLM engine the directory holds; else TensorRT-LLM's LLM API for a family it
+    takes precomputed rows for (the checkpoint's weights saved); else Transformers."""
     if requested not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {requested!r}")
     if requested != "auto":
         return requested
-    if (manifest.data.get("decoder") or {}).get("tensorrt_llm"):
+    decoder = manifest.data.get("decoder") or {}
+    if decoder.get("tensorrt_llm"):
         ok, why = tensorrt_llm_available()
         if ok:
             return "tensorrt_llm"
         log.warning(
             "decoder auto: the engine directory has a TensorRT-LLM engine but %s; using the Transformers decoder", why
         )
+    elif family.tensorrt_llm_api and (decoder.get("transformers") or {}).get("weights") == "saved":
+        ok, why = tensorrt_llm_available()
+        if ok:
+            return "tensorrt_llm_api"
+        log.info("decoder auto: TensorRT-LLM's LLM API not used (%s); using the Transformers decoder", why)
     return "transformers"
 
 
@@ -216,11 +224,25 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
     if kind == "tensorrt_llm_api":
         from .decoders import TensorRTLLMAPIDecoder
 
+        if not family.tensorrt_llm_api:
+            raise RuntimeError(
+                f"decoder='tensorrt_llm_api': TensorRT-LLM's LLM API takes no precomputed rows for the "
+                f"{family.name} family (its input processor has no attach_multimodal_embeddings); use "
+                "'tensorrt_llm' (the engine flow) or 'transformers'"
+            )
         hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
+        if hf.get("weights") != "saved":
+            raise RuntimeError(
+                f"{manifest.root}: decoder='tensorrt_llm_api' loads the checkpoint's weights, but the manifest's "
+                f"decoder weights are {hf.get('weights')!r}; build from a checkpoint or a preset saved whole"
+            )
         return TensorRTLLMAPIDecoder(
             manifest.path_of(hf["checkpoint"]),
             image_token=manifest.image_token,
             max_length=int(llm["max_position_embeddings"]),
+            dtype=llm_dtype(manifest),
+            eos_token_id=llm.get("eos_token_id"),
+            pad_token_id=llm.get("pad_token_id"),
         )
     raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {kind!r}")
 
@@ -296,7 +318,7 @@ def load(
         reason = "given by the caller"
 
     if isinstance(decoder, str):
-        dec = build_decoder(_choose_decoder(manifest, decoder), manifest, family, model_loader)
+        dec = build_decoder(_choose_decoder(manifest, decoder, family), manifest, family, model_loader)
     else:
         dec = decoder if isinstance(decoder, Decoder) else decoder(manifest)
     tokenizer, assembler = engine_prompting(manifest)
