@@ -1,8 +1,12 @@
 """Which ONNX graphs TensorRT's ONNX parser can take, checked before any TensorRT is at hand.
 
 The allowlist lives in trt_onnx_ops.json next to this file, transcribed from the ONNX-TensorRT
-operator support matrix of one TensorRT release; the file's "source" block names the repository,
-path and commit it came from (TensorRT 10.16: onnx/onnx-tensorrt@6bde6596, docs/operators.md).
+operator support matrix of each TensorRT release it is checked against; each release's "source"
+block names the repository, path and commit it came from (docs/operators.md of onnx/onnx-tensorrt):
+TensorRT 10.16 at 6bde6596 (with the restriction texts) and TensorRT 11.1 at 7c51a63a (TensorRT 11
+is the strongly typed only line; its matrix adds Swish and is otherwise 10.16's). A graph passes
+only if every release takes it: TRT_ONNX_OPS is what all of them support, and the opset must be in
+every release's range (opset 9 to 24 for both).
 
   unsupported_ops(model)       op types outside the allowlist, over every graph the parser reads
   check_restrictions(model)    per-node restrictions that can be decided from the graph alone
@@ -28,6 +32,7 @@ from onnx import AttributeProto, numpy_helper
 __all__ = [
     "TRT_ONNX_OPS",
     "TRT_ONNX_UNSUPPORTED",
+    "TRT_RELEASES",
     "TRT_SOURCE",
     "TOPK_MAX_K",
     "unsupported_ops",
@@ -46,12 +51,32 @@ def _load_data() -> dict:
 
 _DATA = _load_data()
 
-#: Every operator the matrix marks supported (Y), default ONNX domain.
-TRT_ONNX_OPS: frozenset[str] = frozenset(_DATA["supported"])
-#: Every operator the matrix marks unsupported (N). Ops absent from both sets are unsupported too.
-TRT_ONNX_UNSUPPORTED: frozenset[str] = frozenset(_DATA["unsupported"])
-#: Where the list comes from: TensorRT version, repository, path, commit, opset range.
+
+@dataclass(frozen=True)
+class TrtRelease:
+    """One TensorRT release's ONNX operator support matrix."""
+
+    source: dict  # TensorRT version, repository, path, commit, opset range
+    supported: frozenset[str]  # marked Y
+    unsupported: frozenset[str]  # marked N
+
+    @property
+    def version(self) -> str:
+        return self.source["tensorrt_version"]
+
+
+#: Every release the graphs are checked against, oldest first: 10.16, then 11.1.
+TRT_RELEASES: tuple[TrtRelease, ...] = tuple(
+    TrtRelease(dict(r["source"]), frozenset(r["supported"]), frozenset(r["unsupported"]))
+    for r in [_DATA, *_DATA.get("other_releases", [])]
+)
+#: Every operator all the releases' matrices mark supported (Y), default ONNX domain.
+TRT_ONNX_OPS: frozenset[str] = frozenset.intersection(*(r.supported for r in TRT_RELEASES))
+#: Every operator some release's matrix marks unsupported (N). Ops absent from both sets are unsupported too.
+TRT_ONNX_UNSUPPORTED: frozenset[str] = frozenset.union(*(r.unsupported for r in TRT_RELEASES))
+#: Where the 10.16 list (and the restriction texts) come from; TRT_RELEASES has every release's source.
 TRT_SOURCE: dict = dict(_DATA["source"])
+_VERSIONS = ", ".join(r.version for r in TRT_RELEASES)
 #: Largest TopK K TensorRT builds (NvInfer.h, INetworkDefinition::addTopK).
 TOPK_MAX_K: int = int(_DATA["topk_max_k"])
 _TOPK_LAST_AXES: int = int(_DATA["topk_last_axes"])
@@ -122,6 +147,7 @@ def _op_name(node: onnx.NodeProto) -> str:
 def unsupported_ops(model_or_path, *, extra_allowed: Iterable[str] = ()) -> list[str]:
     """Sorted, unique op names the TensorRT ONNX parser has no importer for; [] if none.
 
+    An op counts as supported when every release in TRT_RELEASES supports it (TRT_ONNX_OPS).
     Walks the main graph, every subgraph (If/Loop/Scan attributes, nested), and every function in
     model.functions. A node that calls one of the model's local functions is not itself reported
     (the parser imports local functions by expanding their bodies, whose nodes are checked).
@@ -386,13 +412,15 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
 def check_restrictions(model_or_path) -> list[str]:
     """Violations of TensorRT parser restrictions that the graph alone decides; [] if none.
 
-    Checked (sources in trt_onnx_ops.json): the default-domain opset is within the range the
-    parser reads; TopK has K <= TOPK_MAX_K (from an attribute, initializer or Constant; a K computed
-    at run time is reported), sorted=1, and reduces one of the last four axes (where the rank is
-    known); inputs TensorRT needs as build-time constants are initializers or Constant outputs
-    (Reduce* axes, CumSum axis, OneHot depth, STFT frame_step/window); ScatterElements and ScatterND
-    carry no reduction other than "none". Walks subgraphs, and local functions at each call site
-    (their inputs bound to the caller's arguments). Each entry names the node and where it is."""
+    Checked (sources in trt_onnx_ops.json): the default-domain opset is within the range the parser
+    of every release in TRT_RELEASES reads; TopK has K <= TOPK_MAX_K (from an attribute, initializer
+    or Constant; a K computed at run time is reported), sorted=1, and reduces one of the last four
+    axes (where the rank is known); inputs TensorRT needs as build-time constants are initializers
+    or Constant outputs (Reduce* axes, CumSum axis, OneHot depth, STFT frame_step/window);
+    ScatterElements and ScatterND carry no reduction other than "none". Walks subgraphs, and local
+    functions at each call site (their inputs bound to the caller's arguments). Each entry names the
+    node and where it is.
+    """
     model, _, external_dir = _load(model_or_path)
     return _restrictions(model, external_dir)
 
@@ -404,12 +432,13 @@ def _restrictions(model: onnx.ModelProto, external_dir: Path | None) -> list[str
     )
     for opset in model.opset_import:
         if opset.domain in _DEFAULT_DOMAINS:
-            lo, hi = TRT_SOURCE["opset_min"], TRT_SOURCE["opset_max"]
-            if not lo <= opset.version <= hi:
-                checker.problems.append(
-                    f"default-domain opset {opset.version} is outside the range TensorRT "
-                    f"{TRT_SOURCE['tensorrt_version']} parses ({lo} to {hi})"
-                )
+            for release in TRT_RELEASES:
+                lo, hi = release.source["opset_min"], release.source["opset_max"]
+                if not lo <= opset.version <= hi:
+                    checker.problems.append(
+                        f"default-domain opset {opset.version} is outside the range TensorRT "
+                        f"{release.version} parses ({lo} to {hi})"
+                    )
     root = checker.graph_scope(model.graph, None)
     root.ranks = _ranks(model)
     checker.check_nodes(model.graph.node, root, "graph", ())
@@ -425,6 +454,6 @@ def assert_trt_compatible(model_or_path, *, extra_allowed: Iterable[str] = ()) -
         return
     parts = []
     if ops:
-        parts.append(f"ops TensorRT {TRT_SOURCE['tensorrt_version']}'s ONNX parser does not support: {', '.join(ops)}")
+        parts.append(f"ops the ONNX parser of TensorRT {_VERSIONS} does not support: {', '.join(ops)}")
     parts.extend(problems)
     raise ValueError(f"{label} is not TensorRT-compatible: " + "; ".join(parts))

@@ -12,6 +12,7 @@ existing one.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,9 +26,10 @@ from apet_trt.apet_ops.compat import config_dtype
 from . import manifest as manifest_writer
 from .models import ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
+from .precision import compressor_not_fp32, part_dtypes
 from .presets import PRESETS, get_preset, load_preset, preset_config
 from .tensorrt_build import INSTALL_HINT as TRT_HINT
-from .tensorrt_build import build_tensorrt, tensorrt_version
+from .tensorrt_build import build_tensorrt, llm_plan_record, tensorrt_version
 from .trtllm_build import INSTALL_HINT as TRTLLM_HINT
 from .trtllm_build import TrtllmBuildConfig, build_trtllm, tensorrt_llm_version
 
@@ -44,7 +46,7 @@ class BuildConfig:
     no_apet: bool = False
     max_batch: int = 8
     opt_batch: int = 1
-    fp16: bool = False
+    fp16: bool = False  # tower and projector exported in float16; the compressor stays float32
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
@@ -196,7 +198,11 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     steps(f"loading {config.model} (family {family.name})")
     loaded = _load(config.model, source, family)
     model, hf_config, processor, tokenizer = loaded.model, loaded.config, loaded.processor, loaded.tokenizer
-    engine = family.vision_module(model, apet).float().eval()  # vision export in float32
+    engine = family.vision_module(model, apet)
+    # precision is the graph's (export/precision.py): tower and projector in the build's dtype, the
+    # compressor casts to float32 inside; a float16 copy, so that the cast never reaches the model
+    # whose weights are saved as the decoder checkpoint below
+    engine = (copy.deepcopy(engine).half() if config.fp16 else engine.float()).eval()
     io = family.io(apet)
     output_names = [o["name"] for o in io["outputs"]]
 
@@ -215,16 +221,17 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             dynamic_axes=family.dynamic_axes(apet),
         )
         steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
+        if wrong := compressor_not_fp32(onnx_path):
+            raise RuntimeError(f"the exported compressor computes outside float32: {', '.join(wrong[:5])}")
+        dtypes = part_dtypes(onnx_path)
+        steps.note("dtypes: " + ", ".join(f"{part} {dt}" for part, dt in dtypes.items() if dt))
 
         steps("ONNX Runtime vs PyTorch")
         batches = sorted({1, min(3, config.max_batch)})
         for c in compare_with_torch(engine, onnx_path, family.example_inputs, batches=batches):
-            steps.note(
-                f"batch {c.batch}: max |diff| {c.max_abs_diff:.2e} ({c.max_rel_diff:.1e} of max), "
-                f"positions equal: {c.positions_equal}"
-            )
-            if not c.positions_equal or c.max_rel_diff > 1e-3:
-                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c}")
+            steps.note(f"batch {c.batch}: {c.agreement}")
+            if not c.agreement.passed(reduced_precision=config.fp16):
+                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c.agreement}")
 
         steps("saving processor, tokenizer and decoder checkpoint")
         processor.save_pretrained(str(work / "processor"))
@@ -247,6 +254,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
 
         steps("TensorRT engine")
         plan = None
+        plans = {}  # engine kind -> what built its plan (tensorrt_build.plan_record)
         if not config.tensorrt:
             steps.note("skipped (--no-tensorrt)")
         elif tensorrt_version() is None:
@@ -257,17 +265,16 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
                 onnx_path,
                 work / "vision.plan",
                 profile={name: tuple(s[name] for s in shapes) for name in shapes[0]},
-                fp16=config.fp16,
             )
             plan = "vision.plan"
+            plans["tensorrt"] = result.record
             steps.note(
-                f"saved vision.plan; compressor layers pinned to fp32: {result.fp32_layers}; "
-                f"TensorRT vs ONNX Runtime: {'passed' if result.compare_passed else 'FAILED'}"
+                f"saved vision.plan (TensorRT {result.record['tensorrt']}, {result.record['gpu']}, compute "
+                f"capability {result.record['compute_capability']}, strongly typed)"
             )
-            if not result.compare_passed:
-                raise RuntimeError(
-                    "TensorRT outputs differ from ONNX Runtime beyond tolerance (see Polygraphy's report)"
-                )
+            steps.note(f"TensorRT vs ONNX Runtime: {result.agreement}")
+            if not result.agreement.passed(reduced_precision=True):
+                raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on the same graph: {result.agreement}")
 
         steps("TensorRT-LLM decoder engine")
         trtllm = None
@@ -293,6 +300,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
                 Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work
             )
             trtllm["engine_dir"] = "llm"
+            plans["tensorrt_llm"] = llm_plan_record(
+                work / "llm", dtype=llm_dtype, tensorrt_llm_version=tensorrt_llm_version()
+            )
 
         steps("manifest")
         text = hf_config.text_config
@@ -316,9 +326,10 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             "image_token": family.image_token,
             "io": io,
             "batch": {"min": 1, "opt": config.opt_batch, "max": config.max_batch},
-            "precision": {"vision": "fp16" if (config.fp16 and plan) else "fp32", "compressor": "fp32"},
+            "precision": {"vision": dtypes["vision_tower"], "compressor": dtypes["compressor"]},
             "processor": processor.to_dict(),
             "engines": {"onnx": "vision.onnx", "tensorrt": plan},
+            "plans": plans,
             "decoder": {"transformers": decoder, "tensorrt_llm": trtllm},
             "versions": _versions(),
             "build": {k: v for k, v in asdict(config).items() if k not in ("out", "force")},

@@ -25,7 +25,11 @@ def register(sub) -> None:
     p.add_argument("--no-apet", action="store_true", help="build the uncompressed baseline (all N tokens)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines take (default 8)")
     p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT optimises for (default 1)")
-    p.add_argument("--fp16", action="store_true", help="TensorRT: tower and projector in fp16 (ApET stays fp32)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="export tower and projector in float16 (the ONNX and so the TensorRT plan); ApET computes in float32",
+    )
     p.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT plan even where tensorrt imports")
     p.add_argument("--no-tensorrt-llm", action="store_true", help="skip the TensorRT-LLM decoder engine")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")

@@ -13,6 +13,8 @@ import torch
 
 from apet_trt.apet_ops.onnx_export import validate_onnx
 
+from .precision import Agreement, agreement
+
 PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights above which they go to vision.onnx.data
 
 
@@ -22,6 +24,7 @@ class Comparison:
     max_abs_diff: float
     max_rel_diff: float
     positions_equal: bool
+    agreement: Agreement  # kept sets and rows compared as reduced precision allows (export/precision.py)
 
 
 def export_vision_onnx(
@@ -93,6 +96,12 @@ def compare_with_torch(
         diff = np.abs(emb - ref_emb.numpy())
         scale = max(float(np.abs(ref_emb.numpy()).max()), 1e-30)
         results.append(
-            Comparison(b, float(diff.max()), float(diff.max() / scale), bool(np.array_equal(pos, ref_pos.numpy())))
+            Comparison(
+                b,
+                float(diff.max()),
+                float(diff.max() / scale),
+                bool(np.array_equal(pos, ref_pos.numpy())),
+                agreement(emb, pos, ref_emb.numpy(), ref_pos.numpy()),
+            )
         )
     return results

@@ -1,29 +1,36 @@
 """TensorRT engine from the vision ONNX, with Polygraphy, then TensorRT vs ONNX Runtime.
 
-Polygraphy's documented loaders (polygraphy.backend.trt, Polygraphy >= 0.49 / TensorRT 10):
-  NetworkFromOnnxPath(path)                         parse the ONNX model
-  PostprocessNetwork(network, func)                 here: pin the compressor's layers to float32
-  CreateConfig(fp16=..., profiles=[Profile().add(name, min, opt, max)],
-               precision_constraints="obey", load_timing_cache=path)
-  EngineFromNetwork(network, config, save_timing_cache=path); SaveEngine(engine, path)
-  Comparator.run([TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(path))], data_loader)
-  Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=..., rtol=...))
-(docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/backend/trt/loader.html, .../comparator/)
+The network is strongly typed: TensorRT runs every tensor in the type the ONNX graph gives it
+(export/precision.py). TensorRT 11 knows no other mode and has dropped the weak-typing API (layer
+precisions, output types, the FP16/BF16 builder flags, precision constraints); on 10.x the
+STRONGLY_TYPED network flag asks for the same. So nothing here sets a precision: an `--fp16` build
+is a float16 graph whose compressor computes in float32 because its casts say so.
 
-With --fp16 the tower and projector may run in half precision, but every layer the ONNX parser
-made from the compressor's nodes (named /compressor/... by the exporter) is set to float32 compute
-and float32 outputs, and "obey" makes TensorRT honour it: squared norms of CLIP features overflow
-fp16, and the kept set must not depend on the precision.
+Polygraphy's loaders (polygraphy.backend.trt; Polygraphy >= 0.53 reads TensorRT 10.x and 11.x):
+  NetworkFromOnnxPath(path, strongly_typed=True)    parse; -> (builder, network, parser)
+  CreateConfig(profiles=[Profile().add(name, min=, opt=, max=)], load_timing_cache=path)
+  EngineFromNetwork(network, config=, save_timing_cache=path); SaveEngine(engine, path=)
+  Comparator.run([TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(path, providers=))], data_loader=)
+    -> RunResults: .values() one list of IterationResult (output name -> array) per runner
+TensorRT Python API (NVIDIA/TensorRT python/src/infer/pyCore.cpp, pyGraph.cpp at v10.16 and v11.1):
+  trt.__version__, trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED (11.x: "Deprecated: always
+  enabled"), INetworkDefinition.get_flag(flag).
+tests/export/test_tensorrt_api.py checks that every name used here exists in the installed version.
+
+A plan runs only under the TensorRT major.minor and on the GPU architecture that built it, so
+`plan_record` writes down what built it; the runtime refuses a mismatch (runtime/plans.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-COMPRESSOR_SCOPE = "/compressor/"
+from .precision import Agreement, agreement, part_dtypes
+
 INSTALL_HINT = "pip install apet-trt[tensorrt]"
 
 
@@ -36,89 +43,76 @@ def tensorrt_version() -> str | None:
         return None
 
 
+def tensorrt_major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def gpu_facts() -> tuple[str | None, str | None]:
+    """(name, compute capability "major.minor") of the current CUDA device as torch sees it, the
+    device the runtime will run the plan on; (None, None) without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def plan_record(*, strongly_typed: bool | None, dtypes: dict) -> dict:
+    """What a plan is built with, for the manifest's `plans` (docs/ENGINE_DIR.md): TensorRT
+    version, GPU name and compute capability, strong typing, and the dtype of each part."""
+    gpu, capability = gpu_facts()
+    return {
+        "tensorrt": tensorrt_version(),
+        "gpu": gpu,
+        "compute_capability": capability,
+        "strongly_typed": strongly_typed,
+        "dtypes": dtypes,
+    }
+
+
+def llm_plan_record(engine_dir: Path, *, dtype: str, tensorrt_llm_version: str | None) -> dict:
+    """plan_record for a TensorRT-LLM engine directory: trtllm-build writes its build options,
+    strongly_typed among them, to config.json's build_config."""
+    config = json.loads((engine_dir / "config.json").read_text()) if (engine_dir / "config.json").is_file() else {}
+    strongly_typed = (config.get("build_config") or {}).get("strongly_typed")
+    record = plan_record(strongly_typed=strongly_typed, dtypes={"llm": dtype})
+    return {**record, "tensorrt_llm": tensorrt_llm_version}
+
+
 @dataclass
 class TensorRTBuild:
     plan: Path
     timing_cache: Path
-    compare_passed: bool
-    fp32_layers: int
+    agreement: Agreement  # TensorRT against ONNX Runtime on the same graph and inputs
+    record: dict  # plan_record(): what built the plan
 
 
-def _in_scope(layer) -> bool:
-    """A layer the ONNX parser named after one of the compressor's nodes: by its own name, or by
-    the name of one of its outputs (the parser gives a node's output tensors the ONNX names,
-    /compressor/..._output_0)."""
-    if COMPRESSOR_SCOPE in (layer.name or ""):
-        return True
-    return any(COMPRESSOR_SCOPE in (_name(layer.get_output(j))) for j in range(layer.num_outputs))
-
-
-def _name(tensor) -> str:
-    return "" if tensor is None else (tensor.name or "")
-
-
-def compressor_layers(network) -> list[int]:
-    """Indices of the layers that make up the compressor: those named in its scope, plus every
-    layer that lies between two of them (descendant of one and ancestor of another), which is
-    where the parser's own helper layers (broadcast shuffles, casts, auto-named) end up."""
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    producer, consumers = {}, {}
-    for i, layer in enumerate(layers):
-        for j in range(layer.num_outputs):
-            producer[_name(layer.get_output(j))] = i
-        for j in range(layer.num_inputs):
-            name = _name(layer.get_input(j))
-            if name:
-                consumers.setdefault(name, []).append(i)
-    seeds = {i for i, layer in enumerate(layers) if _in_scope(layer)}
-
-    def reach(step) -> set[int]:
-        seen, todo = set(), list(seeds)
-        while todo:
-            for nxt in step(todo.pop()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return seen
-
-    down = reach(
-        lambda i: [c for j in range(layers[i].num_outputs) for c in consumers.get(_name(layers[i].get_output(j)), [])]
-    )
-    up = reach(
-        lambda i: [producer[n] for j in range(layers[i].num_inputs) if (n := _name(layers[i].get_input(j))) in producer]
-    )
-    return sorted(seeds | (down & up))
-
-
-def pin_compressor_fp32(network):
-    """PostprocessNetwork callback: float32 compute and float32 outputs for the compressor's layers
-    (compressor_layers).
-
-    Only layers that compute on a floating-point tensor are pinned: shape layers, shape
-    arithmetic, index math and other integer-only layers run in INT32/INT64 whatever is asked
-    ("A shape layer can only run in INT32 precision"), and a float precision on them is at best a
-    warning."""
+def _strongly_typed_network(onnx_path: Path):
+    """(builder, network, parser) for the ONNX model, strongly typed on every TensorRT version.
+    11.x networks are strongly typed whatever is asked; the flag is passed while it exists."""
     import tensorrt as trt
+    from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    floats = (trt.float16, trt.bfloat16, trt.float32)
-    shape = getattr(trt.LayerType, "SHAPE", None)
-    count = 0
-    for i in compressor_layers(network):
-        layer = network.get_layer(i)
-        if shape is not None and layer.type == shape:
-            continue
-        tensors = [layer.get_input(j) for j in range(layer.num_inputs)] + [
-            layer.get_output(j) for j in range(layer.num_outputs)
-        ]
-        if not any(x is not None and x.dtype in floats for x in tensors):
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output_type(j) in floats:
-                layer.set_output_type(j, trt.float32)
-        count += 1
-    pin_compressor_fp32.count = count
-    return network
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None and tensorrt_major(trt.__version__) < 11:
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} has no strongly typed networks; apet-trt needs TensorRT >= 10.0 "
+            f"({INSTALL_HINT})"
+        )
+    builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=flag is not None)()
+    strongly_typed = flag is None or bool(network.get_flag(flag))
+    if not strongly_typed:
+        raise RuntimeError("TensorRT did not create a strongly typed network for the vision engine")
+    return (builder, network, parser), strongly_typed
+
+
+def _input_dtypes(onnx_path: Path) -> dict:
+    """Each graph input's numpy dtype (the graph alone, not its external weights)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph.input}
 
 
 def build_tensorrt(
@@ -126,43 +120,37 @@ def build_tensorrt(
     plan_path: Path,
     *,
     profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
-    fp16: bool = False,
-    atol: float = 1e-2,
-    rtol: float = 1e-2,
+    iterations: int = 2,
 ) -> TensorRTBuild:
-    """Build and save the plan, then compare TensorRT with ONNX Runtime on random inputs.
+    """Build and save the plan from the (already typed) ONNX graph, then run TensorRT and ONNX
+    Runtime on the same graph and random inputs and compare them (export/precision.py, Agreement:
+    TensorRT may use TF32 or float16 kernels, so a near-tie may go either way).
     `profile`: each input's (min, opt, max) shape, the model family's (export/models/)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineFromNetwork,
-        NetworkFromOnnxPath,
-        PostprocessNetwork,
-        Profile,
-        SaveEngine,
-        TrtRunner,
-    )
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, Profile, SaveEngine, TrtRunner
     from polygraphy.common import TensorMetadata
-    from polygraphy.comparator import Comparator, CompareFunc, DataLoader
+    from polygraphy.comparator import Comparator, DataLoader
 
     trt_profile = Profile()
     for name, (lo, opt, hi) in profile.items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
     cache = plan_path.with_name("timing.cache")
-    network = PostprocessNetwork(NetworkFromOnnxPath(str(onnx_path)), pin_compressor_fp32, name="pin_compressor_fp32")
-    config = CreateConfig(
-        fp16=fp16,
-        profiles=[trt_profile],
-        precision_constraints="obey" if fp16 else None,
-        load_timing_cache=str(cache) if cache.exists() else None,
-    )
+    network, strongly_typed = _strongly_typed_network(onnx_path)
+    config = CreateConfig(profiles=[trt_profile], load_timing_cache=str(cache) if cache.exists() else None)
     engine = SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(cache)), path=str(plan_path))
     runners = [TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
     # dynamic axes: give the data loader a concrete shape inside the profile (each input's opt shape)
     metadata = TensorMetadata()
-    for name, (_, opt, _) in profile.items():
-        metadata.add(name, dtype=np.float32, shape=opt)
-    loader = DataLoader(iterations=2, val_range=(-2.0, 2.0), input_metadata=metadata)
-    results = Comparator.run(runners, data_loader=loader)
-    passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
-    return TensorRTBuild(plan_path, cache, passed, getattr(pin_compressor_fp32, "count", 0))
+    for name, dtype in _input_dtypes(onnx_path).items():
+        metadata.add(name, dtype=dtype, shape=profile[name][1])
+    loader = DataLoader(iterations=iterations, val_range=(-2.0, 2.0), input_metadata=metadata)
+    trt_runs, ort_runs = Comparator.run(runners, data_loader=loader).values()
+    joined = lambda runs, name: np.concatenate([np.asarray(r[name]) for r in runs])  # noqa: E731
+    result = agreement(
+        joined(trt_runs, "embeddings"),
+        joined(trt_runs, "positions"),
+        joined(ort_runs, "embeddings"),
+        joined(ort_runs, "positions"),
+    )
+    record = plan_record(strongly_typed=strongly_typed, dtypes=part_dtypes(onnx_path))
+    return TensorRTBuild(plan_path, cache, result, record)

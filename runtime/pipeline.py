@@ -32,6 +32,7 @@ from .decoders import Decoder, SamplingConfig
 from .families import EngineBatch, RuntimeFamily, VisualRows, family_for
 from .images import ImageLike, as_image_list, to_pil
 from .manifest import Manifest, load_manifest
+from .plans import plan_mismatch, this_machine
 from .prompt import AssembledPrompt, PromptAssembler, engine_prompting
 
 log = logging.getLogger("apet.runtime")
@@ -175,7 +176,7 @@ def _choose_decoder(manifest: Manifest, requested: str, family: RuntimeFamily) -
     decoder = manifest.data.get("decoder") or {}
     if decoder.get("tensorrt_llm"):
         ok, why = tensorrt_llm_available()
-        if ok:
+        if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
             return "tensorrt_llm"
         log.warning(
             "decoder auto: the engine directory has a TensorRT-LLM engine but %s; using the Transformers decoder", why
@@ -210,6 +211,8 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
                 f"{manifest.root}: decoder='tensorrt_llm' but the engine directory has no TensorRT-LLM "
                 "engine (decoder.tensorrt_llm is null); build it with tensorrt_llm installed"
             )
+        if (mismatch := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is not None:
+            raise RuntimeError(mismatch)
         pad = llm.get("pad_token_id")
         return TensorRTLLMDecoder(
             manifest.path_of(trt_entry["engine_dir"]),

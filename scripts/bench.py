@@ -65,7 +65,7 @@ class BenchConfig:
     model: str | None = None  # preset or checkpoint path: build both into cache_dir
     keep: int = 64  # T for --model
     basis: int = 10  # k for --model
-    fp16: bool = False  # --model: TensorRT plan in fp16 (ApET stays fp32)
+    fp16: bool = False  # --model: tower and projector in fp16, the ONNX and so the plan (ApET stays fp32)
     cache_dir: str | None = None  # None: <out>/engines
     tokens: list[int] | None = None  # decoder T values; None: N, 192, 128, 64 (+ the engine's T)
     repeats: int | None = None  # None: 10 (2 with quick)
@@ -174,14 +174,13 @@ class BenchConfig:
 
 
 def _preset_patches(model: str) -> int | None:
-    try:
-        from apet_trt.export.presets import PRESETS
-    except ImportError:
+    """N of a preset's engine items (its family's), without building any weights."""
+    from apet_trt.export.models import family_class
+    from apet_trt.export.presets import PRESETS, preset_config
+
+    if model not in PRESETS:
         return None
-    preset = PRESETS.get(model)
-    if preset is None:
-        return None
-    return (preset.vision["image_size"] // preset.vision["patch_size"]) ** 2
+    return family_class(PRESETS[model].family)(preset_config(model)[0]).num_patches
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:
@@ -232,8 +231,8 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
         same_apet = manifest.apet is None
     else:
         same_apet = manifest.apet is not None and all(manifest.apet.get(k) == v for k, v in apet.items())
-    wants_plan_fp16 = fp16 and manifest.engine_path("tensorrt") is not None
-    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == wants_plan_fp16
+    # --fp16 is the graph's precision (vision.onnx and so the plan), not only the plan's
+    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == fp16
     from apet_trt.runtime.backends import tensorrt_available
 
     plan_if_possible = manifest.engine_path("tensorrt") is not None or not tensorrt_available()[0]
@@ -1097,7 +1096,7 @@ def register(sub) -> None:
     src.add_argument("--model", help="preset or checkpoint path: build (or reuse) both engine dirs in --cache-dir")
     src.add_argument("--keep", type=int, default=64, help="T for --model (default 64)")
     src.add_argument("--basis", type=int, default=10, help="k for --model (default 10)")
-    src.add_argument("--fp16", action="store_true", help="--model: TensorRT plan in fp16 where TensorRT is present")
+    src.add_argument("--fp16", action="store_true", help="--model: tower and projector in fp16 (ONNX and plan)")
     src.add_argument("--cache-dir", default=None, help="where --model builds engine dirs (default OUT/engines)")
     m = p.add_argument_group("measurement")
     m.add_argument(

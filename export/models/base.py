@@ -110,7 +110,10 @@ class ExportFamily(ABC):
 
     @abstractmethod
     def vision_module(self, model: torch.nn.Module, apet: ApetConfig | None) -> torch.nn.Module:
-        """The vision engine as a module: forward(**named inputs) -> tuple of the outputs in io order."""
+        """The vision engine as a module: forward(**named inputs) -> tuple of the outputs in io order.
+        Its submodules are named `vision_tower`, `compressor` (apet_ops.ApetCompressor) and
+        `projector`: the exported graph's node scopes, by which the build reads each part's dtype
+        and checks that the compressor computes in float32 (export/precision.py)."""
 
     @abstractmethod
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

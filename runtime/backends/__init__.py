@@ -87,7 +87,7 @@ def _compatible(dims: Sequence, promised: Sequence) -> bool:
 
 def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
     """-> (backend name, the reason it was chosen). `auto` takes the TensorRT plan when TensorRT and
-    a GPU are present, else ONNX Runtime."""
+    a GPU are present and the plan was built for them (runtime/plans.py), else ONNX Runtime."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
@@ -95,8 +95,12 @@ def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
     if manifest.engine_path("tensorrt") is None:
         return "onnxruntime", "auto: the engine directory has no TensorRT plan"
     ok, why = tensorrt_available()
-    if ok:
-        return "tensorrt", "auto: TensorRT plan, tensorrt and a GPU present"
+    if ok:  # a plan built by another TensorRT major.minor or GPU architecture cannot run here
+        from ..plans import plan_mismatch, this_machine
+
+        why = plan_mismatch(manifest, "tensorrt", this_machine())
+        if why is None:
+            return "tensorrt", "auto: TensorRT plan, tensorrt and a GPU present"
     return "onnxruntime", f"auto: fell back from TensorRT because {why}"
 
 

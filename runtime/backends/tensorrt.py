@@ -6,6 +6,11 @@ API (TensorRT Python docs, "Runtime", "ICudaEngine", "IExecutionContext"):
   engine.get_tensor_dtype(name), engine.create_execution_context()
   context.set_input_shape(name, shape), context.get_tensor_shape(name),
   context.set_tensor_address(name, ptr), context.execute_async_v3(stream_handle) -> bool
+  data types: trt.float32, float16, bfloat16, int8, int32, int64, bool, uint8
+(NVIDIA/TensorRT python/src/infer/pyFoundationalTypes.cpp and pyCore.cpp, present at v10.16 and
+v11.1; tests/export/test_tensorrt_api.py checks the names where tensorrt imports). A plan built by
+another TensorRT major.minor or for another GPU architecture is refused before deserialising
+(runtime/plans.py).
 """
 
 from __future__ import annotations
@@ -16,20 +21,23 @@ import numpy as np
 import torch
 
 from ..manifest import Manifest
+from ..plans import plan_mismatch, this_machine
 from . import TENSORRT_INSTALL, VisionBackend, tensorrt_available
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+}
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int8: torch.int8,
-        trt.bool: torch.bool,
-    }
-    for name, tdt in (("int64", torch.int64), ("bf16", torch.bfloat16)):
-        if hasattr(trt, name):
-            table[getattr(trt, name)] = tdt
+    table = {getattr(trt, name): tdt for name, tdt in TORCH_DTYPES.items()}
     if dtype not in table:
         raise RuntimeError(f"TensorRT tensor dtype {dtype} has no torch equivalent here")
     return table[dtype]
@@ -52,6 +60,9 @@ class TensorRTBackend(VisionBackend):
                 f"{manifest.root}: no TensorRT plan in this engine directory (it was built "
                 "without TensorRT); rebuild on a machine with TensorRT or use backend='onnxruntime'"
             )
+        mismatch = plan_mismatch(manifest, "tensorrt", this_machine())
+        if mismatch is not None:
+            raise RuntimeError(mismatch)
         import tensorrt as trt
 
         self.trt = trt

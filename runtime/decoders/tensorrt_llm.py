@@ -48,7 +48,11 @@ def _import_tensorrt_llm(require_cuda: bool = True):
 
 def _sampling_kwargs(s: SamplingConfig) -> dict:
     """SamplingConfig -> ModelRunnerCpp.generate keyword arguments (they override its
-    trtllm.SamplingConfig fields; "random_seed" is renamed to "seed" there)."""
+    trtllm.SamplingConfig fields). The seed goes in as `random_seed`: generate keeps only the
+    sampling keywords it lists (num_beams, top_k, top_p, temperature, ..., "random_seed", ...) and
+    renames random_seed to the executor SamplingConfig's `seed`; a `seed` keyword would be dropped
+    without a word (tensorrt_llm/runtime/model_runner_cpp.py, ModelRunnerCpp.generate, TensorRT-LLM
+    1.0; tests/export/test_tensorrt_api.py checks it wherever tensorrt_llm imports)."""
     if not s.do_sample:
         return {"top_k": 1, "temperature": 1.0}
     kw = {"temperature": s.temperature, "top_k": s.top_k or 0, "top_p": s.top_p}

@@ -15,6 +15,7 @@ from apet_trt.apet_ops.trt_ops import (
     TOPK_MAX_K,
     TRT_ONNX_OPS,
     TRT_ONNX_UNSUPPORTED,
+    TRT_RELEASES,
     TRT_SOURCE,
     assert_trt_compatible,
     check_restrictions,
@@ -55,6 +56,28 @@ def test_source_is_pinned():
     assert TRT_SOURCE["tensorrt_version"].startswith("10.")
     assert TRT_SOURCE["commit"] in TRT_SOURCE["url"]
     assert TRT_SOURCE["opset_min"] <= OPSET <= TRT_SOURCE["opset_max"]
+
+
+def test_tensorrt_11_matrix_is_pinned_and_checked_too():
+    """The TensorRT 11 line (strongly typed only) is checked beside 10.16: its matrix is the one of
+    NVIDIA/TensorRT v11.1's parsers/onnx submodule, opset 9 to 24."""
+    assert [r.version for r in TRT_RELEASES] == ["10.16", "11.1"]
+    new = TRT_RELEASES[1].source
+    assert new["repo"] == "onnx/onnx-tensorrt" and new["path"] == "docs/operators.md"
+    assert new["commit"] == "7c51a63a719180eb5160c874c111746f3fb46a6b" and new["commit"] in new["url"]
+    assert (new["opset_min"], new["opset_max"]) == (9, 24)
+    old, eleven = TRT_RELEASES
+    assert eleven.supported - old.supported == {"Swish"}  # the one difference between the two matrices
+    assert old.supported <= eleven.supported and old.unsupported == eleven.unsupported
+    assert TRT_ONNX_OPS == old.supported & eleven.supported
+
+
+def test_an_op_one_release_lacks_is_reported():
+    """Swish imports on TensorRT 11.1, not on 10.16: a graph with it does not pass both."""
+    model = _model([helper.make_node("Swish", ["x"], ["y"])], [_x()], [_y()], opset=24)
+    assert unsupported_ops(model) == ["Swish"]
+    with pytest.raises(ValueError, match=r"TensorRT 10\.16, 11\.1 does not support: Swish"):
+        assert_trt_compatible(model)
 
 
 def test_allowlist_shape():
@@ -462,10 +485,15 @@ def test_scatter_reduction(op):
     assert unsupported_ops(model) == []  # the op itself is on the list; the reduction is the problem
 
 
-def test_opset_outside_parser_range():
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()], opset=8)
+@pytest.mark.parametrize("opset", [8, 25])
+def test_opset_outside_parser_range(opset):
+    """Outside the range of every release (both read opset 9 to 24): one problem per release."""
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()], opset=opset)
     problems = check_restrictions(model)
-    assert len(problems) == 1 and "opset 8" in problems[0]
+    assert [re.search(r"TensorRT (\S+) parses", p).group(1) for p in problems] == ["10.16", "11.1"]
+    assert all(f"opset {opset} " in p for p in problems)
+    for edge in (9, 24):
+        assert check_restrictions(_model([helper.make_node("Relu", ["x"], ["y"])], [_x()], [_y()], opset=edge)) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,15 @@ What each group shows:
   oracle        positions equal apet_ops.compress_reference on the HF tower's own features
                 (hidden_states[-2][:, 1:]); embeddings = projector(reference tokens)
   graph         onnx.checker, strict shape inference, TensorRT op allowlist, and the /compressor/
-                name scope that TensorRT's fp32 pinning relies on holds exactly the compressor
+                name scope by which export/precision.py reads the compressor's dtypes holds
+                exactly the compressor
   manifest      every field docs/ENGINE_DIR.md lists (parsed from the doc), checksums of every file,
                 accepted by runtime.manifest.load_manifest; a flipped byte fails `apet inspect`
   errors        bad options: a clear message naming the value, one CLI line, nothing left behind;
                 a build failing mid-way leaves an existing engine directory untouched
   TensorRT      real builds where tensorrt / tensorrt_llm import; without them the notes, the null
-                manifest entries, the TensorRT-LLM sizing and command (tensorrt_llm emulated), and
-                the fp32 pinning over a network shaped like the real parse
+                manifest entries, the TensorRT-LLM sizing and command (tensorrt_llm emulated)
+(--fp16, strongly typed plans and their records: tests/export/test_fp16.py)
 """
 
 from __future__ import annotations
@@ -303,9 +304,9 @@ def test_graph_is_valid_and_tensorrt_parsable(which, t64, full):
 
 
 def test_compressor_name_scope_holds_exactly_the_compressor(t64, tmp_path):
-    """TensorRT pins layers to fp32 by the ONNX node-name scope /compressor/ (export/tensorrt_build.py):
-    every compute node between the tower's selected features and the projector must carry it, and
-    nothing else may."""
+    """export/precision.py reads the compressor's dtypes by the ONNX node-name scope /compressor/
+    (and the build refuses a compressor that is not float32 by it): every compute node between the
+    tower's selected features and the projector must carry it, and nothing else may."""
     model = onnx.load(str(t64[0] / "vision.onnx"))
     nodes = list(model.graph.node)
     scoped = [n for n in nodes if "/compressor/" in n.name]
@@ -653,15 +654,15 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(t64, tmp_path, rng):
         input_name="pixel_values",
         image_size=336,
         max_batch=4,
-        fp16=True,
     )
     assert result.plan.is_file() and result.timing_cache.is_file()
-    assert result.compare_passed and result.fp32_layers > 0
+    assert result.agreement.passed(reduced_precision=True), result.agreement
+    assert result.record["strongly_typed"] is True and result.record["dtypes"]["compressor"] == "fp32"
     pixels = torch.randn(3, 3, 336, 336, generator=rng)
     with TrtRunner(EngineFromBytes(BytesFromPath(str(result.plan)))) as runner:
         got = runner.infer({"pixel_values": pixels.numpy()})
     emb, pos = ort_run(t64[0], pixels)
-    assert np.array_equal(np.asarray(got["positions"]), pos.numpy())  # compressor pinned to fp32
+    assert np.array_equal(np.asarray(got["positions"]), pos.numpy())
 
 
 def test_tensorrt_llm_engine_builds(t64, tmp_path):
@@ -686,6 +687,7 @@ def test_without_tensorrt_the_build_says_so_and_records_null(t64):
         assert "TensorRT is not importable: wrote the ONNX engine only" in t64[1]
         assert manifest_of(t64[0])["engines"]["tensorrt"] is None
         assert manifest_of(t64[0])["versions"]["tensorrt"] is None
+        assert manifest_of(t64[0])["plans"] == {}
     if trtllm_build.tensorrt_llm_version() is None:
         assert "tensorrt_llm is not importable" in t64[1]
         assert manifest_of(t64[0])["decoder"]["tensorrt_llm"] is None
@@ -749,163 +751,6 @@ def test_trtllm_build_wiring_with_tensorrt_llm_emulated(tmp_path, monkeypatch):
     assert data["versions"]["tensorrt_llm"] == "0.0.emulated"
     assert "llm/rank0.engine" in data["files"] and not any(f.startswith("trtllm_checkpoint") for f in data["files"])
     load_manifest(out, verify=True)
-
-
-class FakeTrt(types.ModuleType):
-    """The few names of the tensorrt module pin_compressor_fp32 uses."""
-
-    float32, float16, bfloat16, int32, int64, bool = "float32", "float16", "bfloat16", "int32", "int64", "bool"
-    LayerType = types.SimpleNamespace(
-        SHAPE="SHAPE",
-        MATRIX_MULTIPLY="MATRIX_MULTIPLY",
-        SHUFFLE="SHUFFLE",
-        ELEMENTWISE="ELEMENTWISE",
-        CONSTANT="CONSTANT",
-        OTHER="OTHER",
-    )
-
-    def __init__(self):
-        super().__init__("tensorrt")
-
-
-class FakeTensor:
-    def __init__(self, name, dtype):
-        self.name, self.dtype = name, dtype
-
-
-class FakeLayer:
-    def __init__(self, name, inputs, outputs, type="OTHER"):
-        self.name, self._inputs, self._outputs, self.type = name, inputs, outputs, type
-        self.precision = None
-        self.output_types = {}
-
-    num_inputs = property(lambda self: len(self._inputs))
-    num_outputs = property(lambda self: len(self._outputs))
-
-    def get_input(self, i):
-        return self._inputs[i]
-
-    def get_output(self, i):
-        return self._outputs[i]
-
-    def get_output_type(self, i):
-        return self._outputs[i].dtype
-
-    def set_output_type(self, i, dtype):
-        self.output_types[i] = dtype
-
-
-class FakeNetwork:
-    def __init__(self, layers):
-        self.layers = layers
-
-    num_layers = property(lambda self: len(self.layers))
-
-    def get_layer(self, i):
-        return self.layers[i]
-
-
-def network_like_the_parse(onnx_path: Path) -> FakeNetwork:
-    """One layer per ONNX node (the parser names a node's layer and output tensors after the node),
-    with the tensor dtypes of the real graph; then a few auto-named helper layers spliced into
-    the compressor, as the parser adds for broadcasts, and into the tower."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
-    to_trt = {
-        onnx.TensorProto.FLOAT: "float32",
-        onnx.TensorProto.INT64: "int64",
-        onnx.TensorProto.BOOL: "bool",
-        onnx.TensorProto.INT32: "int32",
-    }
-    types_ = {
-        v.name: to_trt.get(v.type.tensor_type.elem_type, "int32")
-        for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-    }
-    types_.update({i.name: to_trt.get(i.data_type, "int32") for i in model.graph.initializer})
-    tensors = {}
-
-    def tensor(name):
-        return tensors.setdefault(name, FakeTensor(name, types_.get(name, "int32")))
-
-    layers = []
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            types_[n.output[0]] = to_trt.get(n.attribute[0].t.data_type, "int32")
-        kind = {"Shape": "SHAPE", "MatMul": "MATRIX_MULTIPLY", "Constant": "CONSTANT"}.get(n.op_type, "OTHER")
-        layers.append(FakeLayer(n.name, [tensor(i) for i in n.input if i], [tensor(o) for o in n.output], kind))
-    # helper layers, spliced in front of a layer's first input: a float one and an integer one
-    # between two compressor layers, and a float one in the tower
-    scoped_outputs = {t.name for layer in layers if "/compressor/" in layer.name for t in layer._outputs}
-
-    def first(pred):
-        return next(layer for layer in layers if layer._inputs and pred(layer))
-
-    consumers = [
-        first(
-            lambda layer: (
-                "/compressor/" in layer.name
-                and layer._inputs[0].name in scoped_outputs
-                and layer._inputs[0].dtype == "float32"
-            )
-        ),
-        first(
-            lambda layer: (
-                "/compressor/" in layer.name
-                and layer._inputs[0].name in scoped_outputs
-                and layer._inputs[0].dtype == "int64"
-            )
-        ),
-        first(
-            lambda layer: (
-                layer.name.startswith("/vision_tower/")
-                and "/encoder/" in layer.name  # 4.x: /vision_model/encoder/
-                and layer._inputs[0].dtype == "float32"
-            )
-        ),
-    ]
-    for k, consumer in enumerate(consumers):
-        name = f"(Unnamed Layer* {900 + k}) [Shuffle]"
-        src = consumer._inputs[0]
-        helper = FakeLayer(name, [src], [FakeTensor(name + "_output", src.dtype)], "SHUFFLE")
-        consumer._inputs[0] = helper._outputs[0]
-        layers.insert(layers.index(consumer), helper)
-    return FakeNetwork(layers)
-
-
-def test_pin_compressor_fp32_pins_the_compressor_scope_only(t64, monkeypatch):
-    fake = FakeTrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    network = network_like_the_parse(t64[0] / "vision.onnx")
-    tensorrt_build.pin_compressor_fp32(network)
-    floats = {"float32", "float16", "bfloat16"}
-    pinned = {layer.name for layer in network.layers if layer.precision is not None}
-    assert pinned and all(
-        network.get_layer(i).precision == "float32"
-        for i in range(network.num_layers)
-        if network.get_layer(i).name in pinned
-    )
-    assert pinned <= {
-        layer.name
-        for layer in network.layers
-        if "/compressor/" in layer.name or layer.name.startswith("(Unnamed Layer* 90")
-    }
-    assert tensorrt_build.pin_compressor_fp32.count == len(pinned)
-    for layer in network.layers:
-        computes_on_floats = layer.type != "SHAPE" and any(t.dtype in floats for t in layer._inputs + layer._outputs)
-        in_scope = "/compressor/" in layer.name
-        if in_scope and computes_on_floats:
-            assert layer.name in pinned, layer.name
-            assert layer.output_types == {j: "float32" for j, t in enumerate(layer._outputs) if t.dtype in floats}
-        elif in_scope:  # shape layers and integer-only index arithmetic are left alone
-            assert layer.name not in pinned and layer.output_types == {}, layer.name
-    assert any(layer.type == "SHAPE" and "/compressor/" in layer.name for layer in network.layers)
-    # the auto-named helpers: pinned inside the compressor when they carry floats, never in the tower
-    assert "(Unnamed Layer* 900) [Shuffle]" in pinned
-    assert "(Unnamed Layer* 901) [Shuffle]" not in pinned
-    assert "(Unnamed Layer* 902) [Shuffle]" not in pinned
-    assert not any(name.startswith(("/vision_tower/", "/projector/")) for name in pinned)
-    # the compressor's arithmetic is there: the ridge MatMuls, the comparisons and the divisions
-    ops = collections.Counter(name.rsplit("/", 1)[-1].split("_")[0] for name in pinned)
-    assert ops["MatMul"] >= 10 and ops["Div"] >= 10
 
 
 # --- 10. the summary ----------------------------------------------------------------------------

@@ -45,11 +45,10 @@ def make_tokenizer():
 
 
 def clip_processor_class():
-    """The PIL-backed CLIP image processor: CLIPImageProcessorPil in Transformers 5, CLIPImageProcessor
-    (PIL/numpy) in 4.x."""
-    import transformers
+    """The PIL-backed CLIP image processor (apet_ops.compat: the Transformers-version shims)."""
+    from apet_trt.apet_ops.compat import pil_image_processor_class
 
-    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return pil_image_processor_class("CLIPImageProcessor")
 
 
 def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
