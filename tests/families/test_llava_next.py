@@ -19,8 +19,10 @@ What each group shows:
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import re
 import shutil
 import sys
 import types
@@ -266,6 +268,16 @@ def test_manifest_names_the_layout_and_a_hashed_newline_file(engines, hf_model, 
     assert d["decoder"]["transformers"]["checkpoint"] == str(checkpoint.resolve())
 
 
+def test_the_documented_llava_next_object_is_what_the_build_writes(engines):
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ENGINE_DIR.md").read_text()
+    block = re.search(r'```jsonc\n\s*"llava_next": (\{.*?\n  \})\n```', text, re.S).group(1)
+    documented = json.loads(re.sub(r"//[^\n]*", "", block))
+    written = load_manifest(engines["apet"]).data["llava_next"]
+    assert set(documented) == set(written)
+    assert documented["image_grid_pinpoints"] == written["image_grid_pinpoints"]
+    assert documented["max_rows_per_image"] == 5 * T + 48 == written["max_rows_per_image"]
+
+
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     data = json.loads((dst / "manifest.json").read_text())
@@ -494,6 +506,61 @@ def test_auto_decoder_takes_the_llm_api_for_llava_next_where_tensorrt_llm_import
     assert pipeline._choose_decoder(pipe.manifest, "auto", pipe.family) == "tensorrt_llm_api"
     monkeypatch.setattr(pipeline, "tensorrt_llm_available", lambda: (False, "not installed"))
     assert pipeline._choose_decoder(pipe.manifest, "auto", pipe.family) == "transformers"
+
+
+def test_tensorrt_llm_llm_api_names_exist_where_it_imports():
+    pytest.importorskip(
+        "tensorrt_llm",
+        reason="TensorRT-LLM is not installable on this CPU-only machine (needs an NVIDIA GPU); "
+        "this check runs wherever it imports",
+    )
+    import tensorrt_llm.llmapi.llm as llm_module
+    from tensorrt_llm import LLM, SamplingParams
+    from tensorrt_llm._torch.models.modeling_llava_next import LlavaNextInputProcessor
+
+    assert {"inputs", "sampling_params", "streaming"} <= set(inspect.signature(LLM.generate_async).parameters)
+    params = set(inspect.signature(SamplingParams).parameters)
+    assert {"max_tokens", "temperature", "top_k", "top_p", "seed", "end_id", "pad_id"} <= params
+    assert "multi_modal_embeddings" in inspect.getsource(llm_module)
+    attach = inspect.getsource(LlavaNextInputProcessor.attach_multimodal_embeddings)
+    assert "'image'" in attach or '"image"' in attach
+
+
+def test_tensorrt_llm_api_decoder_runs_where_it_imports(pipes, checkpoint, tmp_path, rng):
+    """The real LLM API on the tiny checkpoint (in float16, what its kernels take): greedy ids of the
+    same length, and the first token the Transformers decoder's on the same float16 model."""
+    pytest.importorskip(
+        "tensorrt_llm",
+        reason="TensorRT-LLM is not installable on this CPU-only machine (needs an NVIDIA GPU); "
+        "this test runs wherever it imports",
+    )
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT-LLM's LLM API needs a CUDA GPU and torch sees none")
+    from transformers import LlavaNextForConditionalGeneration
+
+    half = tmp_path / "fp16"
+    LlavaNextForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float16).save_pretrained(half)
+    for name in checkpoint.iterdir():
+        if not (half / name.name).exists():
+            shutil.copy(name, half / name.name)
+    pipe = pipes["apet"]
+    m = pipe.manifest
+    decoder = TensorRTLLMAPIDecoder(
+        half, image_token=m.image_token, max_length=4096, dtype=torch.float16,
+        eos_token_id=m.llm["eos_token_id"], pad_token_id=m.llm["pad_token_id"],
+    )  # fmt: skip
+    reference = TransformersDecoder(
+        LlavaNextForConditionalGeneration.from_pretrained(str(half), dtype=torch.float16).cuda(),
+        image_token_id=m.llm["image_token_id"], pad_token_id=m.llm["pad_token_id"],
+        eos_token_id=m.llm["eos_token_id"], max_length=4096,
+    )  # fmt: skip
+    rows = pipe.encode(list(_images(rng, {k: SIZES[k] for k in ("wide", "tall")}).values()))
+    prompts = [pipe.assemble(PROMPT, [r], i) for i, r in enumerate(rows)]
+    visual = [[r.embeddings] for r in rows]
+    got = decoder.generate(prompts, visual, SamplingConfig(max_new_tokens=4))
+    want = reference.generate(prompts, visual, SamplingConfig(max_new_tokens=4))
+    assert [ids[:1] for ids in got.ids] == [ids[:1] for ids in want.ids]
+    assert got.first_token_ms > 0
 
 
 # --- the CLI ----------------------------------------------------------------------------------
