@@ -178,14 +178,12 @@ def _choose_decoder(manifest: Manifest, requested: str, family: RuntimeFamily) -
         ok, why = tensorrt_llm_available()
         if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
             return "tensorrt_llm"
-        log.warning(
-            "decoder auto: the engine directory has a TensorRT-LLM engine but %s; using the Transformers decoder", why
-        )
-    elif family.tensorrt_llm_api and (decoder.get("transformers") or {}).get("weights") == "saved":
+        log.warning("decoder auto: the engine directory has a TensorRT-LLM engine but %s; not using it", why)
+    if family.tensorrt_llm_api and (decoder.get("transformers") or {}).get("weights") == "saved":
         ok, why = tensorrt_llm_available()
         if ok:
             return "tensorrt_llm_api"
-        log.info("decoder auto: TensorRT-LLM's LLM API not used (%s); using the Transformers decoder", why)
+        log.info("decoder auto: TensorRT-LLM's LLM API not used (%s)", why)
     return "transformers"
 
 
