@@ -1,8 +1,11 @@
 """ApET: approximation-error guided visual-token compression (arXiv 2602.19870).
 
-Two implementations of one contract (docs/DESIGN.md, "The algorithm"):
+Two implementations of one contract (docs/DESIGN.md, "The algorithm"), with the variants the
+model families need (ApetConfig: seed placement and blend, ratio budget, video layout, per-image
+FPS start):
   compress_reference  the oracle: eager, literal, float64, torch.linalg.solve
-  ApetCompressor      the graph form: float32, static shapes, exports to ONNX TensorRT can parse
+  ApetCompressor      the graph form: float32, O(N*D + N*T) memory, exports to ONNX TensorRT can
+                      parse, with a static or symbolic token count
 """
 
 from .config import ApetConfig

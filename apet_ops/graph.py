@@ -1,14 +1,20 @@
-"""ApetCompressor: the same contract as the oracle, written so it exports to a static ONNX graph.
+"""ApetCompressor: the same contract as the oracle, written so it exports to an ONNX graph.
 
 Rules this file keeps (docs/DESIGN.md): float32 inside whatever the input dtype; no linalg.solve (an
 unrolled Gram-Schmidt instead, k is small and static); no data-dependent shapes; no Python loop
 over the batch (the loops below run over the k seeds and are unrolled when traced); only ops
-TensorRT's ONNX parser takes (MatMul, GatherElements, TopK, Reduce*, Where, elementwise);
-scatter-adds written as one-hot matmuls.
+TensorRT's ONNX parser takes (MatMul, GatherElements, TopK, CumSum, Reduce*, Where, elementwise);
+scatter-adds written as one-hot matmuls. Memory is O(N*D + N*T): no [N, N] intermediate.
 
-Ties are broken exactly as in the oracle (reference.py): lowest index for FPS and merge argmaxes,
-lower index first among equal errors. Argmax is written as "smallest index among the maxima"
-rather than ArgMax/TopK, whose tie order TensorRT does not document.
+The token count N may be symbolic: nothing below turns N into a Python int (under the tracer,
+`x.shape[1]` is a traced scalar and so are T = floor(R * N), aranges and `N - position`), so one
+exported graph serves every N; see onnx_export.export_compressor_onnx(dynamic_tokens=True).
+
+Ties are broken exactly as in the oracle (reference.py): lowest index for FPS argmaxes, lower
+index first among equal errors, the first candidate in output order for the merge argmax. Argmax
+is written as "smallest index among the maxima", and TopK is only ever asked for values or for
+the indices of distinct values, so TopK's tie order (which TensorRT does not document) never
+matters.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from torch import nn
 from .config import ApetConfig
 from .reference import DEGENERATE, NORM_EPS, ZERO_ERROR, check_features
 
+_NO_INDEX = float(2**30)  # larger than any index; indices are handled as exact float32 (< 2**24)
+
 
 def _first_argmax(values: torch.Tensor) -> torch.Tensor:
     """[..., M] -> [...] int64: index of the maximum, the lowest index among equal maxima."""
-    m = values.shape[-1]
-    index = torch.arange(m, device=values.device).expand_as(values)
+    index = torch.arange(values.shape[-1], device=values.device).to(torch.float32)  # broadcast, not expanded
     is_max = values == values.max(dim=-1, keepdim=True).values
-    return torch.where(is_max, index, torch.full_like(index, m)).min(dim=-1).values
+    no_index = torch.tensor(_NO_INDEX, device=values.device)
+    return torch.where(is_max, index, no_index).min(dim=-1).values.to(torch.int64)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -38,11 +46,11 @@ def _sq_dist_to(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return ((x - s.unsqueeze(1)) ** 2).sum(dim=-1)
 
 
-def farthest_point_sampling(x: torch.Tensor, k: int, start: int) -> torch.Tensor:
-    """Step 1, batched and unrolled: [B, N, D] -> seed indices [B, k] (FPS order)."""
-    idx = torch.zeros_like(x[:, 0, 0], dtype=torch.int64) + start  # [B], batch stays dynamic
+def farthest_point_sampling(x: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tensor:
+    """Step 1, batched and unrolled: x [B, N, D], start [B] int64 -> seed indices [B, k] (FPS order)."""
+    idx = start
     seeds = [idx]
-    min_dist = _sq_dist_to(x, x[:, start])
+    min_dist = _sq_dist_to(x, _gather_rows(x, idx.unsqueeze(1))[:, 0])
     for _ in range(1, k):
         idx = _first_argmax(min_dist)
         seeds.append(idx)
@@ -89,8 +97,59 @@ def squared_errors(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return torch.where(err <= floor, torch.zeros_like(err), err)
 
 
+def first_in_ranking(err: torch.Tensor, count) -> torch.Tensor:
+    """Step 3 in O(N): err [B, N], count (int, or a traced scalar) -> bool [B, N], the `count`
+    tokens that come first when ranked by error, largest first, equal errors lower index first.
+
+    TopK yields the value v at rank count-1 (values only: TopK's own tie order never matters).
+    Every token with error > v is in; the places left go to the tokens with error == v in index
+    order (a running count, CumSum)."""
+    v = err.topk(count, dim=-1).values[:, -1:]
+    above = err > v
+    tied = err == v
+    room = count - above.to(torch.float32).sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.to(torch.float32).cumsum(dim=-1) <= room))
+
+
+def ascending_members(mask: torch.Tensor, count) -> torch.Tensor:
+    """mask [B, M] with exactly `count` members per row -> their indices [B, count], ascending.
+    TopK on M - index over the members: distinct values, so TopK's tie order never matters."""
+    m = mask.shape[-1]
+    reverse = (m - torch.arange(m, device=mask.device)).to(torch.float32)
+    return torch.where(mask, reverse, torch.zeros_like(reverse)).topk(count, dim=-1).indices
+
+
+def rank_within(err: torch.Tensor) -> torch.Tensor:
+    """err [B, M] of M tokens in ascending index order -> [B, M] float: each one's rank among them
+    (largest error first, equal errors lower index first). [B, M, M]: call it on the k slots or the
+    T kept tokens only, never on all N."""
+    m = err.shape[-1]
+    index = torch.arange(m, device=err.device)
+    other, this = err.unsqueeze(1), err.unsqueeze(2)  # [B, this, other]
+    ahead = (other > this) | ((other == this) & (index < index.unsqueeze(1)))
+    return ahead.to(torch.float32).sum(dim=-1)
+
+
+def merge_into(x: torch.Tensor, dropped: torch.Tensor, cols: torch.Tensor, candidate: torch.Tensor, tokens):
+    """Step 5: every dropped token of x [B, N, D] (dropped [B, N]) is averaged into the candidate
+    column (cols [B, T] are the columns' rows of x, candidate [B, T]) of highest cosine similarity,
+    the first column among equals: column t becomes (tokens_t + sum) / (1 + count). Scatter-add as
+    a one-hot MatMul; memory [B, N, T]."""
+    t = cols.shape[-1]
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    sim = unit @ _gather_rows(unit, cols).transpose(1, 2)  # [B, N, T]
+    sim = torch.where(candidate.unsqueeze(1), sim, torch.tensor(-3.0, device=x.device))  # never a target
+    target = _first_argmax(sim)  # [B, N]
+    onehot = (target.unsqueeze(-1) == torch.arange(t, device=x.device)) & dropped.unsqueeze(-1)
+    onehot = onehot.to(torch.float32)  # [B, N, T]
+    sums = onehot.transpose(1, 2) @ x  # [B, T, D]
+    counts = onehot.sum(dim=1).unsqueeze(-1)  # [B, T, 1]
+    return (tokens + sums) / (1.0 + counts)
+
+
 class ApetCompressor(nn.Module):
-    """features [B, N, D] -> (tokens [B, T, D] in the input dtype, positions [B, T] int64)."""
+    """features [B, N, D] (+ start [B] int64, optional) -> (tokens [B, T', D] in the input dtype,
+    positions [B, T'] int64); T' = config.output_rows(N). See compress_reference for the layouts."""
 
     def __init__(self, config: ApetConfig):
         super().__init__()
@@ -98,55 +157,88 @@ class ApetCompressor(nn.Module):
             raise TypeError(f"ApetCompressor needs an ApetConfig, got {type(config).__name__}")
         self.config = config
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        _, n, _ = check_features(features)
-        cfg.validate_for(n)
-        t, k = cfg.keep, cfg.basis
-        x = features.float()
-        positions_all = torch.arange(n, device=x.device)
-        if t == n:  # nothing dropped: the input unchanged, as the oracle does
-            return features, positions_all.expand_as(x[:, :, 0])
+        b, n, _ = check_features(features)
+        cfg.validate_for(n)  # under the tracer, n is the example's: checks the example only
+        x = features.float()  # first: nothing below reads the input in its own dtype (fp16 graphs stay fp32 here)
+        start = self._start(x, start)
+        if cfg.layout == "video":
+            tokens, positions = self._video(x, start)
+        else:
+            t = cfg.keep_for(n)
+            if isinstance(n, int) and t == n:  # eager and nothing dropped: the input unchanged
+                return features, torch.arange(n, device=x.device).expand(b, n)
+            tokens, positions = self._image(x, start, t)
+        return tokens.to(features.dtype), positions
 
+    def _start(self, features: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+        """-> [B] int64 first-seed indices (config.start for all when None)."""
+        if start is None:
+            return torch.zeros_like(features[:, 0, 0], dtype=torch.int64) + self.config.start  # batch stays dynamic
+        if not isinstance(start, torch.Tensor) or start.dim() != 1 or start.dtype not in (torch.int32, torch.int64):
+            what = f"{start.dtype} of shape {tuple(start.shape)}" if isinstance(start, torch.Tensor) else repr(start)
+            raise ValueError(f"start must be a [B] int64 tensor, got {what}")
+        if not torch.jit.is_tracing():  # values are runtime data in an exported graph
+            b, n = features.shape[:2]
+            rows = n - 1 if self.config.layout == "video" else n
+            if start.shape[0] != b:
+                raise ValueError(f"start has {start.shape[0]} entries for a batch of {b} images")
+            bad = start[(start < 0) | (start >= rows)]
+            if bad.numel():
+                raise ValueError(f"start index {int(bad[0])} is outside 0..{rows - 1} (the {rows} rows FPS runs over)")
+        return start.to(torch.int64)
+
+    def _image(self, x: torch.Tensor, start: torch.Tensor, t):
+        cfg, k = self.config, self.config.basis
         # 1-2. seeds by FPS, every token reconstructed from them, squared error per token
-        seeds = farthest_point_sampling(x, k, cfg.start)  # [B, k]
+        seeds = farthest_point_sampling(x, k, start)  # [B, k]
         s = _gather_rows(x, seeds)  # [B, k, D]
         err = squared_errors(x, ridge_projection(s, x, cfg.ridge))  # [B, N]
 
-        # 3. rank (0 = largest error); ties: lower index first. rank_i = #{j before i}
-        ahead = (err.unsqueeze(1) > err.unsqueeze(2)) | (
-            (err.unsqueeze(1) == err.unsqueeze(2)) & (positions_all < positions_all.unsqueeze(1))
-        )  # [B, i, j]: j ranks before i
-        rank = ahead.to(torch.float32).sum(dim=-1)  # [B, N]
-        kept = rank < t
-
-        # 6 (early). kept positions in ascending order: TopK on (N - position) over kept tokens;
-        # those values are distinct, so TopK's tie order never matters.
-        score = torch.where(kept, (n - positions_all).to(torch.float32), torch.zeros_like(rank))
-        positions = score.topk(t, dim=-1).indices  # [B, T] ascending
+        # 3. the T first by error are kept; of them, those after the first T-k are the seed slots
+        kept = first_in_ranking(err, t)  # [B, N]
+        slots = kept & ~first_in_ranking(err, t - k)
+        # 6 (early). kept positions in ascending order
+        positions = ascending_members(kept, t)  # [B, T]
         base = _gather_rows(x, positions)  # [B, T, D] original features
-        slot_rank = torch.gather(rank, 1, positions)  # [B, T]
+        is_slot = torch.gather(slots, 1, positions)  # [B, T]
 
-        # 4. the k lowest-error kept tokens (ranks T-k..T-1) receive the seeds, in position order
-        is_slot = slot_rank >= t - k  # [B, T]
-        tri = torch.tril(torch.ones(t, t, device=x.device), diagonal=-1)  # exclusive prefix count
-        slot_order = is_slot.to(torch.float32) @ tri.T  # [B, T]
-        assign = (slot_order.unsqueeze(-1) == torch.arange(k, device=x.device).to(torch.float32)) & is_slot.unsqueeze(
-            -1
-        )
-        tokens = torch.where(is_slot.unsqueeze(-1), assign.to(torch.float32) @ s, base)
+        # 4. seed j goes to the j-th slot by position, or by error rank (of the k slots only)
+        by_position = is_slot.to(torch.float32).cumsum(dim=-1) - is_slot.to(torch.float32)  # exclusive count
+        if cfg.seed_placement == "position":
+            seed_of = by_position
+        else:
+            slot_cols = ascending_members(is_slot, k)  # [B, k] the slots' columns, ascending
+            slot_rank = rank_within(torch.gather(err, 1, torch.gather(positions, 1, slot_cols)))  # [B, k]
+            seed_of = torch.gather(slot_rank, 1, by_position.clamp(max=k - 1).to(torch.int64))
+        assign = (seed_of.unsqueeze(-1) == torch.arange(k, device=x.device).to(torch.float32)) & is_slot.unsqueeze(-1)
+        placed = assign.to(torch.float32) @ s  # [B, T, D] the seed of each slot (exact: one-hot)
+        if cfg.seed_blend != 1.0:
+            placed = cfg.seed_blend * placed + (1.0 - cfg.seed_blend) * base
+        tokens = torch.where(is_slot.unsqueeze(-1), placed, base)
 
         # 5. merge: each dropped token goes to the most similar kept non-seed token
         if cfg.merge:
-            unit = x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-            unit_kept = _gather_rows(unit, positions)  # [B, T, D]
-            sim = unit @ unit_kept.transpose(1, 2)  # [B, N, T]
-            sim = torch.where(is_slot.unsqueeze(1), torch.full_like(sim, -3.0), sim)  # seeds: never
-            target = _first_argmax(sim)  # [B, N] slot index
-            onehot = (target.unsqueeze(-1) == torch.arange(t, device=x.device)) & ~kept.unsqueeze(-1)
-            onehot = onehot.to(torch.float32)  # [B, N, T]
-            sums = onehot.transpose(1, 2) @ x  # [B, T, D]
-            counts = onehot.sum(dim=1).unsqueeze(-1)  # [B, T, 1]
-            tokens = (tokens + sums) / (1.0 + counts)  # seed slots: counts == 0
+            tokens = merge_into(x, ~kept, positions, ~is_slot, tokens)
+        # T == N (only reachable in a traced graph, whose N is symbolic): the input unchanged
+        dropped_any = (~kept).to(torch.float32).sum(dim=-1) > 0
+        tokens = torch.where(dropped_any[:, None, None], tokens, base)
+        return tokens, positions
 
-        return tokens.to(features.dtype), positions
+    def _video(self, x: torch.Tensor, start: torch.Tensor):
+        cfg, t, k = self.config, self.config.keep, self.config.basis
+        cls, p = x[:, :1], x[:, 1:]  # CLS passes through; everything else works on the patch rows
+        seeds = farthest_point_sampling(p, k, start)
+        s = _gather_rows(p, seeds)
+        err = squared_errors(p, ridge_projection(s, p, cfg.ridge))
+        kept = first_in_ranking(err, t)
+        ascending = ascending_members(kept, t)  # [B, T]
+        rank = rank_within(torch.gather(err, 1, ascending))  # [B, T], distinct 0..T-1
+        by_error = torch.gather(ascending, 1, (t - rank).topk(t, dim=-1).indices)  # descending error
+        rows = _gather_rows(p, by_error)
+        if cfg.merge:  # seeds are dropped rows like any other; ties go to the larger error
+            rows = merge_into(p, ~kept, by_error, torch.ones_like(by_error, dtype=torch.bool), rows)
+        tokens = torch.cat([cls, rows, s], dim=1)
+        positions = torch.cat([torch.zeros_like(seeds[:, :1]), by_error + 1, seeds + 1], dim=1)
+        return tokens, positions

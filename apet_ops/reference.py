@@ -1,4 +1,4 @@
-"""The oracle: ApET steps 1-6 of docs/DESIGN.md, literally, one image at a time.
+"""The oracle: ApET steps 1-6 of docs/DESIGN.md, literally, one image (or video frame) at a time.
 
 Eager and plain on purpose: per-image Python, `torch.linalg.solve`, a sort with an explicit key.
 It computes in float64, a stricter yardstick than the float32 graph form it checks.
@@ -7,8 +7,9 @@ Ties (exactly equal values) are broken the same way everywhere, in both forms:
   * reconstruction: a relative error <= ZERO_ERROR is exactly 0 (below float32 resolution);
   * FPS: among equal largest distances, the lowest token index wins;
   * ranking: equal errors are ordered by token index, lower index first (kept first);
-  * merge: among equal largest cosine similarities, the kept token with the lowest position wins;
-    a zero vector has cosine 0 with everything.
+  * merge: among equal largest cosine similarities, the candidate that comes first in the output
+    wins (image layout: the lowest position; video layout: the larger error); a zero vector has
+    cosine 0 with everything.
 """
 
 from __future__ import annotations
@@ -85,64 +86,131 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ImageDecisions:
-    """Every discrete choice the oracle makes for one image (tests use it to find near-ties)."""
+    """Every discrete choice the oracle makes for one image (tests use it to find near-ties).
+
+    Indices count the rows FPS runs over: the image's tokens, or for the video layout the frame's
+    patch rows (patch row i is row i + 1 of the frame; CLS is not among them)."""
 
     seeds: list[int]  # FPS order
     errors: torch.Tensor  # [N] float64
     order: list[int]  # all N indices by error, largest first
     kept: list[int]  # ascending positions, length T
-    seed_slots: list[int]  # ascending positions that receive the seed features
-    merge_targets: dict[int, int]  # dropped index -> kept non-seed position it is merged into
+    seed_slots: list[int]  # ascending positions that receive the seed features (video: none)
+    merge_targets: dict[int, int]  # dropped index -> kept candidate it is merged into
+    seed_of_slot: dict[int, int]  # slot position -> j, the seed (FPS order) it receives
+    candidates: list[int]  # merge candidates in output order (a tie goes to the first)
 
 
-def decide(x: torch.Tensor, config: ApetConfig) -> ImageDecisions:
-    """Steps 1-5's decisions for one image x [N, D] (float64)."""
+def decide(x: torch.Tensor, config: ApetConfig, start: int | None = None) -> ImageDecisions:
+    """Steps 1-5's decisions for one image x [N, D] (float64); for the video layout x is one
+    frame [R, D] with CLS first. `start` overrides config.start for this image."""
+    if config.layout == "video":
+        x = x[1:]
     n = x.shape[0]
-    t, k = config.keep, config.basis
-    seeds = farthest_point_sampling(x, k, config.start)
+    t, k = config.keep_for(n if config.layout == "image" else n + 1), config.basis
+    seeds = farthest_point_sampling(x, k, config.start if start is None else start)
     errors = reconstruction_errors(x, seeds, config.ridge)
     order = rank_by_error(errors)
     kept_by_error = order[:t]
-    seed_slots = sorted(kept_by_error[t - k :])  # step 4: the k lowest-error kept positions
     kept = sorted(kept_by_error)
+    if config.layout == "video":  # seeds are appended, not placed; every kept row is a candidate
+        seed_slots, seed_of_slot, candidates = [], {}, kept_by_error
+    else:
+        by_rank = kept_by_error[t - k :]  # step 4: the k lowest-error kept positions
+        seed_slots = sorted(by_rank)
+        placed = seed_slots if config.seed_placement == "position" else by_rank
+        seed_of_slot = {p: j for j, p in enumerate(placed)}
+        candidates = [p for p in kept if p not in seed_of_slot]  # ascending positions
     targets: dict[int, int] = {}
     if config.merge:
-        kept_set, slot_set = set(kept), set(seed_slots)
-        candidates = [p for p in kept if p not in slot_set]  # ascending positions
+        kept_set = set(kept)
         dropped = [i for i in range(n) if i not in kept_set]
         if dropped:
             sim = cosine_similarity(x[dropped], x[candidates])
             for row, i in enumerate(dropped):
                 targets[i] = candidates[first_argmax(sim[row])]
-    return ImageDecisions(seeds, errors, order, kept, seed_slots, targets)
+    return ImageDecisions(seeds, errors, order, kept, seed_slots, targets, seed_of_slot, candidates)
 
 
-def compress_image(x: torch.Tensor, config: ApetConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _merged(x: torch.Tensor, dec: ImageDecisions, out: dict[int, torch.Tensor]) -> None:
+    """Step 5 in place: each candidate becomes (itself + its dropped tokens) / (1 + count)."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    for i, p in dec.merge_targets.items():
+        sums[p] = sums.get(p, torch.zeros_like(x[0])) + x[i]
+        counts[p] = counts.get(p, 0) + 1
+    for p in sums:
+        out[p] = (out[p] + sums[p]) / (1 + counts[p])
+
+
+def compress_image(x: torch.Tensor, config: ApetConfig, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-6 for one image x [N, D] (float64): tokens [T, D], positions [T]."""
-    dec = decide(x, config)
+    dec = decide(x, config, start)
     out = {p: x[p].clone() for p in dec.kept}
-    for j, p in enumerate(dec.seed_slots):  # step 4: seed j goes to the j-th smallest slot
-        out[p] = x[dec.seeds[j]].clone()
-    if config.merge:  # step 5
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = {}
-        for i, p in dec.merge_targets.items():
-            sums[p] = sums.get(p, torch.zeros_like(x[0])) + x[i]
-            counts[p] = counts.get(p, 0) + 1
-        for p in sums:
-            out[p] = (x[p] + sums[p]) / (1 + counts[p])
+    w = config.seed_blend
+    for p, j in dec.seed_of_slot.items():  # step 4
+        seed = x[dec.seeds[j]]
+        out[p] = seed.clone() if w == 1.0 else w * seed + (1 - w) * x[p]
+    if config.merge:  # step 5 (seed slots are never candidates)
+        _merged(x, dec, out)
     positions = torch.tensor(dec.kept, dtype=torch.int64)  # step 6: spatial order
     return torch.stack([out[p] for p in dec.kept]), positions
 
 
-def compress_reference(features: torch.Tensor, config: ApetConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle. features [B, N, D], any float dtype -> (tokens [B, T, D] in that dtype,
-    positions [B, T] int64 ascending). keep == N returns the input unchanged."""
+def compress_frame(
+    frame: torch.Tensor, config: ApetConfig, start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video layout for one frame [R, D] (float64, CLS first): rows [CLS, T kept rows by
+    descending error (merged), k seeds in FPS order] and each output row's index in the frame."""
+    dec = decide(frame, config, start)
+    x = frame[1:]
+    kept_by_error = dec.candidates
+    out = {p: x[p].clone() for p in kept_by_error}
+    if config.merge:
+        _merged(x, dec, out)
+    rows = [frame[0]] + [out[p] for p in kept_by_error] + [x[s] for s in dec.seeds]
+    positions = [0] + [p + 1 for p in kept_by_error] + [s + 1 for s in dec.seeds]
+    return torch.stack(rows), torch.tensor(positions, dtype=torch.int64)
+
+
+def per_image_starts(start, batch: int, rows: int, config: ApetConfig) -> list[int]:
+    """None (config.start for every image), an int, or one int per image ([B] tensor or sequence)
+    -> B validated start indices, each < the number of rows FPS runs over."""
+    if start is None:
+        starts = [config.start] * batch
+    elif isinstance(start, int) and not isinstance(start, bool):
+        starts = [start] * batch
+    else:
+        if isinstance(start, torch.Tensor):
+            if start.dim() != 1 or start.is_floating_point() or start.dtype == torch.bool:
+                raise ValueError(f"start must be a [B] integer tensor, got {start.dtype} of shape {tuple(start.shape)}")
+            start = start.tolist()
+        starts = list(start)
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in starts):
+            raise TypeError(f"start must hold integers, got {starts!r}")
+        if len(starts) != batch:
+            raise ValueError(f"start has {len(starts)} entries for a batch of {batch} images")
+    limit = rows - 1 if config.layout == "video" else rows
+    bad = [s for s in starts if not 0 <= s < limit]
+    if bad:
+        what = "patch rows" if config.layout == "video" else "tokens"
+        raise ValueError(f"start index {bad[0]} is outside 0..{limit - 1} (the {limit} {what} FPS runs over)")
+    return starts
+
+
+def compress_reference(features: torch.Tensor, config: ApetConfig, start=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle. features [B, N, D], any float dtype -> (tokens [B, T', D] in that dtype,
+    positions [B, T'] int64): image layout T' = T in ascending position; video layout (each of the
+    B items is a frame of N rows, CLS first) T' = 1 + keep + basis in the order
+    [CLS, kept by descending error, seeds]. `start`: None (config.start), an int, or one per image
+    ([B] int tensor or sequence). An image layout with T == N returns the input unchanged."""
     b, n, _ = check_features(features)
     config.validate_for(n)
-    if config.keep == n:
+    starts = per_image_starts(start, b, n, config)
+    if config.layout == "image" and config.keep_for(n) == n:
         positions = torch.arange(n, dtype=torch.int64).expand(b, n).clone()
         return features.clone(), positions
-    tokens, positions = zip(*(compress_image(features[i].detach().cpu().double(), config) for i in range(b)))
+    one = compress_frame if config.layout == "video" else compress_image
+    tokens, positions = zip(*(one(features[i].detach().cpu().double(), config, starts[i]) for i in range(b)))
     out = torch.stack(tokens).to(device=features.device, dtype=features.dtype)
     return out, torch.stack(positions).to(features.device)

@@ -10,6 +10,7 @@ every release's range (opset 9 to 24 for both).
 
   unsupported_ops(model)       op types outside the allowlist, over every graph the parser reads
   check_restrictions(model)    per-node restrictions that can be decided from the graph alone
+  runtime_limits(model)        conditions TensorRT only checks while running (a run-time TopK K <= 3840)
   assert_trt_compatible(model) both, raising ValueError with everything found
 
 A model is an onnx.ModelProto or a path to a .onnx file (read without its external weights).
@@ -37,6 +38,7 @@ __all__ = [
     "TOPK_MAX_K",
     "unsupported_ops",
     "check_restrictions",
+    "runtime_limits",
     "assert_trt_compatible",
 ]
 
@@ -225,6 +227,7 @@ class _Checker:
     external_dir: Path | None
     functions: dict[tuple[str, str], onnx.FunctionProto]
     problems: list[str] = field(default_factory=list)
+    runtime_limits: list[str] = field(default_factory=list)  # conditions only the run can check
 
     # -- values --
 
@@ -318,21 +321,12 @@ class _Checker:
             if index < len(node.input) and node.input[index]:
                 if scope.lookup(node.input[index]) is not _DYNAMIC:
                     continue
-                if op == "TopK":
-                    self.report(
-                        node,
-                        where,
-                        f"K {node.input[index]!r} is computed at run time, so K <= "
-                        f"{TOPK_MAX_K} cannot be checked and the output shape is data-dependent; "
-                        "make K an initializer or Constant",
-                    )
-                else:
-                    self.report(
-                        node,
-                        where,
-                        f"input {index} ({input_name}) {node.input[index]!r} must be a "
-                        "build-time constant (initializer or Constant) for TensorRT, but is computed at run time",
-                    )
+                self.report(
+                    node,
+                    where,
+                    f"input {index} ({input_name}) {node.input[index]!r} must be a "
+                    "build-time constant (initializer or Constant) for TensorRT, but is computed at run time",
+                )
         if op == "TopK":
             self.check_topk(node, scope, where)
         elif op in ("ScatterElements", "ScatterND"):
@@ -360,7 +354,12 @@ class _Checker:
         k = self.attr(node, "k", None, scope)  # opset < 10: K is an attribute
         if k is None and len(node.input) > 1 and node.input[1]:
             ref = scope.lookup(node.input[1])
-            if ref is not _DYNAMIC:  # the dynamic case is reported by the constant-input check
+            if ref is _DYNAMIC:  # TensorRT takes it (ITopKLayer::setInput(1)); K <= 3840 is a run-time condition
+                self.runtime_limits.append(
+                    f"{_node_label(node)} in {where}: K {node.input[1]!r} is computed at run time; "
+                    f"TensorRT fails at run time if it exceeds {TOPK_MAX_K}"
+                )
+            else:
                 try:
                     k = int(self.value(ref).reshape(-1)[0])
                 except (_NotReadable, IndexError, ValueError, TypeError) as exc:
@@ -413,19 +412,34 @@ def check_restrictions(model_or_path) -> list[str]:
     """Violations of TensorRT parser restrictions that the graph alone decides; [] if none.
 
     Checked (sources in trt_onnx_ops.json): the default-domain opset is within the range the parser
-    of every release in TRT_RELEASES reads; TopK has K <= TOPK_MAX_K (from an attribute, initializer
-    or Constant; a K computed at run time is reported), sorted=1, and reduces one of the last four
-    axes (where the rank is known); inputs TensorRT needs as build-time constants are initializers
-    or Constant outputs (Reduce* axes, CumSum axis, OneHot depth, STFT frame_step/window);
-    ScatterElements and ScatterND carry no reduction other than "none". Walks subgraphs, and local
-    functions at each call site (their inputs bound to the caller's arguments). Each entry names the
-    node and where it is.
+    of every release in TRT_RELEASES reads; TopK has K <= TOPK_MAX_K where K is a constant
+    (attribute, initializer or Constant; a K computed at run time is legal, see runtime_limits),
+    sorted=1, and reduces one of the last four axes (where the rank is known); inputs TensorRT needs
+    as build-time constants are initializers or Constant outputs (Reduce* axes, CumSum axis, OneHot
+    depth, STFT frame_step/window); ScatterElements and ScatterND carry no reduction other than
+    "none". Walks subgraphs, and local functions at each call site (their inputs bound to the
+    caller's arguments). Each entry names the node and where it is.
     """
     model, _, external_dir = _load(model_or_path)
     return _restrictions(model, external_dir)
 
 
+def runtime_limits(model_or_path) -> list[str]:
+    """Conditions TensorRT accepts the graph under but only checks while it runs; [] if none.
+
+    Today: every TopK whose K is computed at run time (for example from the input's shape). The
+    parser takes such a K (ITopKLayer::setInput(1), TensorRT >= 8.6; sources in trt_onnx_ops.json),
+    and TensorRT raises a run-time error when it exceeds TOPK_MAX_K. Callers record these next to
+    the engine (e.g. the token range a profile may cover)."""
+    model, _, external_dir = _load(model_or_path)
+    return _run_checker(model, external_dir).runtime_limits
+
+
 def _restrictions(model: onnx.ModelProto, external_dir: Path | None) -> list[str]:
+    return _run_checker(model, external_dir).problems
+
+
+def _run_checker(model: onnx.ModelProto, external_dir: Path | None) -> _Checker:
     checker = _Checker(
         external_dir=external_dir,
         functions={_function_key(f.domain, f.name): f for f in model.functions},
@@ -442,7 +456,7 @@ def _restrictions(model: onnx.ModelProto, external_dir: Path | None) -> list[str
     root = checker.graph_scope(model.graph, None)
     root.ranks = _ranks(model)
     checker.check_nodes(model.graph.node, root, "graph", ())
-    return checker.problems
+    return checker
 
 
 def assert_trt_compatible(model_or_path, *, extra_allowed: Iterable[str] = ()) -> None:

@@ -19,6 +19,7 @@ from apet_trt.apet_ops.trt_ops import (
     TRT_SOURCE,
     assert_trt_compatible,
     check_restrictions,
+    runtime_limits,
     unsupported_ops,
 )
 
@@ -349,9 +350,14 @@ def test_topk_k_limit(k_as):
     assert check_restrictions(_topk_model(TOPK_MAX_K + 1, k_as=k_as)) != []
 
 
-def test_topk_runtime_k_is_reported():
-    problems = check_restrictions(_topk_model(k_as="input"))
-    assert len(problems) == 1 and "run time" in problems[0]
+def test_topk_runtime_k_is_legal_with_a_runtime_limit():
+    """TensorRT's parser takes a K computed at run time (ITopKLayer::setInput(1), since 8.6; see
+    trt_onnx_ops.json): not a restriction, but a condition (K <= 3840) only the run can check."""
+    model = _topk_model(k_as="input")
+    assert check_restrictions(model) == []
+    limits = runtime_limits(model)
+    assert len(limits) == 1 and "run time" in limits[0] and str(TOPK_MAX_K) in limits[0]
+    assert runtime_limits(_topk_model(64)) == []
 
 
 def test_topk_attribute_k_before_opset_10():
@@ -398,8 +404,9 @@ def test_subgraph_input_shadows_outer_constant():
         [],
         [_i64("k", [4])],
     )
-    problems = check_restrictions(model)
-    assert len(problems) == 1 and "run time" in problems[0]
+    assert check_restrictions(model) == []  # the outer K=4 would pass as well: the limit tells them apart
+    limits = runtime_limits(model)
+    assert len(limits) == 1 and "run time" in limits[0] and "body" in limits[0]
 
 
 def test_topk_in_function_binds_call_site_arguments():

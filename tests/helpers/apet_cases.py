@@ -24,44 +24,56 @@ def _smallest_nonzero_gap(sorted_desc: torch.Tensor, index: int, scale: float) -
     return float("inf") if gap == 0 else gap / max(scale, 1e-300)
 
 
-def decision_margin(x: torch.Tensor, config: ApetConfig) -> float:
-    """Smallest relative margin of the oracle's decisions for one image x [N, D]."""
+def _cuts(config: ApetConfig, t: int) -> list[int]:
+    """Places in the error ranking where a near-tie would change the output: the cut at T, and
+    whatever order the output depends on inside the kept set."""
+    k = config.basis
+    if config.layout == "video":  # the kept rows leave in error order
+        return list(range(1, t + 1))
+    if config.seed_placement == "error_rank":  # seed j goes to the slot of rank T-k+j
+        return list(range(t - k, t + 1))
+    return [t - k, t]
+
+
+def decision_margin(x: torch.Tensor, config: ApetConfig, start: int | None = None) -> float:
+    """Smallest relative margin of the oracle's decisions for one image x [N, D] (video layout:
+    one frame, CLS first)."""
     x = x.double()
-    dec = decide(x, config)
+    dec = decide(x, config, start)
+    rows = x[1:] if config.layout == "video" else x
+    t = config.keep_for(x.shape[0]) if config.layout == "image" else config.keep
     margins = []
     # FPS: at each step, the winner against the runner-up
-    min_dist = ((x - x[dec.seeds[0]]) ** 2).sum(1)
+    min_dist = ((rows - rows[dec.seeds[0]]) ** 2).sum(1)
     for seed in dec.seeds[1:]:
         top = min_dist.topk(2).values
         margins.append(_smallest_nonzero_gap(top, 1, float(top[0])))
-        min_dist = torch.minimum(min_dist, ((x - x[seed]) ** 2).sum(1))
-    # ranking: the cut at T and the cut at T - k
+        min_dist = torch.minimum(min_dist, ((rows - rows[seed]) ** 2).sum(1))
+    # ranking: the cuts the output depends on
     errs = dec.errors[dec.order]
     scale = float(errs[0])
-    margins += [
-        _smallest_nonzero_gap(errs, config.keep, scale),
-        _smallest_nonzero_gap(errs, config.keep - config.basis, scale),
-    ]
+    margins += [_smallest_nonzero_gap(errs, cut, scale) for cut in _cuts(config, t)]
     # merge: best against second-best candidate for every dropped token
-    if config.merge and dec.merge_targets:
-        slots = set(dec.seed_slots)
-        cands = [p for p in dec.kept if p not in slots]
-        if len(cands) > 1:
-            sims = cosine_similarity(x[list(dec.merge_targets)], x[cands]).topk(2, dim=1).values
-            gaps = sims[:, 0] - sims[:, 1]
-            nonzero = gaps[gaps > 0]
-            if len(nonzero):
-                margins.append(float(nonzero.min()))
+    if config.merge and dec.merge_targets and len(dec.candidates) > 1:
+        sims = cosine_similarity(rows[list(dec.merge_targets)], rows[dec.candidates]).topk(2, dim=1).values
+        gaps = sims[:, 0] - sims[:, 1]
+        nonzero = gaps[gaps > 0]
+        if len(nonzero):
+            margins.append(float(nonzero.min()))
     return min(margins)
 
 
-def well_posed(make, config: ApetConfig, batch: int, generator: torch.Generator, tries: int = 50) -> torch.Tensor:
-    """Stack `batch` images from make(generator) -> [N, D], each with decision margin > MARGIN."""
+def well_posed(
+    make, config: ApetConfig, batch: int, generator: torch.Generator, tries: int = 50, starts=None
+) -> torch.Tensor:
+    """Stack `batch` images from make(generator) -> [N, D], each with decision margin > MARGIN
+    (for image b, FPS starting at starts[b] when given)."""
     images = []
-    for _ in range(batch):
+    for b in range(batch):
+        start = None if starts is None else int(starts[b])
         for _ in range(tries):
             x = make(generator)
-            if decision_margin(x, config) > MARGIN:
+            if decision_margin(x, config, start) > MARGIN:
                 images.append(x)
                 break
         else:
