@@ -3,6 +3,8 @@
     apet build    (export/cli.py)   checkpoint or preset -> engine directory
     apet inspect  (runtime/cli.py)  print a manifest and verify the files against it
     apet run      (runtime/cli.py)  image + prompt through an engine directory
+    apet serve    (runtime/serve/cli.py) OpenAI-compatible server (or a vision front for vLLM)
+    apet encode   (runtime/serve/cli.py) image -> its rows as an image_embeds payload
     apet bench    (scripts/bench.py) latency per stage, compressed vs uncompressed
 
 Errors the user can act on are printed as one line (no traceback) and exit with status 2;
@@ -18,7 +20,12 @@ import sys
 
 # (module, description) - imported lazily so `apet --help` stays fast and a missing optional
 # dependency only affects the subcommand that needs it.
-_STAGES = ("apet_trt.export.cli", "apet_trt.runtime.cli", "apet_trt.scripts.bench")
+_STAGES = (
+    "apet_trt.export.cli",
+    "apet_trt.runtime.cli",
+    "apet_trt.runtime.serve.cli",
+    "apet_trt.scripts.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

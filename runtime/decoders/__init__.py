@@ -10,7 +10,7 @@ with the time to the first token and the decode time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,9 @@ class DecodeOutput:
 
 
 Visual = Sequence[Sequence[torch.Tensor]]  # visual[b][i]: prompt b's image i, [R_i, H]
+# on_step(tokens): tokens[b] is the id prompt b produced at this step, None once it has finished;
+# returns the rows to stop now (a client that went away), or None
+OnStep = Callable[[list[int | None]], Collection[int] | None]
 
 
 class Decoder(ABC):
@@ -89,6 +92,17 @@ class Decoder(ABC):
         self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig
     ) -> DecodeOutput: ...
 
+    def generate_streaming(
+        self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig, on_step: OnStep
+    ) -> DecodeOutput:
+        """`generate`, calling `on_step` with each step's tokens. This default replays the finished
+        ids once `generate` returns (a decoder that cannot yield tokens as it goes); a decoder that
+        can overrides it and stops the rows `on_step` returns. The ids returned equal `generate`'s."""
+        out = self.generate(prompts, visual, sampling)
+        for step in range(max((len(ids) for ids in out.ids), default=0)):
+            on_step([ids[step] if step < len(ids) else None for ids in out.ids])
+        return out
+
 
 from .tensorrt_llm import TensorRTLLMAPIDecoder, TensorRTLLMDecoder  # noqa: E402
 from .transformers import TransformersDecoder  # noqa: E402
@@ -96,6 +110,7 @@ from .transformers import TransformersDecoder  # noqa: E402
 __all__ = [
     "Decoder",
     "Visual",
+    "OnStep",
     "DecodeOutput",
     "SamplingConfig",
     "TransformersDecoder",

@@ -18,7 +18,7 @@ import torch
 from apet_trt.apet_ops.compat import cache_kwarg, output_cache
 
 from ..prompt import AssembledPrompt
-from . import DecodeOutput, Decoder, SamplingConfig, Visual
+from . import DecodeOutput, Decoder, OnStep, SamplingConfig, Visual
 
 
 def _sample_filter(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
@@ -103,8 +103,15 @@ class TransformersDecoder(Decoder):
         probs = _sample_filter(logits, s).softmax(dim=-1)
         return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
+        return self.generate_streaming(prompts, visual, sampling, None)
+
+    @torch.inference_mode()
+    def generate_streaming(
+        self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig, on_step: OnStep | None
+    ) -> DecodeOutput:
+        """Each step's tokens go to `on_step` as they are picked; the rows it returns stop there (their
+        ids end with what they had), the others go on unchanged."""
         self.check_lengths(prompts, sampling.max_new_tokens)
         gen = None
         if sampling.do_sample:
@@ -132,11 +139,16 @@ class TransformersDecoder(Decoder):
             position = position.amax(dim=0, keepdim=True).expand_as(position).contiguous()
         for step in range(sampling.max_new_tokens):
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+            step_ids: list[int | None] = [None] * b
             for i in range(b):
                 if not done[i]:
                     out[i].append(int(token[i]))
+                    step_ids[i] = out[i][-1]
             if eos.numel():
                 done = done | torch.isin(token, eos)
+            if on_step is not None:
+                for i in on_step(step_ids) or ():
+                    done[i] = True
             if bool(done.all()) or step == sampling.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)

@@ -9,6 +9,8 @@ decoders, the pipeline, the CLI - speaks only this interface:
     rows = family.encode(backend, batch)         # -> list[VisualRows], one per image
     family.position_ids(prompt_ids, slots, rows) # None (1-D positions) or the family's own ids
     family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
+    family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
+    family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
 
 Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
 Qwen2.5-VL's dynamic resolution), so nothing downstream assumes one T for a batch.
@@ -114,6 +116,24 @@ class RuntimeFamily(ABC):
         """Position ids for a prompt whose `image_slots` read `rows` in order: None for plain 1-D
         positions (0..L-1, what every decoder does by itself), else a family's own [P, L] ids."""
         return None
+
+    # -- the handoff to a serving engine ------------------------------------------------------
+    def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+        """One image's rows as the tensors of vLLM's `image_embeds` content part: {"image_embeds":
+        [R, H]} alone (sent as one tensor) for families whose upstream expands the image token to R
+        placeholders (LLaVA-1.5, LLaVA-NeXT); a family whose upstream needs more (Qwen2.5-VL:
+        "image_grid_thw") adds its fields and is sent in vLLM's dict form."""
+        return {"image_embeds": rows.embeddings}
+
+    def rows_from_handoff(self, fields: dict[str, torch.Tensor]) -> VisualRows:
+        """The inverse of `handoff_fields`, for a decoder fed `image_embeds` parts: `fields` holds
+        decoded, shape-checked tensors ("image_embeds" [R, H] float32). The uncompressed count is
+        not in the payload, so num_patches is R and positions are 0..R-1."""
+        extra = sorted(set(fields) - {"image_embeds"})
+        if extra:
+            raise ValueError(f"the {self.name} family takes image_embeds alone, not {extra}")
+        emb = fields["image_embeds"]
+        return VisualRows(emb, torch.arange(emb.shape[0], dtype=torch.int64), int(emb.shape[0]))
 
     # -- pictures -----------------------------------------------------------------------------
     @abstractmethod

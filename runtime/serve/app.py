@@ -1,0 +1,438 @@
+"""The ASGI application (FastAPI): /v1/chat/completions, /v1/models, /health, /metrics.
+
+    app = create_app(ServeConfig(engine="engines/tiny-llava-t64"))   # uvicorn.run(app) serves it
+
+The pipeline loads when the app starts (lifespan), so the port opens only once the model can
+answer; shutdown refuses new requests, answers the queued ones with 503 and stops the workers.
+Every request carries an id (the client's X-Request-Id when it sends a sane one, else a new one),
+echoed in the X-Request-Id header and the completion's id, and logged with its outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..families import VisualRows
+from . import protocol
+from .batching import Batcher, Job
+from .chat import conversation, image_parts, user_turn
+from .config import ServeConfig
+from .errors import APIError, bad_request
+from .media import load_image_url
+from .metrics import Metrics
+from .payload import EmbedsLimits, decode_part, encode_part, torch_dtype
+
+log = logging.getLogger("apet.serve")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class ServerState:
+    cfg: ServeConfig
+    pipe: object
+    batcher: Batcher
+    metrics: Metrics
+    model: str
+    limits: EmbedsLimits
+    upstream: object | None = None
+    started: float = 0.0
+
+    @property
+    def max_length(self) -> int:
+        return int(self.pipe.decoder.max_length)
+
+
+def load_pipeline(cfg: ServeConfig):
+    """The runtime pipeline for the engine directory; in upstream mode without a decoder (only the
+    vision backend and the family run here)."""
+    from .. import load
+
+    if cfg.upstream is None:
+        return load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=cfg.decoder)
+    from .vision_only import VisionOnlyDecoder
+
+    return load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=VisionOnlyDecoder.for_manifest)
+
+
+def describe(state: ServerState) -> str:
+    """The startup line: what answers, and how."""
+    pipe, cfg = state.pipe, state.cfg
+    m = pipe.manifest
+    apet = m.apet
+    how = f"ApET keep={apet['keep']} basis={apet['basis']}" if apet else "no ApET"
+    t = pipe.num_visual_tokens
+    rows = (
+        f"N={m.num_patches} -> " + (f"T={t} rows per image" if t is not None else "rows per image vary") + f" ({how})"
+    )
+    where = f"upstream {cfg.upstream} ({cfg.upstream_format} image_embeds)" if cfg.upstream else pipe.decoder.name
+    return (
+        f"model {state.model!r}: engine {m.root} (family {m.family}, {rows}); vision backend {pipe.backend} "
+        f"[{pipe.backend_reason}]; decoder {where}; batch <= {state.batcher.max_batch} images, wait "
+        f"{cfg.batch_wait_ms:g} ms, queue {cfg.max_queue}"
+    )
+
+
+def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
+    """`pipe`: a ready runtime.Pipeline (tests share one), else loaded at startup. `on_ready(state)`
+    is called once the server can answer (the CLI prints its startup line there)."""
+    cfg.validate()
+    holder: dict[str, ServerState] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        p = pipe if pipe is not None else await anyio.to_thread.run_sync(load_pipeline, cfg)
+        model = cfg.served_model_name or str(p.manifest.data["model"].get("id") or p.manifest.root.name)
+        metrics = Metrics(model)
+        family_batch = int(p.manifest.batch_max)
+        batcher = Batcher(
+            p,
+            max_batch=cfg.max_batch or family_batch,
+            batch_wait_ms=cfg.batch_wait_ms,
+            max_queue=cfg.max_queue,
+            default_max_tokens=cfg.default_max_tokens,
+            metrics=metrics,
+            decode=cfg.upstream is None,
+        )
+        limits = EmbedsLimits(int(p.manifest.llm["hidden_size"]), int(p.manifest.llm["max_position_embeddings"]))
+        upstream = None
+        if cfg.upstream is not None:
+            from .upstream import Upstream
+
+            upstream = Upstream(cfg)
+        state = ServerState(cfg, p, batcher, metrics, model, limits, upstream, time.time())
+        batcher.start()
+        holder["state"] = app.state.apet = state
+        log.info("apet serve: %s", describe(state))
+        if on_ready is not None:
+            on_ready(state)
+        try:
+            yield
+        finally:
+            log.info("apet serve: shutting down (%d request(s) inside)", batcher.inside)
+            await anyio.to_thread.run_sync(batcher.close)
+            if upstream is not None:
+                await upstream.aclose()
+
+    app = FastAPI(title="apet serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(exc).__name__}").response()
+
+    @app.get("/health")
+    async def health():
+        state = holder.get("state")
+        if state is None or not state.batcher.alive:
+            return APIError(503, "not ready").response()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        state = holder["state"]
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "apet-trt",
+                    "root": str(state.pipe.manifest.root),
+                    "max_model_len": state.max_length,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        state = holder["state"]
+        return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        state = holder["state"]
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        t0 = time.perf_counter()
+        try:
+            response = await _chat(state, request, rid, t0)
+        except APIError as err:
+            _count(state, err.status, err)
+            log.info("request %s -> %d %s", rid, err.status, err.message)
+            headers = {"X-Request-Id": rid}
+            if err.status == 503:
+                headers["Retry-After"] = "1"
+            return err.response(headers)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    return app
+
+
+def _count(state: ServerState, status: int, err: APIError | None = None) -> None:
+    state.metrics.requests.labels(status=str(status)).inc()
+    if err is not None:
+        state.metrics.errors.labels(type=err.body()["error"]["type"]).inc()
+
+
+async def _read_json(request: Request, cfg: ServeConfig) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+        raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {cfg.max_body_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cfg.max_body_bytes:
+            raise APIError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON ({exc})", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _validated(body: dict) -> protocol.ChatCompletionRequest:
+    try:
+        req = protocol.ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise bad_request(f"{where}: {first['msg']}", param=where or None) from exc
+    req.check_supported()
+    return req
+
+
+async def _chat(state: ServerState, request: Request, rid: str, t0: float) -> Response:
+    cfg = state.cfg
+    body = await _read_json(request, cfg)
+    req = _validated(body)
+    if req.model != state.model:
+        raise APIError(
+            404,
+            f"the model {req.model!r} does not exist; this server serves {state.model!r}",
+            param="model",
+            code="model_not_found",
+        )
+    if state.upstream is not None:
+        return await _forward(state, body, req, rid, t0)
+    job = await _local_job(state, body, req, rid)
+    state.batcher.submit(job)
+    if req.stream:
+        return StreamingResponse(_stream(state, request, job, req, t0), media_type="text/event-stream")
+    result = await _wait(state, job, t0)
+    _count(state, 200)
+    _record(state, job, result, rid, t0)
+    return JSONResponse(
+        protocol.completion(
+            f"chatcmpl-{rid}", state.model, result["text"], result["finish_reason"], _usage(job, result)
+        )
+    )
+
+
+def _sampling(req: protocol.ChatCompletionRequest) -> dict:
+    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default samples
+    greedy = temperature == 0.0
+    return dict(
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+    )
+
+
+async def _images(state: ServerState, parts) -> tuple[list, list[VisualRows | None]]:
+    """Each image part -> a PIL image to encode, or (image_embeds) the rows it carries."""
+    images, rows = [], []
+    for part in parts:
+        if part.kind == "image_url":
+            spec = part.body.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            images.append(await load_image_url(url, state.cfg, part.where))
+            rows.append(None)
+            state.metrics.images.labels(source="image_url").inc()
+        else:
+            fields = await anyio.to_thread.run_sync(decode_part, part.body, state.limits, part.where)
+            try:
+                rows.append(state.pipe.family.rows_from_handoff(fields))
+            except ValueError as exc:
+                raise bad_request(f"{part.where}: {exc}", code="invalid_image_embeds") from exc
+            images.append(None)
+            state.metrics.images.labels(source="image_embeds").inc()
+    return images, rows
+
+
+async def _local_job(state: ServerState, body: dict, req: protocol.ChatCompletionRequest, rid: str) -> Job:
+    pipe = state.pipe
+    turn = user_turn(body["messages"], state.cfg.max_images, pipe.manifest.image_token)
+    images, rows = await _images(state, turn.images)
+    text = conversation(pipe.manifest.prompt_template, pipe.manifest.image_token, turn.text, len(images))
+    fixed = pipe.family.fixed_rows
+    counts = [r.num_rows if r is not None else fixed for r in rows]
+    if all(c is not None for c in counts):  # the prompt's length is known now: refuse it before any heavy work
+
+        def check():
+            with state.batcher.tokenizer_lock:
+                length = int(pipe.assembler(text, counts).input_ids.numel())
+            state.batcher.plan_tokens(length, req.requested_max_tokens)
+
+        try:
+            await anyio.to_thread.run_sync(check)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+    return Job(
+        id=rid,
+        images=images,
+        rows=rows,
+        loop=asyncio.get_running_loop(),
+        conversation=text,
+        max_tokens=req.requested_max_tokens,
+        sampling=_sampling(req),
+        stream=req.stream,
+    )
+
+
+async def _next_event(state: ServerState, job: Job, t0: float):
+    left = state.cfg.request_timeout_s - (time.perf_counter() - t0)
+    try:
+        return await asyncio.wait_for(job.events.get(), timeout=max(left, 0.001))
+    except asyncio.TimeoutError as exc:
+        job.cancelled.set()
+        raise APIError(504, f"the request took longer than {state.cfg.request_timeout_s:g} s") from exc
+
+
+async def _wait(state: ServerState, job: Job, t0: float) -> dict:
+    while True:
+        kind, value = await _next_event(state, job, t0)
+        if kind == "done":
+            return value
+        if kind == "error":
+            raise value
+
+
+def _usage(job: Job, result: dict) -> dict:
+    return protocol.usage(
+        result["prompt_tokens"],
+        len(result["ids"]),
+        sum(r.num_rows for r in job.rows),
+        sum(r.num_patches for r in job.rows),
+    )
+
+
+def _record(state: ServerState, job: Job, result: dict, rid: str, t0: float) -> None:
+    m, elapsed = state.metrics, time.perf_counter() - t0
+    m.observe_stage("request", elapsed)
+    m.visual_rows.labels(kind="kept").inc(sum(r.num_rows for r in job.rows))
+    m.visual_rows.labels(kind="uncompressed").inc(sum(r.num_patches for r in job.rows))
+    if "ids" in result:
+        m.tokens.labels(kind="prompt").inc(result["prompt_tokens"])
+        m.tokens.labels(kind="completion").inc(len(result["ids"]))
+    t = job.timings
+    log.info(
+        "request %s -> 200 rows %s/%s%s in %.1f ms (vision %.1f ms, batch %s%s)",
+        rid,
+        sum(r.num_rows for r in job.rows),
+        sum(r.num_patches for r in job.rows),
+        f", {result['prompt_tokens']}+{len(result['ids'])} tokens" if "ids" in result else "",
+        elapsed * 1e3,
+        t.get("vision_ms", 0.0),
+        t.get("vision_batch", 0),
+        f"; decoder batch {t['decoder_batch']}" if "decoder_batch" in t else "",
+    )
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(state: ServerState, request: Request, job: Job, req: protocol.ChatCompletionRequest, t0: float):
+    """Server-sent events: a role chunk, text deltas, the finish chunk, the usage chunk when asked,
+    [DONE]. An error after the first byte is sent as an error event. A client that goes away stops
+    its decoding (its row leaves the decoder batch at the next step)."""
+    cid, created, model = f"chatcmpl-{job.id}", int(time.time()), state.model
+    done = False
+    try:
+        yield _sse(protocol.chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        while True:
+            try:
+                kind, value = await _next_event(state, job, t0)
+            except APIError as err:
+                kind, value = "error", err
+            if await request.is_disconnected():
+                break
+            if kind == "delta":
+                yield _sse(protocol.chunk(cid, model, created, {"content": value}))
+            elif kind == "done":
+                yield _sse(protocol.chunk(cid, model, created, {}, value["finish_reason"]))
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield _sse(protocol.chunk(cid, model, created, None, usage_=_usage(job, value)))
+                yield b"data: [DONE]\n\n"
+                done = True
+                _count(state, 200)
+                _record(state, job, value, job.id, t0)
+                return
+            else:
+                _count(state, value.status, value)
+                log.info("request %s -> %d (streaming) %s", job.id, value.status, value.message)
+                yield _sse(value.body())
+                yield b"data: [DONE]\n\n"
+                done = True
+                return
+    finally:
+        if not done:  # the client went away (or the response was cancelled): stop its decoding
+            job.cancelled.set()
+            _count(state, 499, APIError(499, "client closed the stream"))
+            log.info("request %s -> client went away mid-stream", job.id)
+
+
+async def _forward(state: ServerState, body: dict, req: protocol.ChatCompletionRequest, rid: str, t0: float):
+    """Upstream mode: encode the image_url parts here (batched with other requests), put their rows
+    in as image_embeds parts, and hand the request to the upstream."""
+    cfg, pipe = state.cfg, state.pipe
+    parts = [p for p in image_parts(body["messages"], cfg.max_images) if p.kind == "image_url"]
+    if parts:
+        images = []
+        for part in parts:
+            spec = part.body.get("image_url")
+            images.append(await load_image_url(spec.get("url") if isinstance(spec, dict) else spec, cfg, part.where))
+        job = Job(id=rid, images=images, rows=[None] * len(images), loop=asyncio.get_running_loop())
+        state.batcher.submit(job)
+        rows = (await _wait(state, job, t0))["rows"]
+        dtype = torch_dtype(cfg.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
+
+        def encode_all():
+            return [encode_part(pipe.family.handoff_fields(r), cfg.upstream_format, dtype) for r in rows]
+
+        for part, new in zip(parts, await anyio.to_thread.run_sync(encode_all)):
+            body["messages"][part.message]["content"][part.part] = new
+        _record(state, job, {}, rid, t0)
+    t1 = time.perf_counter()
+    response = await state.upstream.forward(body, rid, req.stream)
+    state.metrics.observe_stage("upstream", time.perf_counter() - t1)
+    _count(state, response.status_code)
+    return response

@@ -1,0 +1,145 @@
+"""`apet serve` and `apet encode` (registered into the dispatcher scripts/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible server over an engine directory (or a vision front for vLLM/trtllm-serve)",
+        description="Serve /v1/chat/completions (streaming and not), /v1/models, /health and /metrics for an "
+        "engine directory. Concurrent requests share vision-engine and decoder calls. With --upstream, only "
+        "the vision engine runs here and each request goes on to that OpenAI-compatible server with its "
+        "images replaced by their ApET rows (image_embeds parts).",
+    )
+    s.add_argument("--engine", required=True, help="engine directory (built by `apet build`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the engine's)")
+    g = s.add_argument_group("batching")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="images per vision call, prompts per decoder call (default: the engine's max batch)",
+    )
+    g.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others (5)")
+    g.add_argument("--max-queue", type=int, default=64, help="requests inside at once; more get 503 (64)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 504 (600)")
+    g = s.add_argument_group("request limits")
+    g.add_argument("--max-body-bytes", type=int, default=32 << 20, help="JSON body size cap (32 MiB)")
+    g.add_argument("--max-images", type=int, default=4, help="images per request (4)")
+    g.add_argument("--max-image-bytes", type=int, default=20 << 20, help="one encoded image (20 MiB)")
+    g.add_argument("--max-tokens-default", type=int, default=256, help="max_tokens when a request names none")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="accept file:// images below DIR")
+    g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs (off by default)")
+    g = s.add_argument_group("runtime")
+    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    g.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g = s.add_argument_group("upstream mode")
+    g.add_argument(
+        "--upstream",
+        default=None,
+        metavar="URL",
+        help="OpenAI-compatible server that decodes (e.g. vllm serve ... --enable-mm-embeds), base URL",
+    )
+    g.add_argument("--upstream-model", default=None, help="its model name (default: the first of its /v1/models)")
+    g.add_argument("--upstream-api-key", default=None, help="bearer token for the upstream")
+    g.add_argument("--upstream-format", default="vllm", choices=["vllm", "trtllm"], help="image_embeds part format")
+    g.add_argument(
+        "--embeds-dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the rows sent upstream (default: the engine's llm.dtype)",
+    )
+    s.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    s.set_defaults(func=serve_command)
+
+    e = subparsers.add_parser(
+        "encode",
+        help="image -> its ApET rows as an image_embeds payload (for vLLM / trtllm-serve)",
+        description="Run one image through the engine's vision stage and write the `image_embeds` chat content "
+        "part `apet serve --upstream` would send (OUT.json), or the tensor itself (OUT.pt, torch.save).",
+    )
+    e.add_argument("--engine", required=True, help="engine directory")
+    e.add_argument("--image", required=True, help="image file")
+    e.add_argument("--out", required=True, help="OUT.json (the content part) or OUT.pt (the tensor / dict)")
+    e.add_argument("--format", default="vllm", choices=["vllm", "trtllm"], help="content part format (vllm)")
+    e.add_argument(
+        "--embeds-dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the rows (default: the engine's llm.dtype)",
+    )
+    e.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=encode_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .config import ServeConfig
+    from .server import serve
+
+    cfg = ServeConfig(
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        default_max_tokens=args.max_tokens_default,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allow_remote_images=args.allow_remote_images,
+        backend=args.backend,
+        decoder=args.decoder,
+        device=args.device,
+        upstream=args.upstream,
+        upstream_model=args.upstream_model,
+        upstream_api_key=args.upstream_api_key,
+        upstream_format=args.upstream_format,
+        embeds_dtype=args.embeds_dtype,
+        graceful_shutdown_s=args.graceful_shutdown,
+    )
+    return serve(cfg)
+
+
+def encode_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load
+    from .payload import encode_part, torch_dtype
+    from .vision_only import VisionOnlyDecoder
+
+    out = Path(args.out)
+    if out.suffix not in (".json", ".pt"):
+        raise ValueError(f"--out {out}: name a .json (content part) or .pt (tensor) file")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    pipe = load(args.engine, backend=args.backend, device=args.device, decoder=VisionOnlyDecoder.for_manifest)
+    [rows] = pipe.encode(args.image)
+    dtype = torch_dtype(args.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
+    fields = pipe.family.handoff_fields(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(encode_part(fields, args.format, dtype)))
+    else:
+        cast = {k: (v.to(dtype) if k == "image_embeds" else v) for k, v in fields.items()}
+        torch.save(cast["image_embeds"] if len(cast) == 1 else cast, out)
+    emb = fields["image_embeds"]
+    print(
+        f"{out}: {rows.num_patches} -> {rows.num_rows} rows x {emb.shape[1]} ({str(dtype).replace('torch.', '')}, "
+        f"{args.format} image_embeds), {out.stat().st_size} bytes",
+        file=sys.stdout,
+    )
+    return 0

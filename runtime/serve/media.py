@@ -1,0 +1,107 @@
+"""`image_url` content parts -> RGB PIL images, bounded.
+
+- `data:image/...;base64,...`: always accepted (the usual way to send an image to a local server).
+- `file://...`: only when the operator named a directory (`--allowed-local-media-path`, as vLLM
+  calls it), and only for files whose resolved path lies below it (no `..` or symlink escape).
+- `http(s)://...`: refused unless the operator enabled remote images; then fetched without
+  redirects, with a timeout and the same byte cap.
+Every image is capped in encoded bytes and in decoded pixels (checked from the header, before the
+pixels are decoded), so a small upload cannot become a decompression bomb. Transformers'
+`load_image` takes the same inputs but fetches and decodes without caps, hence this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from .config import ServeConfig
+from .errors import bad_request
+
+
+def decode_image_bytes(raw: bytes, cfg: ServeConfig, where: str) -> Image.Image:
+    if len(raw) > cfg.max_image_bytes:
+        raise bad_request(f"{where}: {len(raw)} bytes exceed the {cfg.max_image_bytes}-byte image limit")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            w, h = img.size
+            if w < 1 or h < 1 or w * h > cfg.max_image_pixels:
+                raise bad_request(f"{where}: a {w}x{h} image; at most {cfg.max_image_pixels} pixels are accepted")
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise bad_request(f"{where}: not an image this server can read ({type(exc).__name__})") from exc
+    except OSError as exc:  # truncated or corrupt image data
+        raise bad_request(f"{where}: the image data could not be decoded ({exc})") from exc
+
+
+def _data_url(url: str, cfg: ServeConfig, where: str) -> Image.Image:
+    spec, sep, data = url[5:].partition(",")
+    if not sep or not spec.endswith(";base64"):
+        raise bad_request(f"{where}: only base64 data URLs (data:image/...;base64,...) are accepted")
+    if len(data) > cfg.max_image_bytes * 4 // 3 + 4:
+        raise bad_request(f"{where}: the data URL exceeds the {cfg.max_image_bytes}-byte image limit")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise bad_request(f"{where}: the data URL is not valid base64 ({exc})") from exc
+    return decode_image_bytes(raw, cfg, where)
+
+
+def _file_url(url: str, cfg: ServeConfig, where: str) -> Image.Image:
+    if cfg.allowed_local_media_path is None:
+        raise bad_request(f"{where}: local files are not accepted (the server runs without --allowed-local-media-path)")
+    parsed = urlparse(url)
+    root = Path(cfg.allowed_local_media_path).resolve()
+    path = Path(unquote(parsed.netloc + parsed.path)).resolve()
+    if root not in path.parents:
+        raise bad_request(f"{where}: {path} is outside the allowed directory {root}")
+    if not path.is_file():
+        raise bad_request(f"{where}: {path} does not exist")
+    if path.stat().st_size > cfg.max_image_bytes:
+        raise bad_request(f"{where}: {path} exceeds the {cfg.max_image_bytes}-byte image limit")
+    return decode_image_bytes(path.read_bytes(), cfg, where)
+
+
+async def _remote(url: str, cfg: ServeConfig, where: str) -> Image.Image:
+    if not cfg.allow_remote_images:
+        raise bad_request(
+            f"{where}: remote image URLs are not accepted (the server runs without --allow-remote-images)"
+        )
+    import anyio
+    import httpx
+
+    chunks, size = [], 0
+    try:
+        async with httpx.AsyncClient(timeout=cfg.remote_image_timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as resp:
+                if resp.status_code != 200:
+                    raise bad_request(f"{where}: fetching the image gave HTTP {resp.status_code}")
+                async for chunk in resp.aiter_bytes():
+                    size += len(chunk)
+                    if size > cfg.max_image_bytes:
+                        raise bad_request(f"{where}: the image exceeds the {cfg.max_image_bytes}-byte limit")
+                    chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise bad_request(f"{where}: the image could not be fetched ({type(exc).__name__})") from exc
+    return await anyio.to_thread.run_sync(decode_image_bytes, b"".join(chunks), cfg, where)
+
+
+async def load_image_url(url, cfg: ServeConfig, where: str) -> Image.Image:
+    import anyio
+
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{where}: image_url.url must be a non-empty string")
+    scheme = url[: url.find(":")].lower() if ":" in url else ""
+    if scheme == "data":
+        return await anyio.to_thread.run_sync(_data_url, url, cfg, where)
+    if scheme == "file":
+        return await anyio.to_thread.run_sync(_file_url, url, cfg, where)
+    if scheme in ("http", "https"):
+        return await _remote(url, cfg, where)
+    raise bad_request(f"{where}: image URLs must be data:, file: or http(s): URLs")

@@ -1,0 +1,67 @@
+"""`--upstream URL`: the chat request goes on to an OpenAI-compatible server (vLLM, trtllm-serve, or
+another `apet serve`) with each `image_url` part replaced by the image's ApET rows as an
+`image_embeds` part; that server's answer (streamed or not) comes back as it is."""
+
+from __future__ import annotations
+
+import httpx
+from starlette.responses import Response, StreamingResponse
+
+from .config import ServeConfig
+from .errors import APIError
+
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+
+
+class Upstream:
+    def __init__(self, cfg: ServeConfig):
+        base = cfg.upstream.rstrip("/")
+        self.base = base[: -len("/v1")] if base.endswith("/v1") else base
+        self.model = cfg.upstream_model
+        headers = {"Authorization": f"Bearer {cfg.upstream_api_key}"} if cfg.upstream_api_key else {}
+        self.client = httpx.AsyncClient(
+            base_url=self.base, headers=headers, timeout=httpx.Timeout(cfg.request_timeout_s, connect=10.0)
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def model_name(self) -> str:
+        """The upstream's model: --upstream-model, else the first of its /v1/models (asked once)."""
+        if self.model is None:
+            try:
+                resp = await self.client.get("/v1/models")
+                resp.raise_for_status()
+                self.model = resp.json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                raise APIError(502, f"the upstream {self.base} did not list its model ({type(exc).__name__})") from exc
+        return self.model
+
+    async def forward(self, body: dict, request_id: str, stream: bool) -> Response:
+        body = {**body, "model": await self.model_name()}
+        headers = {"X-Request-Id": request_id}
+        try:
+            if not stream:
+                resp = await self.client.post("/v1/chat/completions", json=body, headers=headers)
+                return Response(resp.content, status_code=resp.status_code, headers=_passed(resp.headers))
+            req = self.client.build_request("POST", "/v1/chat/completions", json=body, headers=headers)
+            resp = await self.client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise APIError(502, f"the upstream {self.base} failed: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code != 200:
+            content = await resp.aread()
+            await resp.aclose()
+            return Response(content, status_code=resp.status_code, headers=_passed(resp.headers))
+
+        async def relay():
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:  # also when our client goes away mid-stream: the upstream connection is let go
+                await resp.aclose()
+
+        return StreamingResponse(relay(), status_code=200, headers=_passed(resp.headers))
+
+
+def _passed(headers: httpx.Headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}

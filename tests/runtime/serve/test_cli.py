@@ -1,0 +1,98 @@
+"""`apet serve` as a process: the startup line, serving, graceful shutdown on SIGTERM (the request in
+flight finishes, then exit 0), and one-line errors."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from apet_trt.scripts.cli import main
+from helpers.engines import build_engine_dir
+from helpers.servers import data_url, image_message
+
+CMD = [sys.executable, "-m", "apet_trt.scripts.cli"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return build_engine_dir(tmp_path_factory.mktemp("cli") / "t12", keep=12)
+
+
+def test_serve_process_starts_serves_and_shuts_down_gracefully(engine, rng):
+    import numpy as np
+
+    proc = subprocess.Popen([*CMD, "serve", "--engine", str(engine), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "ready on http://" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120) and proc.poll() is None, "".join(lines)
+        url = re.search(r"ready on (http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+        startup = next(ln for ln in lines if "apet serve: model" in ln)
+        assert (
+            "N=36 -> T=12" in startup and "vision backend onnxruntime" in startup and "decoder transformers" in startup
+        )
+        image = np.asarray(torch_image(rng))
+        body = {
+            "model": "test-llava",
+            "messages": image_message("Hi", data_url(image)),
+            "max_tokens": 60,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
+            it = resp.iter_lines()
+            assert next(it).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)  # mid-stream: the stream still finishes
+            rest = [ln for ln in it if ln]
+        assert rest[-1] == "data: [DONE]"
+        finish = json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"]
+        assert finish in ("stop", "length")
+        assert proc.wait(60) == 0
+        assert any("shutting down" in ln for ln in lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def torch_image(rng):
+    import torch
+
+    return torch.randint(0, 256, (90, 84, 3), generator=rng, dtype=torch.uint8).numpy()
+
+
+def test_one_line_errors(tmp_path, capsys):
+    assert main(["serve", "--engine", str(tmp_path / "none"), "--port", "0"]) == 2
+    assert main(["encode", "--engine", str(tmp_path), "--image", "x.png", "--out", str(tmp_path / "o.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("apet serve: error:") and "does not exist" in err[0]
+    assert err[-1].startswith("apet encode: error:") and ".json" in err[-1]
+
+
+def test_config_is_checked(engine):
+    from apet_trt.runtime.serve import ServeConfig
+
+    for bad in (
+        dict(max_queue=0),
+        dict(upstream="ftp://x"),
+        dict(upstream_format="sglang"),
+        dict(port=70000),
+        dict(allowed_local_media_path="/no/such/dir"),
+        dict(batch_wait_ms=-1),
+    ):
+        with pytest.raises(ValueError):
+            ServeConfig(engine=str(engine), **bad).validate()
