@@ -76,8 +76,9 @@ class Pipeline:
 
     @property
     def num_visual_tokens(self) -> int | None:
-        """T, the rows per image (per crop for multi-crop families); None when it varies per image."""
-        return self.manifest.num_visual_tokens
+        """T, the rows every image hands the LLM; None when they vary per image (LLaVA-NeXT: T per
+        crop, `manifest.num_visual_tokens`, but the rows of an image depend on its aspect ratio)."""
+        return self.family.fixed_rows
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> EngineBatch:
         """images -> the engine's named inputs (the checkpoint's own image processor)."""

@@ -226,6 +226,11 @@ def test_each_crops_kept_positions_equal_the_oracle(pipes, hf_model, rng):
 # --- the engine and its directory -----------------------------------------------------------------
 
 
+def test_rows_per_image_are_not_fixed(pipes):
+    assert pipes["apet"].num_visual_tokens is None  # they depend on the image
+    assert pipes["apet"].manifest.num_visual_tokens == T  # per crop
+
+
 def test_engine_runs_in_chunks_of_at_most_batch_max(pipes, rng):
     pipe = pipes["apet"]
     assert pipe.manifest.batch_max == 3
@@ -605,3 +610,34 @@ def test_apet_run_json_grid_and_overlay(engines, pipes, tmp_path, rng):
     assert rc == 0, err
     assert out.count("#") == drawn  # every kept patch of every crop, newlines excluded
     assert f"{u.num_rows} -> {r.num_rows} visual tokens" in out
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+def test_apet_serve_answers_llava_next_requests_of_different_row_counts(engines, pipes, rng):
+    """Concurrent requests whose images hand the LLM different row counts, batched by the server:
+    each answer equals Pipeline.generate, and usage counts the image's own rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from apet_trt.runtime.serve import ServeConfig
+    from helpers.servers import data_url, image_message, running_server
+
+    pipe = pipes["apet"]
+    images = list(_images(rng, {k: SIZES[k] for k in ("square", "wide", "tall")}).values())
+    cfg = ServeConfig(engine=str(engines["apet"]), batch_wait_ms=50, max_images=1)
+    with running_server(cfg, pipe=pipe) as (url, state):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(image):
+            messages = image_message(PROMPT, data_url(image))
+            return client.chat.completions.create(model=state.model, messages=messages, temperature=0, max_tokens=4)
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, images))
+    for image, answer in zip(images, answers):
+        [ref] = pipe.generate(np.asarray(image), PROMPT, max_new_tokens=4)
+        assert answer.choices[0].message.content == ref.text
+        assert answer.usage.visual_tokens == ref.num_kept and answer.usage.visual_tokens_uncompressed == ref.num_patches
