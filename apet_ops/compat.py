@@ -61,3 +61,10 @@ def output_cache(output):
     """The KV cache a forward returned, under either name."""
     cache = getattr(output, "cache", None)
     return getattr(output, "past_key_values", None) if cache is None else cache
+
+
+def accepted_kwargs(fn, **kwargs) -> dict:
+    """The keyword arguments `fn` takes by name, the others dropped (Transformers adds and removes
+    keyword arguments between majors, e.g. a model's `mm_token_type_ids` in 5.x)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}

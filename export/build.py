@@ -24,7 +24,7 @@ from apet_trt.apet_ops import ApetConfig
 from apet_trt.apet_ops.compat import config_dtype
 
 from . import manifest as manifest_writer
-from .models import ExportFamily, LoadedModel, family_class, family_for_model_type
+from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
 from .precision import compressor_not_fp32, part_dtypes
 from .presets import PRESETS, get_preset, load_preset, preset_config
@@ -175,6 +175,34 @@ def _llm_dtype(config, source: str, loaded: LoadedModel) -> str:
     return name if name in ("float16", "bfloat16", "float32") else "float16"
 
 
+def _profile_shapes(io: dict, batch: int) -> dict[str, tuple[int, ...]]:
+    """Each input's shape for `batch` items: the dynamic (named) dim is the items axis."""
+    return {t["name"]: tuple(batch if isinstance(d, str) else d for d in t["shape"]) for t in io["inputs"]}
+
+
+def _export_part(part: EnginePart, work: Path, fp16: bool, batches: list[int]) -> dict:
+    """One extra vision engine -> <name>.onnx, checked against PyTorch; -> its manifest `parts` entry."""
+    module = (copy.deepcopy(part.module).half() if fp16 else part.module.float()).eval()
+    io = part.io
+    dynamic = {
+        t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+        for t in [*io["inputs"], *io["outputs"]]
+    }
+    path = export_vision_onnx(
+        module,
+        work / f"{part.name}.onnx",
+        inputs=part.example_inputs(2, torch.Generator().manual_seed(0)),
+        output_names=[o["name"] for o in io["outputs"]],
+        dynamic_axes=dynamic,
+    )
+    for c in compare_with_torch(module, path, part.example_inputs, batches=batches):
+        if not c.agreement.passed(reduced_precision=fp16):
+            raise RuntimeError(
+                f"ONNX Runtime disagrees with PyTorch on {part.name}.onnx at batch {c.batch}: {c.agreement}"
+            )
+    return {"io": io, "engines": {"onnx": path.name, "tensorrt": None}}
+
+
 def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     """Build the engine directory; returns its manifest."""
     if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
@@ -191,6 +219,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     out = Path(config.out)
     _check_out(out, config.force)
     source, family = _resolve(config.model)
+    apet = family.apet_config(apet)  # the family's variant (e.g. the video layout)
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
     n, t = family.num_patches, family.rows_per_item(apet)
     steps = Steps(7, quiet)
@@ -233,6 +262,11 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             if not c.agreement.passed(reduced_precision=config.fp16):
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c.agreement}")
 
+        parts = {}  # vision engines beside the main one (export/models/base.py, EnginePart)
+        for part in family.extra_parts(model, apet):
+            steps.note(f"engine part {part.name!r}: exporting {part.name}.onnx and comparing with PyTorch")
+            parts[part.name] = _export_part(part, work, config.fp16, batches)
+
         steps("saving processor, tokenizer and decoder checkpoint")
         processor.save_pretrained(str(work / "processor"))
         tokenizer.save_pretrained(str(work / "tokenizer"))
@@ -268,6 +302,17 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             )
             plan = "vision.plan"
             plans["tensorrt"] = result.record
+            for name, entry in parts.items():
+                part_shapes = [_profile_shapes(entry["io"], b) for b in (1, config.opt_batch, config.max_batch)]
+                part_result = build_tensorrt(
+                    work / entry["engines"]["onnx"],
+                    work / f"{name}.plan",
+                    profile={k: tuple(s[k] for s in part_shapes) for k in part_shapes[0]},
+                )
+                entry["engines"]["tensorrt"] = f"{name}.plan"
+                steps.note(f"saved {name}.plan; TensorRT vs ONNX Runtime: {part_result.agreement}")
+                if not part_result.agreement.passed(reduced_precision=True):
+                    raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on {name}.onnx: {part_result.agreement}")
             steps.note(
                 f"saved vision.plan (TensorRT {result.record['tensorrt']}, {result.record['gpu']}, compute "
                 f"capability {result.record['compute_capability']}, strongly typed)"
@@ -296,9 +341,10 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
                 dtype=llm_dtype,
                 model_class=family.trtllm_model_class,
             )
-            trtllm = build_trtllm(
-                Path(decoder["checkpoint"]) if source == "path" else work / "hf", work / "llm", cfg, work
-            )
+            hf_dir = Path(decoder["checkpoint"]) if source == "path" else work / "hf"
+            lm_dir = family.trtllm_checkpoint(hf_dir, work / ".trtllm_hf")  # what the converter reads
+            trtllm = build_trtllm(lm_dir, work / "llm", cfg, work)
+            shutil.rmtree(work / ".trtllm_hf", ignore_errors=True)
             trtllm["engine_dir"] = "llm"
             plans["tensorrt_llm"] = llm_plan_record(
                 work / "llm", dtype=llm_dtype, tensorrt_llm_version=tensorrt_llm_version()
@@ -329,6 +375,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             "precision": {"vision": dtypes["vision_tower"], "compressor": dtypes["compressor"]},
             "processor": processor.to_dict(),
             "engines": {"onnx": "vision.onnx", "tensorrt": plan},
+            **({"parts": parts} if parts else {}),
             "plans": plans,
             "decoder": {"transformers": decoder, "tensorrt_llm": trtllm},
             "versions": _versions(),

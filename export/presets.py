@@ -8,6 +8,11 @@ config, image processor and tokenizer.
                        LLaMA-7B), random weights; for benchmarks. Only the vision tower and the
                        projector are materialised; the 7B language model is recorded as a config
                        with a seed, never built here.
+    tiny-video-llava   Video-LLaVA architecture with its real geometry (8 frames of 224 px, patch 14:
+                       257 rows a frame, 2,056 a video; 256 a still image), tiny widths, seeded
+                       random weights, a tokenizer with <image> and <video>. Saved whole (hf/).
+    video-llava-7b-arch  the exact LanguageBind/Video-LLaVA-7B-hf configuration (two CLIP ViT-L/14-224
+                       towers + LLaMA-7B), random weights, vision parts only; for benchmarks.
     tiny-llava-next    LLaVA-NeXT (anyres) architecture: CLIP-336 geometry per crop (576 patches), LLaVA-NeXT's
                        grid pinpoints (a base crop and 2 to 4 tiles), tiny widths, seeded random weights;
                        saved whole (hf/).
@@ -80,6 +85,64 @@ PRESETS: dict[str, Preset] = {
                     vocab_size=32064,
                 ),
                 image_token_id=32000,
+            ),
+            materialise_language_model=False,
+        ),
+        Preset(
+            name="tiny-video-llava",
+            family="video_llava",
+            description="Video-LLaVA architecture, real geometry (8 frames, 224 px, patch 14), tiny widths",
+            fields=dict(
+                vision=dict(
+                    image_size=224,
+                    patch_size=14,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    projection_dim=64,
+                ),
+                text=dict(
+                    hidden_size=128,
+                    intermediate_size=256,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    max_position_embeddings=4096,  # a video is 2,056 rows without ApET
+                ),
+                image_token_id=None,  # right after the byte-level tokenizer's base tokens
+                num_frames=8,
+            ),
+            materialise_language_model=True,
+        ),
+        Preset(
+            name="video-llava-7b-arch",
+            family="video_llava",
+            description="the exact LanguageBind/Video-LLaVA-7B-hf configuration, vision parts only",
+            fields=dict(
+                vision=dict(
+                    image_size=224,
+                    patch_size=14,
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    projection_dim=768,
+                    hidden_act="quick_gelu",
+                    layer_norm_eps=1e-5,
+                ),
+                text=dict(
+                    hidden_size=4096,
+                    intermediate_size=11008,
+                    num_hidden_layers=32,
+                    num_attention_heads=32,
+                    num_key_value_heads=32,
+                    max_position_embeddings=4096,
+                    rms_norm_eps=1e-5,
+                    vocab_size=32064,
+                ),
+                image_token_id=32000,  # <video> 32001
+                num_frames=8,
             ),
             materialise_language_model=False,
         ),

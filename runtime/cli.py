@@ -11,13 +11,18 @@ from pathlib import Path
 def register(subparsers) -> None:
     run = subparsers.add_parser(
         "run",
-        help="image + prompt through an engine directory",
-        description="Run one image and prompt through an engine directory: prints the "
+        help="image (or video) + prompt through an engine directory",
+        description="Run one image (or video) and prompt through an engine directory: prints the "
         "text, the tokens kept (N -> T) and per-stage timings.",
     )
     run.add_argument("--engine", required=True, help="engine directory (built by `apet build`)")
-    run.add_argument("--image", required=True, help="image file")
-    run.add_argument("--prompt", required=True, help="question or instruction about the image")
+    media = run.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file")
+    media.add_argument(
+        "--video",
+        help="video file (families that take videos, e.g. video_llava: frames sampled uniformly with PyAV)",
+    )
+    run.add_argument("--prompt", required=True, help="question or instruction about the image or video")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument(
         "--keep",
@@ -34,7 +39,12 @@ def register(subparsers) -> None:
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--overlay", default=None, metavar="OUT.png", help="write the kept patches over the image")
+    run.add_argument(
+        "--overlay",
+        default=None,
+        metavar="OUT.png",
+        help="write the kept patches over the image (a video: a contact sheet of the sampled frames)",
+    )
     run.add_argument("--grid", action="store_true", help="also print the patch grid, kept patches as '#'")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=run_command)
@@ -59,12 +69,14 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: no such file")
+    flag, path = ("--image", args.image) if args.image is not None else ("--video", args.video)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    media = {"images": args.image, "videos": args.video}
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
     [result] = pipe.generate(
-        args.image,
-        args.prompt,
+        prompts=args.prompt,
+        **media,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
@@ -74,7 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     overlay_path = None
     if args.overlay:
-        overlay_path = write_overlay(pipe, args.image, result.positions, args.overlay)
+        overlay_path = write_overlay(pipe, media, result.positions, args.overlay)
     if args.json:
         payload = {
             "text": result.text,
@@ -96,7 +108,7 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")
     if args.grid:
-        print(patch_grid(pipe, args.image, result.positions))
+        print(patch_grid(pipe, media, result.positions))
     print(f"text     {result.text!r}")
     print(
         f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
@@ -108,17 +120,19 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def patch_grid(pipe, image, positions) -> str:
-    """The image's patch grid(s) as text, '#' where a patch was kept."""
+def patch_grid(pipe, media: dict, positions) -> str:
+    """The image's (or each sampled frame's) patch grid(s) as text, '#' where a patch was kept.
+    `media`: {"images": path or None, "videos": path or None}, one of them."""
     from .overlay import grid_text
 
-    return grid_text(pipe.family.patch_map(pipe.preprocess(image), 0), positions)
+    return grid_text(pipe.family.patch_map(pipe.preprocess(media["images"], videos=media["videos"]), 0), positions)
 
 
-def write_overlay(pipe, image, positions, out) -> Path:
+def write_overlay(pipe, media: dict, positions, out) -> Path:
     from .overlay import draw_patch_map
 
-    picture = draw_patch_map(pipe.family.patch_map(pipe.preprocess(image), 0), positions)
+    batch = pipe.preprocess(media["images"], videos=media["videos"])
+    picture = draw_patch_map(pipe.family.patch_map(batch, 0), positions)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out)

@@ -85,6 +85,18 @@ class Manifest:
     def family(self) -> str:
         return self.data["model"].get("family", "llava")
 
+    @property
+    def parts(self) -> list[str]:
+        """Names of the vision engines beside the main one (a family with two towers), in order."""
+        return list(self.data.get("parts") or {})
+
+    def part(self, name: str) -> Manifest:
+        """The manifest as seen by engine part `name`: its own io and engine files, the rest shared."""
+        entry = (self.data.get("parts") or {}).get(name)
+        if not isinstance(entry, dict) or "io" not in entry or "engines" not in entry:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: no engine part {name!r} with io and engines")
+        return Manifest(root=self.root, data={**self.data, "io": entry["io"], "engines": entry["engines"]})
+
     def path_of(self, relative_or_absolute: str) -> Path:
         """A path named in the manifest: relative to the engine directory, or absolute."""
         p = Path(relative_or_absolute)

@@ -63,18 +63,24 @@ def kept_boxes(patch_map, positions: Sequence[int]) -> list[list[int]]:
 
 
 def draw_patch_map(patch_map, positions: Sequence[int], *, scale: int = 2, gap: int = 8) -> Image.Image:
-    """Every picture of the patch map side by side (top-aligned), dropped patches darkened and kept
-    ones outlined."""
+    """Every crop the engine saw, side by side (`patch_map.columns` to a row, e.g. a video's frames
+    as a contact sheet), dropped patches darkened and kept ones outlined."""
     pictures = [
         draw_kept_patches(crop, kept, patch_size=patch_map.patch_size, scale=scale)
         for crop, kept in zip(patch_map.crops, kept_boxes(patch_map, positions))
     ]
-    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
-    sheet = Image.new("RGB", (width, max(p.height for p in pictures)), (255, 255, 255))
-    x = 0
-    for p in pictures:
-        sheet.paste(p, (x, 0))
-        x += p.width + gap
+    per_row = getattr(patch_map, "columns", None) or len(pictures)
+    rows = [pictures[i : i + per_row] for i in range(0, len(pictures), per_row)]
+    width = max(sum(p.width for p in row) + gap * (len(row) - 1) for row in rows)
+    height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    y = 0
+    for row in rows:
+        x = 0
+        for p in row:
+            sheet.paste(p, (x, y))
+            x += p.width + gap
+        y += max(p.height for p in row) + gap
     return sheet
 
 

@@ -2,6 +2,7 @@
 
     pipe = runtime.load("engines/tiny-llava-t64")
     [result] = pipe.generate("photo.jpg", "What is in the picture?", max_new_tokens=32)
+    [result] = pipe.generate(prompts="What happens?", videos="clip.mp4")   # families that take videos
 
 The stages, each behind its own interface: the model family (runtime/families/: images -> the
 engine's named inputs -> rows per image, position ids), the vision backend (runtime/backends/:
@@ -26,7 +27,7 @@ import torch
 
 from apet_trt.apet_ops.probes import tensorrt_llm_available
 
-from .backends import VisionBackend, choose_backend, create_backend
+from .backends import PartsBackend, VisionBackend, choose_backend, create_backend
 from .checkpoint import dtype_named, llm_dtype, load_transformers_model
 from .decoders import Decoder, SamplingConfig
 from .families import EngineBatch, RuntimeFamily, VisualRows, family_for
@@ -34,6 +35,7 @@ from .images import ImageLike, as_image_list, to_pil
 from .manifest import Manifest, load_manifest
 from .plans import plan_mismatch, this_machine
 from .prompt import AssembledPrompt, PromptAssembler, engine_prompting
+from .videos import VideoLike, as_video_list, read_video
 
 log = logging.getLogger("apet.runtime")
 DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
@@ -43,8 +45,10 @@ DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
 class GenerationResult:
     text: str
     ids: list[int]  # generated token ids (eos included when produced)
-    positions: list[int]  # kept rows' indices among the image's uncompressed rows, ascending (N -> T)
-    num_patches: int  # N: rows the uncompressed model hands the LLM for this image
+    # kept rows' indices among the image's (video's) uncompressed rows, in the order the LLM reads
+    # them (N -> T); a prompt with several media: each item's, offset by the items before it
+    positions: list[int]
+    num_patches: int  # N: rows the uncompressed model hands the LLM for this prompt's media
     num_kept: int  # rows handed to the LLM with ApET
     timings: dict[str, float] = field(default_factory=dict)  # ms, for the whole batch of the call
 
@@ -80,27 +84,45 @@ class Pipeline:
         crop, `manifest.num_visual_tokens`, but the rows of an image depend on its aspect ratio)."""
         return self.family.fixed_rows
 
-    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> EngineBatch:
-        """images -> the engine's named inputs (the checkpoint's own image processor)."""
-        return self.family.preprocess([to_pil(img, i) for i, img in enumerate(as_image_list(images))])
+    def _media(self, images, videos) -> list:
+        """images and videos -> the family's media items: RGB PIL images, then sampled Videos."""
+        items = [to_pil(img, i) for i, img in enumerate(as_image_list(images))] if images is not None else []
+        if videos is not None:
+            frames = self.family.frames_per_video
+            if frames is None:
+                raise ValueError(f"the {self.family.name} family takes no videos (images only)")
+            items += [read_video(v, frames, i) for i, v in enumerate(as_video_list(videos))]
+        if not items:
+            raise ValueError("empty batch: pass at least one image or video")
+        return items
 
-    def encode(self, images: ImageLike | Sequence[ImageLike]) -> list[VisualRows]:
-        """images -> one VisualRows per image: embeddings [R_i, H] float32, positions [R_i] int64."""
+    def preprocess(
+        self, images: ImageLike | Sequence[ImageLike] | None = None, *, videos: VideoLike | None = None
+    ) -> EngineBatch:
+        """images (and videos) -> the engine's named inputs (the checkpoint's own image processor)."""
+        return self.family.preprocess(self._media(images, videos))
+
+    def encode(
+        self, images: ImageLike | Sequence[ImageLike] | None = None, *, videos: VideoLike | None = None
+    ) -> list[VisualRows]:
+        """images, then videos -> one VisualRows per item: embeddings [R_i, H] float32, positions [R_i] int64."""
         with self._lock:
-            return self.family.encode(self.vision, self.preprocess(images))
+            return self.family.encode(self.vision, self.preprocess(images, videos=videos))
 
     def assemble(self, prompt: str, rows: Sequence[VisualRows], index: int = 0) -> AssembledPrompt:
-        """The prompt's ids with each image token expanded to that image's rows, and the family's
-        position ids for them (None: plain 1-D positions)."""
-        a = self.assembler(prompt, [r.num_rows for r in rows], index)
-        ids = self.family.position_ids(a.input_ids, a.image_slots, rows)
-        return a if ids is None else AssembledPrompt(a.input_ids, a.image_slots, a.text, a.rows, ids)
+        """The prompt's ids with each media token expanded to its item's rows, and the family's
+        position ids for them (None: plain 1-D positions). `rows` in item order; the result's `rows`
+        and `items` are in slot (text) order."""
+        a = self.assembler(prompt, [r.num_rows for r in rows], index, [r.media for r in rows])
+        ids = self.family.position_ids(a.input_ids, a.image_slots, [rows[i] for i in a.items])
+        return a if ids is None else AssembledPrompt(a.input_ids, a.image_slots, a.text, a.rows, ids, a.items)
 
     def generate(
         self,
-        images: ImageLike | Sequence[ImageLike],
-        prompts: str | Sequence[str],
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        prompts: str | Sequence[str] | None = None,
         *,
+        videos: VideoLike | Sequence[VideoLike] | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -108,7 +130,8 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[GenerationResult]:
-        """One image per prompt; a single image and a single string make a batch of one."""
+        """One image per prompt, or one video per prompt (`videos=`, families that take videos), or
+        both; a single item and a single string make a batch of one."""
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -117,27 +140,37 @@ class Pipeline:
             top_p=top_p,
             seed=seed,
         )
-        image_list = as_image_list(images)
+        if prompts is None:
+            raise ValueError("no prompts: pass one prompt per image (or video)")
+        image_list = as_image_list(images) if images is not None else []
+        video_list = as_video_list(videos) if videos is not None else []
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_list:
             raise ValueError("empty batch: pass at least one prompt")
-        if len(image_list) != len(prompt_list):
-            raise ValueError(f"{len(image_list)} image(s) but {len(prompt_list)} prompt(s): pass one image per prompt")
+        for what, media in (("image", image_list), ("video", video_list)):
+            if media and len(media) != len(prompt_list):
+                raise ValueError(f"{len(media)} {what}(s) but {len(prompt_list)} prompt(s): pass one {what} per prompt")
+        if not image_list and not video_list:
+            raise ValueError("no images or videos: pass one per prompt")
+        n = len(prompt_list)  # prompt b's media: image b and/or video b (items b and len(images) + b)
+        per_prompt = [[b] * bool(image_list) + [len(image_list) + b] * bool(video_list) for b in range(n)]
         with self._lock:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
             for i, p in enumerate(prompt_list):  # the text's own errors, before any heavy work
-                self.assembler.conversation(p, i)
+                self.assembler.conversation(p, i, int(bool(image_list)), int(bool(video_list)))
             fixed = self.family.fixed_rows
-            if fixed is not None:  # rows known up front: lengths are checked before any heavy work
+            if fixed is not None and not video_list:  # rows known up front: lengths checked before any heavy work
                 early = [self.assembler(p, fixed, i) for i, p in enumerate(prompt_list)]
                 self.decoder.check_lengths(early, sampling.max_new_tokens)
             t0 = time.perf_counter()
-            batch = self.preprocess(image_list)
+            batch = self.family.preprocess(self._media(image_list or None, video_list or None))
             t1 = time.perf_counter()
             rows = self.family.encode(self.vision, batch)
             t2 = time.perf_counter()
-            assembled = [self.assemble(p, [rows[i]], i) for i, p in enumerate(prompt_list)]
+            media = [[rows[i] for i in items] for items in per_prompt]
+            assembled = [self.assemble(p, media[b], b) for b, p in enumerate(prompt_list)]
             self.decoder.check_lengths(assembled, sampling.max_new_tokens)
-            out = self.decoder.generate(assembled, [[r.embeddings] for r in rows], sampling)
+            visual = [[media[b][i].embeddings for i in a.items] for b, a in enumerate(assembled)]
+            out = self.decoder.generate(assembled, visual, sampling)
             t3 = time.perf_counter()
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.ids]
         timings = {
@@ -152,13 +185,22 @@ class Pipeline:
             GenerationResult(
                 text=texts[b],
                 ids=list(ids),
-                positions=rows[b].positions.tolist(),
-                num_patches=rows[b].num_patches,
-                num_kept=rows[b].num_rows,
+                positions=_positions([media[b][i] for i in assembled[b].items]),
+                num_patches=sum(r.num_patches for r in media[b]),
+                num_kept=sum(r.num_rows for r in media[b]),
                 timings=dict(timings),
             )
             for b, ids in enumerate(out.ids)
         ]
+
+
+def _positions(rows: Sequence[VisualRows]) -> list[int]:
+    """Each item's kept positions, offset by the uncompressed rows of the items before it."""
+    out, offset = [], 0
+    for r in rows:
+        out += (r.positions + offset).tolist()
+        offset += r.num_patches
+    return out
 
 
 def _default_device(device: str | None) -> torch.device:
@@ -314,7 +356,11 @@ def load(
             log.warning("vision backend %s (%s)", name, reason)
         else:
             log.info("vision backend %s (%s)", name, reason)
-        vision = create_backend(name, manifest, device=device, torch_module=lambda: family.torch_module(model_loader()))
+        engines = [
+            create_backend(name, m, device=device, torch_module=lambda: family.torch_module(model_loader()))
+            for m in [manifest, *(manifest.part(p) for p in manifest.parts)]
+        ]  # the main engine, and the family's other towers (manifest parts)
+        vision = engines[0] if len(engines) == 1 else PartsBackend(manifest, engines)
     else:
         vision = backend if isinstance(backend, VisionBackend) else backend(manifest)
         reason = "given by the caller"

@@ -11,9 +11,15 @@ runtime, per image:
 - the same result through `Pipeline.generate` (num_patches = uncompressed rows, num_kept = rows).
 
 Images of three shapes (square, wide, tall): families whose rows depend on the image must follow.
+Families that take videos (`media` holds "video") are checked the same way on the real clip
+(assets/big_buck_bunny.mp4): --no-apet rows equal the family's `reference_video_rows` on the frames
+Transformers' own `load_video` samples. Media a family does not compress (`compressed_media`, e.g.
+Video-LLaVA's still images) must come out of the ApET engine exactly as without ApET.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +34,7 @@ from apet_trt.export.models import family_class
 from apet_trt.export.presets import PRESETS, load_preset
 from apet_trt.runtime.families import FAMILIES as RUNTIME_FAMILIES
 
+CLIP = Path(__file__).resolve().parents[1] / "assets" / "big_buck_bunny.mp4"
 SHAPES = {"square": (300, 300), "wide": (420, 180), "tall": (160, 400)}  # (width, height)
 
 
@@ -66,13 +73,51 @@ def images():
     return {k: Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for k, (w, h) in SHAPES.items()}
 
 
-def _reference(name, ckpt, pil):
+def _reference(name, ckpt, pil=None, videos=None):
     import transformers
 
     cls = family_class(name)
     config = transformers.AutoConfig.from_pretrained(str(ckpt))
     model = getattr(transformers, cls.hf_model_class).from_pretrained(str(ckpt)).eval()
-    return cls(config).reference_rows(model, load_image_processor(ckpt), pil)
+    family = cls(config)
+    if videos is not None:
+        return family.reference_video_rows(model, load_image_processor(ckpt), videos)
+    return family.reference_rows(model, load_image_processor(ckpt), pil)
+
+
+def _takes_video(name) -> bool:
+    return "video" in family_class(name).media
+
+
+def test_no_apet_video_rows_equal_transformers_own_features(family_engines):
+    name, ckpt, full, _ = family_engines
+    if not _takes_video(name):
+        pytest.skip(f"the {name} family takes no videos")
+    from transformers.video_utils import load_video
+
+    pipe = runtime.load(full, backend="onnxruntime")
+    [rows] = pipe.encode(videos=str(CLIP))
+    frames, _ = load_video(str(CLIP), num_frames=pipe.family.frames_per_video, backend="pyav")
+    [reference] = _reference(name, ckpt, videos=[frames])
+    assert rows.media == "video" and rows.embeddings.shape == reference.shape, name
+    assert float((rows.embeddings - reference).abs().max()) <= 1e-5, name
+    assert rows.num_patches == rows.num_rows and torch.equal(rows.positions, torch.arange(rows.num_rows))
+
+
+def test_apet_video_rows_positions_and_placeholders(family_engines):
+    name, _, full, comp = family_engines
+    if not _takes_video(name):
+        pytest.skip(f"the {name} family takes no videos")
+    pipe, base = runtime.load(comp, backend="onnxruntime"), runtime.load(full, backend="onnxruntime")
+    [r], [u] = pipe.encode(videos=str(CLIP)), base.encode(videos=str(CLIP))
+    assert r.num_patches == u.num_rows and 0 < r.num_rows < u.num_rows, name
+    assert r.positions.unique().numel() == r.num_rows and r.embeddings.shape[0] == r.num_rows
+    assert 0 <= int(r.positions.min()) and int(r.positions.max()) < r.num_patches
+    a = pipe.assemble("What happens?", [r])
+    slots = torch.nonzero(a.input_ids == int(pipe.manifest.llm["video_token_id"])).flatten()
+    assert slots.numel() == r.num_rows and bool((slots.diff() == 1).all()), name
+    [res] = pipe.generate(prompts="What happens?", videos=str(CLIP), max_new_tokens=2)
+    assert (res.num_kept, res.num_patches, res.positions) == (r.num_rows, r.num_patches, r.positions.tolist())
 
 
 def test_no_apet_rows_equal_transformers_own_features(family_engines, images):
@@ -97,7 +142,10 @@ def test_apet_rows_positions_and_placeholders(family_engines, images):
     for shape, r, u in zip(images, rows, uncompressed):
         where = f"{name}, {shape} image"
         assert r.num_patches == u.num_rows, where
-        assert 0 < r.num_rows < u.num_rows, where
+        if "image" not in family_class(name).compressed_media:  # passed whole: exactly the uncompressed rows
+            assert torch.equal(r.embeddings, u.embeddings) and torch.equal(r.positions, u.positions), where
+        else:
+            assert 0 < r.num_rows < u.num_rows, where
         assert r.positions.shape == (r.num_rows,) and r.embeddings.shape[0] == r.num_rows, where
         assert bool((r.positions.diff() > 0).all()), where
         assert 0 <= int(r.positions.min()) and int(r.positions.max()) < r.num_patches, where

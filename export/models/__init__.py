@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-from .base import ExportFamily, LoadedModel, Preset
+from .base import EnginePart, ExportFamily, LoadedModel, Preset
 
 FAMILIES: dict[str, str] = {  # family name -> "module:class"
     "llava": "apet_trt.export.models.llava:LlavaExport",
     "llava_next": "apet_trt.export.models.llava_next:LlavaNextExport",
+    "video_llava": "apet_trt.export.models.video_llava:VideoLlavaExport",
 }
 
 
@@ -34,4 +35,4 @@ def family_for_model_type(model_type: str) -> type[ExportFamily]:
     raise ValueError(f"model_type {model_type!r} is not supported yet (supported: {', '.join(supported)})")
 
 
-__all__ = ["FAMILIES", "ExportFamily", "LoadedModel", "Preset", "family_class", "family_for_model_type"]
+__all__ = ["FAMILIES", "EnginePart", "ExportFamily", "LoadedModel", "Preset", "family_class", "family_for_model_type"]

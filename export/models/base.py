@@ -10,6 +10,7 @@ export/build.py speaks only this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ class Preset:
     description: str = ""
 
 
+@dataclass
+class EnginePart:
+    """A vision engine a family needs beside its main one (Video-LLaVA: the image tower beside the
+    video tower), exported the same way as `<name>.onnx` (and `<name>.plan`) and recorded under the
+    manifest's `parts` with its own io; the runtime sends a call to the engine whose inputs it feeds."""
+
+    name: str
+    module: torch.nn.Module  # forward(**named inputs) -> tuple of the outputs in io order
+    io: dict
+    example_inputs: Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+
+
 class ExportFamily(ABC):
     """The export side of one model family. `config` is the Hugging Face config of the whole VLM."""
 
@@ -53,6 +66,9 @@ class ExportFamily(ABC):
     hf_model_class: str = ""  # the Transformers class of the whole VLM
     prompt_template: str = ""  # the conversation format; "{prompt}" and the image token once
     image_token: str = "<image>"
+    video_token: str | None = None  # the family's video placeholder, when it takes videos
+    media: tuple[str, ...] = ("image",)  # what a request may hold: "image", "video"
+    compressed_media: tuple[str, ...] = ("image",)  # which of them ApET compresses (the rest pass whole)
     item: str = "image"  # what one engine item is ("image", "crop", "frame"), for messages
     # tensorrt_llm.models class that converts the language model for TensorRT-LLM's engine flow (the
     # prompt-table decoder); None: the family has no such route
@@ -99,13 +115,17 @@ class ExportFamily(ABC):
         if apet is not None:
             apet.validate_for(self.num_patches)
 
+    def apet_config(self, apet: ApetConfig | None) -> ApetConfig | None:
+        """The family's variant of the build's ApET options (e.g. the video layout); unchanged by default."""
+        return apet
+
     def rows_per_item(self, apet: ApetConfig | None) -> int:
         """T: rows of `embeddings` per engine item (N when there is no compression)."""
         return apet.keep if apet is not None else self.num_patches
 
     def max_rows_per_image(self, apet: ApetConfig | None) -> int:
-        """The most rows one image can hand the LLM (what a decoder's multimodal capacity is sized
-        for); one engine item per image: T."""
+        """The most rows one image (or video) can hand the LLM (what a decoder's multimodal capacity is
+        sized for); one engine item per image: T."""
         return self.rows_per_item(apet)
 
     @abstractmethod
@@ -144,6 +164,20 @@ class ExportFamily(ABC):
         """Transformers' own answer, for checking the engine: the rows the Hugging Face model hands
         its language model for these PIL images without compression (one [R_i, H] tensor per image),
         computed with the model's and processor's own methods only."""
+
+    def reference_video_rows(self, model: torch.nn.Module, processor, videos: list) -> list[torch.Tensor]:
+        """Transformers' own rows for videos ([F, H, W, 3] uint8 frames each), as reference_rows for images."""
+        raise NotImplementedError(f"family {self.name!r} takes no videos")
+
+    def extra_parts(self, model: torch.nn.Module, apet: ApetConfig | None) -> list[EnginePart]:
+        """Vision engines beside the main one (none by default)."""
+        return []
+
+    def trtllm_checkpoint(self, checkpoint: Path, work: Path) -> Path:
+        """The Hugging Face checkpoint TensorRT-LLM's converter (`trtllm_model_class`) reads: the
+        family's own by default; a family whose model type the converter does not know writes its
+        language model as a plain checkpoint under `work` and returns that."""
+        return checkpoint
 
     def save_files(self, model: torch.nn.Module, out_dir: Path) -> None:  # noqa: B027 - optional hook
         """Write the files the family's runtime adapter reads besides the engine (e.g. LLaVA-NeXT's

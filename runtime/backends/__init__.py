@@ -76,6 +76,29 @@ class VisionBackend(ABC):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]: ...
 
 
+class PartsBackend(VisionBackend):
+    """The vision engines of one directory (the main one and its `parts`, docs/ENGINE_DIR.md) behind one
+    run(): each call goes to the engine whose input names are the feeds' (e.g. Video-LLaVA's frames to
+    the video tower, still images to the image tower)."""
+
+    def __init__(self, manifest: Manifest, engines: Sequence[VisionBackend]):
+        super().__init__(manifest)
+        self.engines = list(engines)
+        self.name = self.engines[0].name
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        for engine in self.engines:
+            if sorted(feeds) == sorted(engine.input_names):
+                return engine.run(feeds)
+        takes = " or ".join(str(e.input_names) for e in self.engines)
+        raise ValueError(f"{self.name}: inputs {sorted(feeds)} given, the engines take {takes}")
+
+    __call__ = run
+
+    def _run(self, feeds):  # pragma: no cover - run() dispatches to an engine
+        raise NotImplementedError
+
+
 def _static(dim) -> bool:
     return isinstance(dim, int) and dim >= 0
 

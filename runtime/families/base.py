@@ -5,7 +5,7 @@ One family, one subclass, one file (runtime/families/<family>.py), listed by nam
 runtime/families/__init__.py. Everything else in the runtime - backends, prompt assembly,
 decoders, the pipeline, the CLI - speaks only this interface:
 
-    batch = family.preprocess(images)            # PIL images -> EngineBatch (named inputs, per-image facts)
+    batch = family.preprocess(items)             # PIL images / Videos -> EngineBatch (named inputs, per-item facts)
     rows = family.encode(backend, batch)         # -> list[VisualRows], one per image
     family.position_ids(prompt_ids, slots, rows) # None (1-D positions) or the family's own ids
     family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
@@ -31,19 +31,21 @@ from ..manifest import Manifest
 
 @dataclass
 class VisualRows:
-    """One image's rows for the LLM.
+    """One image's (or video's) rows for the LLM.
 
     embeddings  [R, H] float32, in the order the LLM reads them
     positions   [R] int64: each row's index in the sequence of rows the uncompressed model would
                 hand the LLM for this image (so with no compression, 0..R-1; with ApET, the kept ones)
     num_patches that uncompressed row count
     extras      family facts a decoder or an overlay may need (e.g. a crop layout, a grid)
+    media       "image" or "video": which placeholder of the prompt reads these rows
     """
 
     embeddings: torch.Tensor
     positions: torch.Tensor
     num_patches: int
     extras: dict[str, Any] = field(default_factory=dict)
+    media: str = "image"
 
     @property
     def num_rows(self) -> int:
@@ -57,7 +59,7 @@ class EngineBatch:
 
     feeds: dict[str, np.ndarray]
     items: list[dict[str, Any]]
-    images: list[Any] = field(default_factory=list, repr=False)  # the PIL images, for overlays
+    images: list[Any] = field(default_factory=list, repr=False)  # the PIL images (and Videos), for overlays
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class PatchMap:
     boxes: list[tuple[int, int, int] | None]
     grid: tuple[int, int]
     patch_size: int
+    columns: int | None = None  # pictures per row of an overlay sheet (None: all in one row)
 
     @property
     def grids(self) -> list[tuple[int, int]]:
@@ -83,6 +86,11 @@ class RuntimeFamily(ABC):
 
     name: str = ""
     hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
+    # frames the family samples from a video (runtime/videos.py); None: it takes no videos
+    frames_per_video: int | None = None
+    # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
+    # parts (apet serve --upstream); False: no such server registers the model
+    upstream_image_embeds: bool = True
     # TensorRT-LLM's LLM API (PyTorch backend) takes this family's rows as `multi_modal_embeddings`
     # (its input processor implements attach_multimodal_embeddings)
     tensorrt_llm_api: bool = False
@@ -99,7 +107,8 @@ class RuntimeFamily(ABC):
     # -- images -> engine inputs ----------------------------------------------------------------
     @abstractmethod
     def preprocess(self, images: Sequence[Any]) -> EngineBatch:
-        """RGB PIL images -> the engine's named inputs (the checkpoint's own HF processor)."""
+        """Media items -> the engine's named inputs (the checkpoint's own HF processor): RGB PIL
+        images, and for a family with `frames_per_video`, `videos.Video`s of that many frames."""
 
     # -- engine outputs -> rows ---------------------------------------------------------------
     @abstractmethod

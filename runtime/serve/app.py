@@ -64,7 +64,14 @@ def load_pipeline(cfg: ServeConfig):
         return load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=cfg.decoder)
     from .vision_only import VisionOnlyDecoder
 
-    return load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=VisionOnlyDecoder.for_manifest)
+    pipe = load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=VisionOnlyDecoder.for_manifest)
+    if not pipe.family.upstream_image_embeds:
+        raise ValueError(
+            f"--upstream: no OpenAI-compatible server takes the {pipe.family.name} family's rows as image_embeds "
+            "parts (vLLM and SGLang register no such model); serve it locally, or feed its language model prompt "
+            "embeddings (README, 'Video-LLaVA')"
+        )
+    return pipe
 
 
 def describe(state: ServerState) -> str:
