@@ -68,3 +68,14 @@ def accepted_kwargs(fn, **kwargs) -> dict:
     keyword arguments between majors, e.g. a model's `mm_token_type_ids` in 5.x)."""
     params = inspect.signature(fn).parameters
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+def convert_to_rgb(image):
+    """Transformers' convert_to_rgb (transparency composited onto white) -> a PIL RGB image: 5.x
+    grew a return_numpy flag (and warns without it), 4.x returns a PIL image."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
+
+    if "return_numpy" in inspect.signature(hf_convert_to_rgb).parameters:
+        return Image.fromarray(hf_convert_to_rgb(image, return_numpy=True))
+    return hf_convert_to_rgb(image)

@@ -24,6 +24,7 @@ from apet_trt.apet_ops import ApetConfig
 from apet_trt.apet_ops.compat import config_dtype
 
 from . import manifest as manifest_writer
+from .engine_dir import EngineDirWriter
 from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
 from .precision import compressor_not_fp32, part_dtypes
@@ -52,6 +53,10 @@ class BuildConfig:
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
 
     def apet(self) -> ApetConfig | None:
+        if self.no_apet and self.keep is not None:
+            raise ValueError(
+                f"--no-apet builds the uncompressed baseline (all N tokens); it cannot take --keep {self.keep}"
+            )
         if self.no_apet or self.keep is None:
             return None
         return ApetConfig(keep=self.keep, basis=self.basis, merge=self.merge, ridge=self.ridge, start=self.start)
@@ -100,19 +105,6 @@ def _versions() -> dict:
     }
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} exists and is not a directory; refusing to replace it")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
-        if not (out / manifest_writer.MANIFEST).is_file():
-            raise FileExistsError(
-                f"--out {out} exists and is not an engine directory (no manifest.json); "
-                "refusing to replace it even with --force"
-            )
-
-
 def checkpoint_config(path: Path):
     """A local checkpoint's config (offline, no weights read)."""
     from transformers import AutoConfig
@@ -143,28 +135,6 @@ def _load(model: str, source: str, family: ExportFamily) -> LoadedModel:
     if source == "preset":
         return load_preset(model)
     return family.load_checkpoint(Path(model).expanduser())
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """The ancestors of `path` that do not exist yet, deepest first (created by mkdir(parents=True))."""
-    return [p for p in path.parents if not p.exists()]
-
-
-def _replace_dir(work: Path, out: Path) -> None:
-    """Move `work` to `out`; an existing `out` is moved aside first and restored if the move fails."""
-    backup = None
-    if out.exists():
-        backup = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-    try:
-        work.rename(out)
-    except BaseException:
-        if backup is not None:
-            backup.rename(out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _llm_dtype(config, source: str, loaded: LoadedModel) -> str:
@@ -216,9 +186,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
     apet = config.apet()  # keep / basis / start / ridge checked here
-    out = Path(config.out)
-    _check_out(out, config.force)
     source, family = _resolve(config.model)
+    checkpoint = [Path(config.model).expanduser()] if source == "path" else []
+    writer = EngineDirWriter(config.out, force=config.force, inputs=checkpoint)  # --out checked before the build
     apet = family.apet_config(apet)  # the family's variant (e.g. the video layout)
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
     n, t = family.num_patches, family.rows_per_item(apet)
@@ -235,11 +205,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     io = family.io(apet)
     output_names = [o["name"] for o in io["outputs"]]
 
-    work = out.parent / f".{out.name}.building"
-    created = _missing_dirs(work)  # removed again if the build fails
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with writer as work:  # locked; removed again, with the parents it made, if the build fails
         what = "ApET" if apet else "no compression"
         steps(f"exporting vision tower + {what} + projector to ONNX (N={n} -> T={t})")
         onnx_path = export_vision_onnx(
@@ -283,7 +249,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             seed = get_preset(config.model).seed
             decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": seed, "config": "hf/config.json"}
         else:
-            decoder = {"checkpoint": str(Path(config.model).expanduser().resolve()), "weights": "saved"}
+            decoder = {"checkpoint": None, "weights": "saved"}  # null: the external checkpoint
         del model
 
         steps("TensorRT engine")
@@ -341,7 +307,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
                 dtype=llm_dtype,
                 model_class=family.trtllm_model_class,
             )
-            hf_dir = Path(decoder["checkpoint"]) if source == "path" else work / "hf"
+            hf_dir = checkpoint[0] if source == "path" else work / "hf"
             lm_dir = family.trtllm_checkpoint(hf_dir, work / ".trtllm_hf")  # what the converter reads
             trtllm = build_trtllm(lm_dir, work / "llm", cfg, work)
             shutil.rmtree(work / ".trtllm_hf", ignore_errors=True)
@@ -353,12 +319,8 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         steps("manifest")
         text = hf_config.text_config
         fields = {
-            "model": {
-                "id": config.model,
-                "source": source,
-                "family": family.name,
-                "path": str(Path(config.model).expanduser().resolve()) if source == "path" else None,
-            },
+            "model": {"id": config.model, "source": source, "family": family.name},
+            "external_checkpoint": manifest_writer.external_checkpoint(checkpoint[0]) if checkpoint else None,
             **family.manifest_fields(apet),
             "apet": apet.to_dict() if apet else None,
             "llm": {
@@ -383,18 +345,10 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         }
         data = manifest_writer.write_manifest(work, fields)
         steps.done()
-        _replace_dir(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        for d in created:  # deepest first; only the empty ones this build made
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
+        writer.commit()
 
     if not quiet:
-        print(f"\nengine directory {out}  (N={n} -> T={t} visual tokens per {family.item})")
+        print(f"\nengine directory {writer.out}  (N={n} -> T={t} visual tokens per {family.item})")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")

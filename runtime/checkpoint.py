@@ -1,10 +1,9 @@
 """The Transformers checkpoint an engine directory names for its decoder (and the torch backend):
-manifest["decoder"]["transformers"] = {"checkpoint": "hf" | "/abs/path", "weights": "saved"} or
-{"checkpoint": ..., "weights": "random-seeded", "seed": S, "config": "hf/config.json"}."""
+manifest["decoder"]["transformers"] = {"checkpoint": "hf" | null (the external checkpoint),
+"weights": "saved"} or {"checkpoint": ..., "weights": "random-seeded", "seed": S, "config":
+"hf/config.json"}; paths come from the manifest's confined accessors."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -40,14 +39,14 @@ def load_transformers_model(
     cls = getattr(transformers, model_class)
     weights = entry.get("weights", "saved")
     if weights == "saved":
-        path = manifest.path_of(entry["checkpoint"])
+        path = manifest.transformers_checkpoint()
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: the Transformers checkpoint named by the manifest does not exist")
         model = cls.from_pretrained(str(path), **dtype_kwarg(dtype))
     elif weights == "random-seeded":
         from transformers import AutoConfig
 
-        config_path = manifest.path_of(entry.get("config") or Path(entry["checkpoint"]) / "config.json")
+        config_path = manifest.transformers_config()
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: the config for the seeded random weights does not exist")
         config = AutoConfig.from_pretrained(str(config_path.parent))

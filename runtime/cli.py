@@ -8,22 +8,32 @@ import sys
 from pathlib import Path
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the default of every option that has one (not of required ones, flags or None)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers) -> None:
     run = subparsers.add_parser(
         "run",
         help="image (or video) + prompt through an engine directory",
         description="Run one image (or video) and prompt through an engine directory: prints the "
         "text, the tokens kept (N -> T) and per-stage timings.",
+        formatter_class=_DefaultsFormatter,
     )
     run.add_argument("--engine", required=True, help="engine directory (built by `apet build`)")
     media = run.add_mutually_exclusive_group(required=True)
-    media.add_argument("--image", help="image file")
+    media.add_argument("--image", help="local image file (PNG, JPEG, WebP, TIFF, ...; up to 8192x8192)")
     media.add_argument(
         "--video",
         help="video file (families that take videos, e.g. video_llava: frames sampled uniformly with PyAV)",
     )
     run.add_argument("--prompt", required=True, help="question or instruction about the image or video")
-    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
     run.add_argument(
         "--keep",
         type=int,
@@ -31,20 +41,34 @@ def register(subparsers) -> None:
         metavar="T",
         help="the T you expect; refused if the engine was built for another T",
     )
-    run.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    run.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
+    run.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        help="vision backend; auto: TensorRT where the plan, tensorrt and a GPU are present, else ONNX Runtime",
+    )
+    run.add_argument(
+        "--decoder",
+        default="auto",
+        choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"],
+        help="decoder; auto: TensorRT-LLM where the engine has one and it imports, else Transformers",
+    )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=None)
+    run.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (> 0 with --sample; unused when greedy)"
+    )
+    run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    run.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of probability >= p")
+    run.add_argument("--seed", type=int, default=None, help="random seed for --sample (default: a fresh one)")
     run.add_argument(
         "--overlay",
         default=None,
         metavar="OUT.png",
-        help="write the kept patches over the image (a video: a contact sheet of the sampled frames)",
+        help="write the kept patches over the image (a video: a contact sheet of the sampled frames) to this new "
+        "file (never the input or the engine dir)",
     )
+    run.add_argument("--force-overlay", action="store_true", help="let --overlay replace an existing file")
     run.add_argument("--grid", action="store_true", help="also print the patch grid, kept patches as '#'")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=run_command)
@@ -66,17 +90,12 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     from . import load
+    from .decoders import SamplingConfig
+    from .images import check_image_file, check_local_file
+    from .overlay import overlay_target
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    flag, path = ("--image", args.image) if args.image is not None else ("--video", args.video)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    media = {"images": args.image, "videos": args.video}
-    pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
-    [result] = pipe.generate(
-        prompts=args.prompt,
-        **media,
+    # every argument checked before a model is loaded
+    sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
@@ -84,9 +103,27 @@ def run_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
+    if args.image is not None:
+        check_image_file(args.image, "--image")  # path, format and geometry, from the header
+    else:
+        check_local_file(args.video, "--video", "video")
+    media = {"images": args.image, "videos": args.video}
+    if args.overlay:
+        overlay_target(args.overlay, image=args.image or args.video, engine_dir=args.engine, force=args.force_overlay)
+    pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
+    [result] = pipe.generate(
+        prompts=args.prompt,
+        **media,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+    )
     overlay_path = None
     if args.overlay:
-        overlay_path = write_overlay(pipe, media, result.positions, args.overlay)
+        overlay_path = write_overlay(pipe, media, result.positions, args.overlay, force=args.force_overlay)
     if args.json:
         payload = {
             "text": result.text,
@@ -128,12 +165,11 @@ def patch_grid(pipe, media: dict, positions) -> str:
     return grid_text(pipe.family.patch_map(pipe.preprocess(media["images"], videos=media["videos"]), 0), positions)
 
 
-def write_overlay(pipe, media: dict, positions, out) -> Path:
-    from .overlay import draw_patch_map
+def write_overlay(pipe, media: dict, positions, out, *, force: bool = False) -> Path:
+    from .overlay import draw_patch_map, overlay_target, save_overlay
 
+    source = media["images"] or media["videos"]
+    target = overlay_target(out, image=source, engine_dir=pipe.manifest.root, force=force)
     batch = pipe.preprocess(media["images"], videos=media["videos"])
     picture = draw_patch_map(pipe.family.patch_map(batch, 0), positions)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out)
-    return out
+    return save_overlay(picture, target, force=force)

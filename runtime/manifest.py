@@ -1,49 +1,124 @@
-"""Read and verify an engine directory (docs/ENGINE_DIR.md, format version 1).
+"""Read and verify an engine directory (docs/ENGINE_DIR.md, manifest_version 2).
 
-The runtime trusts nothing in an engine directory that the manifest does not describe and checksum:
-`read_manifest` parses and checks the schema, `verify_files` compares every file on disk with the
-`files` table (missing, changed size or sha256, unlisted -> an error naming the file).
+The runtime trusts nothing in an engine directory that the manifest does not describe and
+checksum, and follows no path out of it:
+
+- `read_manifest` reads manifest.json (a regular file of at most MAX_MANIFEST_BYTES, JSON nested at
+  most MAX_DEPTH deep, no duplicate keys, no NaN) and checks it against SCHEMA (one table: field ->
+  type, range, choices, path kind) and RULES (facts across fields) before anything else reads it.
+  Every error is a ManifestError that names the field.
+- `verify_files` walks the directory without following links: regular files and folders only (a
+  symbolic link, a FIFO or a hard-linked file anywhere is refused), every file listed in `files`
+  with its size and sha256, nothing unlisted, JSON files naming other files name them inside the
+  directory, and the one reference outside, `external_checkpoint`, matches its fingerprint.
+- `Manifest` hands out paths only through accessors that confine them (`file`, `folder`,
+  `engine_path`, `transformers_checkpoint`, ...): no caller joins a manifest string to a path.
+
+Extending the schema (a new field, a family's own facts) is one line in SCHEMA per field; a family
+adapter checks its own object with `Manifest.section(key, schema)` against a table of the same form.
 This module never imports `export` (the writer); a test round-trips the two.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "apet-trt-engine"
-SUPPORTED_MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-_REQUIRED = (
-    "format",
-    "manifest_version",
-    "model",
-    "vision",
-    "num_visual_tokens",
-    "llm",
-    "prompt_template",
-    "image_token",
-    "io",
-    "batch",
-    "engines",
-    "decoder",
-    "files",
+from .engine_files import (
+    check_external_checkpoint,
+    check_file_references,
+    parse_json,
+    read_regular,
+    sha256_file,
+    walk,
 )
-_HASH_CHUNK = 1 << 20
+from .manifest_schema import (
+    FORMAT,
+    MANIFEST_NAME,
+    SCHEMA,
+    SUPPORTED_MANIFEST_VERSION,
+    Field,
+    ManifestError,
+    check_fields,
+    check_relative_path,
+    lists_folder,
+    transformers_folders,
+    validate,
+)
+
+MAX_MANIFEST_BYTES = 4 << 20  # the processor config and a few hundred file entries take < 100 KiB
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_NAME",
+    "Field",
+    "Manifest",
+    "ManifestError",
+    "SCHEMA",
+    "load_manifest",
+    "read_manifest",
+    "verify_files",
+    "sha256_file",
+]
 
 
-class ManifestError(ValueError):
-    """An engine directory that does not match its manifest (or has none that we can read)."""
+# --- reading --------------------------------------------------------------------------------------
+
+
+def _interrupted_hint(root: Path) -> str:
+    aside = root.parent / f".{root.name}.replaced"
+    if aside.is_dir() and not aside.is_symlink():
+        return (
+            f"; an interrupted `apet build --force` left the previous engine at {aside}: run the same "
+            "`apet build` again (it restores or finishes the replacement), or rename it back"
+        )
+    return ""
+
+
+def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
+    """Read `engine_dir/manifest.json` and check it against SCHEMA and RULES (files are not read
+    here: see `verify_files`)."""
+    root = Path(engine_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"engine directory {root} does not exist or is not a directory{_interrupted_hint(root)}"
+        )
+    path = root / MANIFEST_NAME
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(f"{path}: no manifest; this is not an engine directory built by `apet build`")
+    data = parse_json(read_regular(path, MAX_MANIFEST_BYTES), path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not an apet-trt manifest (format != {FORMAT!r})")
+    version = data.get("manifest_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestError(f"{path}: manifest_version must be a positive integer, got {version!r}")
+    if version > SUPPORTED_MANIFEST_VERSION:
+        raise ManifestError(
+            f"{path}: manifest_version {version} is newer than this runtime supports "
+            f"({SUPPORTED_MANIFEST_VERSION}); upgrade apet-trt or rebuild the engine directory"
+        )
+    if version < SUPPORTED_MANIFEST_VERSION:
+        raise ManifestError(
+            f"{path}: manifest_version {version} is older than this runtime reads "
+            f"({SUPPORTED_MANIFEST_VERSION}: paths confined, checkpoint fingerprinted); rebuild it with `apet build`"
+        )
+    try:
+        validate(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+    return Manifest(root=root, data=data)
+
+
+# --- the parsed manifest ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The parsed manifest.json of one engine directory, with typed accessors for what the
-    runtime uses. `data` is the whole JSON object."""
+    """The checked manifest.json of one engine directory, with typed accessors for what the runtime
+    uses and confined paths for what it opens. `data` is the whole JSON object."""
 
     root: Path
     data: dict[str, Any] = field(repr=False)
@@ -59,7 +134,7 @@ class Manifest:
 
     @property
     def apet(self) -> dict | None:
-        return self.data.get("apet")
+        return self.data["apet"]
 
     @property
     def llm(self) -> dict:
@@ -83,7 +158,7 @@ class Manifest:
 
     @property
     def family(self) -> str:
-        return self.data["model"].get("family", "llava")
+        return self.data["model"]["family"]
 
     @property
     def parts(self) -> list[str]:
@@ -97,14 +172,81 @@ class Manifest:
             raise ManifestError(f"{self.root / MANIFEST_NAME}: no engine part {name!r} with io and engines")
         return Manifest(root=self.root, data={**self.data, "io": entry["io"], "engines": entry["engines"]})
 
-    def path_of(self, relative_or_absolute: str) -> Path:
-        """A path named in the manifest: relative to the engine directory, or absolute."""
-        p = Path(relative_or_absolute)
-        return p if p.is_absolute() else self.root / p
+    def section(self, key: str, schema: Mapping[str, Field]) -> Any:
+        """A family adapter's own object, `data[key]`, checked against the adapter's schema table
+        (the SCHEMA form, names relative to the object); errors name `key.field`."""
+        if key not in self.data:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: {key}: missing")
+        try:
+            check_fields(self.data[key], schema, key)
+        except ManifestError as exc:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: {exc}") from None
+        return self.data[key]
+
+    # -- confined paths ----------------------------------------------------------------------
+    def _inside(self, rel: str, what: str) -> Path:
+        try:
+            check_relative_path(rel, what)
+        except ManifestError as exc:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: {exc}") from None
+        path = self.root / rel
+        real_root = os.path.realpath(self.root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise ManifestError(f"{path}: resolves outside the engine directory {self.root}")
+        return path
+
+    def file(self, rel: str) -> Path:
+        """A file of the engine directory that `files` lists."""
+        if rel not in self.data["files"]:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: {rel!r} is not listed in files")
+        return self._inside(rel, rel)
+
+    def folder(self, rel: str) -> Path:
+        """A folder of the engine directory holding listed files."""
+        if not lists_folder(self.data["files"], rel):
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: folder {rel!r} has no file listed in files")
+        return self._inside(rel, rel)
+
+    def path_of(self, rel: str) -> Path:
+        """A listed file or folder of the engine directory (never a path outside it)."""
+        return self.file(rel) if rel in self.data["files"] else self.folder(rel)
 
     def engine_path(self, kind: str) -> Path | None:
-        name = (self.data.get("engines") or {}).get(kind)
-        return None if name is None else self.path_of(name)
+        name = self.data["engines"].get(kind)
+        return None if name is None else self.file(name)
+
+    @property
+    def processor_dir(self) -> Path:
+        return self.folder("processor")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.folder("tokenizer")
+
+    @property
+    def external_checkpoint(self) -> Path | None:
+        """The one folder outside the engine directory the manifest may name (fingerprinted)."""
+        ext = self.data.get("external_checkpoint")
+        return None if ext is None else Path(ext["path"])
+
+    def transformers_checkpoint(self) -> Path:
+        """The decoder's Transformers checkpoint: a folder of the engine directory, or the external
+        checkpoint (verified by verify_files)."""
+        entry = self.data["decoder"]["transformers"]
+        if entry is None:
+            raise RuntimeError(f"{self.root}: the manifest names no Transformers checkpoint (decoder.transformers)")
+        if entry["checkpoint"] is None:
+            return self.external_checkpoint
+        return self.folder(entry["checkpoint"])
+
+    def transformers_config(self) -> Path | None:
+        """The config file of seeded random weights (decoder.transformers.config), if any."""
+        entry = self.data["decoder"]["transformers"] or {}
+        return self.file(entry["config"]) if entry.get("config") else None
+
+    def tensorrt_llm_dir(self) -> Path | None:
+        entry = self.data["decoder"]["tensorrt_llm"]
+        return None if entry is None else self.folder(entry["engine_dir"])
 
     def summary(self) -> str:
         """A few human-readable lines (what `apet inspect` prints)."""
@@ -114,111 +256,79 @@ class Manifest:
             comp = f"ApET keep={apet['keep']} basis={apet['basis']} merge={apet['merge']} start={apet['start']}"
         else:
             comp = "no compression"
-        trt_plan = d["engines"].get("tensorrt")
         dec = d["decoder"]
-        hf = dec.get("transformers")
+        hf = dec["transformers"]
+        hf_where = hf and (hf["checkpoint"] or "external checkpoint")
+        ext = d["external_checkpoint"]
+        outside = (
+            f"{ext['path']} (outside the directory, never copied; {len(ext['fingerprint'])} files fingerprinted)"
+            if ext
+            else "none (everything is inside the directory)"
+        )
         lines = [
             f"engine dir   {self.root}",
-            f"model        {d['model'].get('id')} ({d['model'].get('source')}, family {self.family})",
-            f"vision       layer {v.get('feature_layer')} ({v.get('select_strategy')}), image {v.get('image_size')}px, "
-            f"patch {v.get('patch_size')}, N={self.num_patches}, D={v.get('feature_dim')}",
+            f"model        {d['model']['id']} ({d['model']['source']}, family {self.family})",
+            f"checkpoint   {outside}",
+            f"vision       layer {v['feature_layer']} ({v['select_strategy']}), image {v['image_size']}px, "
+            f"patch {v['patch_size']}, N={self.num_patches}, D={v['feature_dim']}",
             f"compression  {comp}: {self.num_patches} -> {self.num_visual_tokens} tokens",
-            f"llm          hidden {llm.get('hidden_size')}, vocab {llm.get('vocab_size')}, image token "
-            f"{llm.get('image_token_id')}, dtype {llm.get('dtype')}",
-            f"batch        {d['batch'].get('min')}..{d['batch'].get('max')} (opt {d['batch'].get('opt')})",
-            f"engines      onnx={d['engines'].get('onnx')} tensorrt={trt_plan}",
-            f"decoder      transformers={hf and hf.get('checkpoint')} ({hf and hf.get('weights')}), "
-            f"tensorrt_llm={(dec.get('tensorrt_llm') or {}).get('engine_dir')}",
+            f"llm          hidden {llm['hidden_size']}, vocab {llm['vocab_size']}, image token "
+            f"{llm['image_token_id']}, dtype {llm['dtype']}",
+            f"batch        {d['batch']['min']}..{d['batch']['max']} (opt {d['batch']['opt']})",
+            f"engines      onnx={d['engines']['onnx']} tensorrt={d['engines']['tensorrt']}",
+            f"decoder      transformers={hf_where} ({hf and hf['weights']}), "
+            f"tensorrt_llm={(dec['tensorrt_llm'] or {}).get('engine_dir')}",
             f"files        {len(d['files'])} checksummed",
         ]
         return "\n".join(lines)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
-    """Parse `engine_dir/manifest.json` and check its format and version (files are not
-    hashed here: see `verify_files`)."""
-    root = Path(engine_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"engine directory {root} does not exist or is not a directory")
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; this is not an engine directory built by `apet build`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path}: not an apet-trt manifest (format != {FORMAT!r})")
-    version = data.get("manifest_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ManifestError(f"{path}: manifest_version must be a positive integer, got {version!r}")
-    if version > SUPPORTED_MANIFEST_VERSION:
-        raise ManifestError(
-            f"{path}: manifest_version {version} is newer than this runtime supports "
-            f"({SUPPORTED_MANIFEST_VERSION}); upgrade apet-trt or rebuild the engine directory"
-        )
-    missing = [key for key in _REQUIRED if key not in data]
-    if missing:
-        raise ManifestError(f"{path}: missing fields {missing}")
-    if not isinstance(data["files"], dict):
-        raise ManifestError(f"{path}: 'files' must be an object of path -> {{sha256, bytes}}")
-    return Manifest(root=root, data=data)
-
-
-def _files_on_disk(root: Path) -> list[str]:
-    found = []
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel != MANIFEST_NAME:
-                found.append(rel)
-    return sorted(found)
-
-
-def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
-    """Every listed file exists with the listed size and sha256, and no other file is present.
-    Raises ManifestError naming the first file at fault."""
-    root = manifest.root
-    listed: dict = manifest.data["files"]
-    unlisted = sorted(set(_files_on_disk(root)) - set(listed))
+def check_tree(manifest: Manifest) -> dict[str, int]:
+    """The directory holds exactly the listed files, as regular files (no link anywhere): cheap,
+    no file is read. Returns relative path -> size."""
+    root, listed = manifest.root, manifest.data["files"]
+    on_disk = walk(root)
+    unlisted = sorted(set(on_disk) - set(listed))
     if unlisted:
         raise ManifestError(
             f"{root / unlisted[0]}: file not listed in the manifest "
             f"({len(unlisted)} unlisted file(s)); the directory was changed after the build"
         )
-    items = sorted(listed.items())
+    for rel in sorted(listed):
+        if rel not in on_disk:
+            raise ManifestError(f"{root / rel}: listed in the manifest but missing")
+    return on_disk
+
+
+def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
+    """check_tree, then every listed file's size and sha256, the files JSON configs name, and the
+    external checkpoint's fingerprint. Raises ManifestError naming the first file at fault."""
+    root = manifest.root
+    on_disk = check_tree(manifest)
+    items = sorted(manifest.data["files"].items())
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, desc="verify", unit="file", leave=False, disable=None)  # None: off when not a TTY
     for rel, entry in items:
         path = root / rel
-        if not path.is_file():
-            raise ManifestError(f"{path}: listed in the manifest but missing")
-        try:
-            want_bytes, want_sha = int(entry["bytes"]), str(entry["sha256"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"{root / MANIFEST_NAME}: bad files entry for {rel!r}: {entry!r}") from exc
-        size = path.stat().st_size
-        if size != want_bytes:
+        if on_disk[rel] != entry["bytes"]:
             raise ManifestError(
-                f"{path}: size {size} bytes differs from the manifest's {want_bytes} (truncated or replaced)"
+                f"{path}: size {on_disk[rel]} bytes differs from the manifest's {entry['bytes']} "
+                "(truncated or replaced)"
             )
-        if sha256_file(path) != want_sha:
+        if sha256_file(path) != entry["sha256"]:
             raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt or modified)")
+    check_file_references(root, manifest.data["files"], transformers_folders(manifest.data))
+    check_external_checkpoint(root, manifest.data["external_checkpoint"])
 
 
 def load_manifest(engine_dir: str | os.PathLike, *, verify: bool = True, progress: bool = False) -> Manifest:
-    """read_manifest + verify_files: what `runtime.load` and `apet inspect` call."""
+    """read_manifest, then verify_files (verify=False: only check_tree, which reads no file): what
+    `runtime.load` and `apet inspect` call."""
     manifest = read_manifest(engine_dir)
     if verify:
         verify_files(manifest, progress=progress)
+    else:
+        check_tree(manifest)
     return manifest

@@ -27,6 +27,7 @@ import torch
 
 from apet_trt.apet_ops.probes import tensorrt_llm_available
 
+from . import checks
 from .backends import PartsBackend, VisionBackend, choose_backend, create_backend
 from .checkpoint import dtype_named, llm_dtype, load_transformers_model
 from .decoders import Decoder, SamplingConfig
@@ -144,9 +145,7 @@ class Pipeline:
             raise ValueError("no prompts: pass one prompt per image (or video)")
         image_list = as_image_list(images) if images is not None else []
         video_list = as_video_list(videos) if videos is not None else []
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list:
-            raise ValueError("empty batch: pass at least one prompt")
+        prompt_list = checks.prompt_list(prompts)
         for what, media in (("image", image_list), ("video", video_list)):
             if media and len(media) != len(prompt_list):
                 raise ValueError(f"{len(media)} {what}(s) but {len(prompt_list)} prompt(s): pass one {what} per prompt")
@@ -256,7 +255,7 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
             raise RuntimeError(mismatch)
         pad = llm.get("pad_token_id")
         return TensorRTLLMDecoder(
-            manifest.path_of(trt_entry["engine_dir"]),
+            manifest.tensorrt_llm_dir(),
             vocab_size=int(llm["vocab_size"]),
             max_rows=family.fixed_rows,
             eos_token_id=int(llm["eos_token_id"]),
@@ -274,14 +273,14 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
                 f"{family.name} family (its input processor has no attach_multimodal_embeddings); use "
                 "'tensorrt_llm' (the engine flow) or 'transformers'"
             )
-        hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
+        hf = manifest.data["decoder"]["transformers"] or {}
         if hf.get("weights") != "saved":
             raise RuntimeError(
                 f"{manifest.root}: decoder='tensorrt_llm_api' loads the checkpoint's weights, but the manifest's "
                 f"decoder weights are {hf.get('weights')!r}; build from a checkpoint or a preset saved whole"
             )
         return TensorRTLLMAPIDecoder(
-            manifest.path_of(hf["checkpoint"]),
+            manifest.transformers_checkpoint(),
             image_token=manifest.image_token,
             max_length=int(llm["max_position_embeddings"]),
             dtype=llm_dtype(manifest),

@@ -46,7 +46,7 @@ def _major_minor(version: str | None) -> str | None:
 def rebuild_command(manifest: Manifest) -> str:
     """`apet build ...` with the options the manifest says the directory was built with."""
     build = manifest.data.get("build") or {}
-    model = manifest.data["model"].get("path") or build.get("model") or manifest.data["model"].get("id")
+    model = manifest.external_checkpoint or build.get("model") or manifest.data["model"].get("id")
     parts = ["apet build", "--model", str(model)]
     for key in ("keep", "basis", "start", "max_batch", "opt_batch"):
         if build.get(key) is not None:

@@ -132,7 +132,7 @@ def engine_prompting(manifest) -> tuple[object, PromptAssembler]:
     conversation format: what runtime.load and the benchmark both build a pipeline from."""
     from transformers import AutoTokenizer
 
-    tok_dir = manifest.root / "tokenizer"
+    tok_dir = manifest.tokenizer_dir  # confined to the engine directory
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"{tok_dir}: the tokenizer is missing from the engine directory")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .images import check_local_file
+
 log = logging.getLogger("apet.runtime")
 VideoLike = Any  # str | os.PathLike | np.ndarray [F, H, W, 3] uint8 | torch.Tensor | Video
 
@@ -92,7 +94,7 @@ def read_video(video: VideoLike, num_frames: int, index: int = 0, limits: VideoL
     if isinstance(video, Video):
         return _resample(video.frames, video.indices, video.total_frames, num_frames, video.fps, video.source, where)
     if isinstance(video, (str, os.PathLike)):
-        return _from_path(Path(video), num_frames, where, limits)
+        return _from_path(check_local_file(video, where, "video"), num_frames, where, limits)
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         frames = _frames_array(video, where, limits)
         return _resample(frames, list(range(len(frames))), len(frames), num_frames, None, "", where)
@@ -133,9 +135,7 @@ def _check_size(width: int, height: int, where: str, limits: VideoLimits) -> Non
 def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits) -> Video:
     import av
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: video file {path} does not exist")
-    size = path.stat().st_size
+    size = path.stat().st_size  # a local regular file (check_local_file)
     if size == 0:
         raise ValueError(f"{where}: {path} is an empty file (0 bytes)")
     if size > limits.max_bytes:

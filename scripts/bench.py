@@ -225,7 +225,7 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool) -> bool:
     same_model = (
         m.get("id") == model
         if m.get("source") == "preset"
-        else m.get("path") == str(Path(model).expanduser().resolve())
+        else str(manifest.external_checkpoint) == os.path.realpath(Path(model).expanduser())
     )
     if apet is None:
         same_apet = manifest.apet is None
@@ -273,7 +273,7 @@ def _build_or_reuse(model: str, out: Path, *, keep: int | None, basis: int, fp16
 
 def _model_of(manifest) -> str:
     m = manifest.data["model"]
-    return m["id"] if m.get("source") == "preset" else (m.get("path") or m["id"])
+    return m["id"] if m.get("source") == "preset" else str(manifest.external_checkpoint)
 
 
 def resolve_engines(cfg: BenchConfig) -> EnginePair:
@@ -359,9 +359,9 @@ def text_config_of(manifest) -> dict:
 
     entry = (manifest.data.get("decoder") or {}).get("transformers") or {}
     if entry.get("config"):
-        config_dir = manifest.path_of(entry["config"]).parent
-    elif entry.get("checkpoint"):
-        config_dir = manifest.path_of(entry["checkpoint"])
+        config_dir = manifest.transformers_config().parent
+    elif entry:
+        config_dir = manifest.transformers_checkpoint()
     else:
         raise RuntimeError(f"{manifest.root}: the manifest names no Transformers checkpoint config")
     config = AutoConfig.from_pretrained(str(config_dir))

@@ -8,7 +8,9 @@
     apet bench    (scripts/bench.py) latency per stage, compressed vs uncompressed
 
 Errors the user can act on are printed as one line (no traceback) and exit with status 2;
-set APET_DEBUG=1 to see the traceback.
+set APET_DEBUG=1 to see the traceback. An unknown option is reported by the subcommand's own
+parser (with its usage), and Pillow's decompression-bomb warning is an error here (the image
+reader turns it into one line).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # (module, description) - imported lazily so `apet --help` stays fast and a missing optional
 # dependency only affects the subcommand that needs it.
@@ -28,17 +31,39 @@ _STAGES = (
 )
 
 
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("apet-trt")
+    except md.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apet", description="ApET visual-token compression in exported VLM engines")
+    parser.add_argument("--version", action="version", version=f"apet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _STAGES:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but an option the subcommand does not know is reported by its own parser."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    from PIL import Image
+
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)  # the process is ours
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

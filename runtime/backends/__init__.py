@@ -23,6 +23,7 @@ import torch
 
 from apet_trt.apet_ops.probes import INSTALL, tensorrt_available
 
+from ..checks import check_outputs
 from ..manifest import Manifest
 
 log = logging.getLogger("apet.runtime")
@@ -68,7 +69,9 @@ class VisionBackend(ABC):
                     f"{self.name}: input {name} has shape {list(value.shape)}, the engine takes "
                     f"[{', '.join(map(str, self.input_shapes[name]))}]"
                 )
-        return self._run({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        outputs = self._run({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        check_outputs(self.name, self.manifest, outputs)  # positions unique and in [0, N), embeddings finite
+        return outputs
 
     __call__ = run
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..checks import check_engine_dtypes, ort_io
 from ..manifest import Manifest
 from . import VisionBackend
 
@@ -47,6 +48,7 @@ class OnnxRuntimeBackend(VisionBackend):
             {i.name: i.shape for i in self.session.get_inputs()},
             {o.name: o.shape for o in self.session.get_outputs()},
         )
+        check_engine_dtypes(path, manifest, *ort_io(self.session))  # and their dtypes
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         values = self.session.run(self.output_names, feeds)

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import sampling_values
 from ..prompt import AssembledPrompt
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick tokens. Greedy unless do_sample; `seed` makes sampling reproducible."""
+    """How to pick tokens. Greedy unless do_sample (temperature 0 means greedy too); `seed` makes
+    sampling reproducible."""
 
     max_new_tokens: int = 32
     do_sample: bool = False
@@ -29,15 +31,9 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    def __post_init__(self) -> None:  # checked and normalised (numpy integers accepted) in one place
+        for name, value in sampling_values(**{f: getattr(self, f) for f in self.__dataclass_fields__}).items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_ascending
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
 from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
@@ -37,7 +38,7 @@ class LlavaFamily(RuntimeFamily):
                 f"and num_visual_tokens: {exc}"
             ) from exc
         self.batch_max = manifest.batch_max
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor", image_size=self.image_size)
+        self.preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=self.image_size)
 
     @property
     def fixed_rows(self) -> int:
@@ -65,6 +66,7 @@ class LlavaFamily(RuntimeFamily):
                     "per image"
                 )
             rows += [VisualRows(emb[i], pos[i], self.num_patches) for i in range(b)]
+        check_ascending("vision engine", rows)  # LLaVA-1.5's rows are in patch order
         return rows
 
     # -- pictures -----------------------------------------------------------------------------

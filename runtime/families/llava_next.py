@@ -122,16 +122,14 @@ class LlavaNextFamily(RuntimeFamily):
             )
         self.newline = self._read_newline(newline_file)
         self.batch_max = manifest.batch_max
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor")
+        self.preprocessor = ImagePreprocessor(manifest.processor_dir)
 
     def _read_newline(self, rel) -> torch.Tensor:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         m = self.manifest
-        if not isinstance(rel, str) or rel not in m.data["files"]:
-            raise ManifestError(f"{m.root}: {SECTION}.image_newline {rel!r} is not a file listed in the manifest")
-        path = m.path_of(rel)
+        path = m.file(rel)  # listed in the manifest and inside the engine directory, or ManifestError
         try:
             value = load_file(str(path)).get("image_newline")
         except (OSError, SafetensorError) as exc:
@@ -195,6 +193,11 @@ class LlavaNextFamily(RuntimeFamily):
                 )
             if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.num_patches):
                 raise RuntimeError(f"the vision engine returned positions outside 0..{self.num_patches - 1}")
+            if pos.shape[1] > 1 and not bool((pos[:, 1:] > pos[:, :-1]).all()):
+                raise RuntimeError(
+                    "the vision engine returned a crop's positions out of patch order; the engine does not match "
+                    "its manifest: rebuild it with `apet build`"
+                )
             embeddings.append(emb)
             positions.append(pos)
         emb, pos = torch.cat(embeddings), torch.cat(positions)

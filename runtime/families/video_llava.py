@@ -57,7 +57,7 @@ class VideoLlavaFamily(RuntimeFamily):
         if "image" not in manifest.parts:
             raise ManifestError(f"{manifest.root}: the video_llava family needs the engine part 'image' (image.onnx)")
         self.batch_max = manifest.batch_max
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor", image_size=self.image_size)
+        self.preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=self.image_size)
 
     # -- media -> engine inputs ---------------------------------------------------------------
     def _pixels(self, pictures: list, what: str) -> np.ndarray:

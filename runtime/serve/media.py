@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
+from ..images import FORMATS, as_displayed
 from .config import ServeConfig
 from .errors import bad_request
 
@@ -28,16 +29,18 @@ def decode_image_bytes(raw: bytes, cfg: ServeConfig, where: str) -> Image.Image:
     if len(raw) > cfg.max_image_bytes:
         raise bad_request(f"{where}: {len(raw)} bytes exceed the {cfg.max_image_bytes}-byte image limit")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with Image.open(io.BytesIO(raw), formats=FORMATS) as img:  # raster formats only (no EPS: Ghostscript)
             w, h = img.size
             if w < 1 or h < 1 or w * h > cfg.max_image_pixels:
                 raise bad_request(f"{where}: a {w}x{h} image; at most {cfg.max_image_pixels} pixels are accepted")
             img.load()
-            return img.convert("RGB")
+            return as_displayed(img, where, own=True)  # EXIF orientation, alpha on white, 16-bit scaled
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise bad_request(f"{where}: not an image this server can read ({type(exc).__name__})") from exc
     except OSError as exc:  # truncated or corrupt image data
         raise bad_request(f"{where}: the image data could not be decoded ({exc})") from exc
+    except ValueError as exc:  # as_displayed: an aspect ratio or bit depth that cannot be read as shown
+        raise bad_request(f"{where}: {exc}") from exc
 
 
 def _data_url(url: str, cfg: ServeConfig, where: str) -> Image.Image:

@@ -394,9 +394,10 @@ def test_manifest_has_every_documented_field(t64, preset):
     doc, data = documented_manifest(), manifest_of(t64[0])
     assert len(doc) > 15 and "files" in doc  # the doc parsed
     assert missing_keys(doc, data) == []
-    assert (data["format"], data["manifest_version"]) == ("apet-trt-engine", 1)
+    assert (data["format"], data["manifest_version"]) == ("apet-trt-engine", 2)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["created_utc"])
-    assert data["model"] == {"id": PRESET, "source": "preset", "family": "llava", "path": None}
+    assert data["model"] == {"id": PRESET, "source": "preset", "family": "llava"}
+    assert data["external_checkpoint"] is None  # a preset: everything is inside the directory
     assert data["vision"] == {
         "feature_layer": -2,
         "select_strategy": "default",

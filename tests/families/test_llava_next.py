@@ -270,7 +270,8 @@ def test_manifest_names_the_layout_and_a_hashed_newline_file(engines, hf_model, 
     assert np.array_equal(saved, _inner(hf_model).image_newline.detach().float().numpy())
     # base + 4 tiles at T, plus the 48 newline rows of the 2 x 2 grid
     assert section["max_rows_per_image"] == 5 * T + 48
-    assert d["decoder"]["transformers"]["checkpoint"] == str(checkpoint.resolve())
+    assert d["decoder"]["transformers"]["checkpoint"] is None  # the checkpoint built by path, referenced:
+    assert d["external_checkpoint"]["path"] == str(checkpoint.resolve())
 
 
 def test_the_documented_llava_next_object_is_what_the_build_writes(engines):
@@ -295,7 +296,9 @@ def _edited_copy(src: Path, dst: Path, edit) -> Path:
     "edit, message",
     [
         (lambda d: d.pop("llava_next"), "llava_next"),
-        (lambda d: d["llava_next"].update(image_newline="../outside.safetensors"), "not a file listed"),
+        (lambda d: d["llava_next"].update(image_newline="../outside.safetensors"), "inside the engine directory"),
+        (lambda d: d["llava_next"].update(image_newline="other.safetensors"), "not listed in files"),
+        (lambda d: d["llava_next"].update(image_grid_pinpoints=[[336]]), "image_grid_pinpoints"),
         (lambda d: d["llava_next"].update(image_newline="vision.onnx"), "not a readable safetensors"),
         (lambda d: d["llava_next"].update(image_grid_pinpoints=[[300, 600]]), "multiples of 336"),
     ],

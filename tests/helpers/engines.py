@@ -155,9 +155,10 @@ def build_engine_dir(
     text = model.config.text_config
     data = {
         "format": "apet-trt-engine",
-        "manifest_version": 1,
+        "manifest_version": 2,
         "created_utc": "2026-01-01T00:00:00Z",
-        "model": {"id": "test-llava", "source": "preset", "family": "llava", "path": None},
+        "model": {"id": "test-llava", "source": "preset", "family": "llava"},
+        "external_checkpoint": None,
         "vision": {
             "feature_layer": -2,
             "select_strategy": "default",

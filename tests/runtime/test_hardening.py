@@ -183,11 +183,11 @@ def test_cli_errors_are_one_line(engine, tmp_path, capsys):
 
     newer = _copy(engine, tmp_path, "newer")
     data = json.loads((newer / "manifest.json").read_text())
-    data["manifest_version"] = 2
+    data["manifest_version"] = 3
     (newer / "manifest.json").write_text(json.dumps(data))
     for argv in (["inspect", str(newer)], ["run", "--engine", str(newer), "--image", PHOTO, "--prompt", "x"]):
         assert main(argv) == 2
-        assert "manifest_version 2 is newer" in _one_error_line(capsys)
+        assert "manifest_version 3 is newer" in _one_error_line(capsys)
 
     corrupt = _copy(engine, tmp_path, "corrupt")
     (corrupt / "vision.onnx").write_bytes(b"\x08\x07garbage" * 50)

@@ -51,7 +51,7 @@ def test_rgba_and_grayscale_pil_images_become_rgb(pre, rng):
         (np.full((20, 20, 3), np.nan, np.float32), "NaN or Inf"),
         (np.full((20, 20, 3), np.inf, np.float32), "NaN or Inf"),
         (np.full((20, 20, 3), 2.0, np.float32), r"must lie in \[0, 1\]"),
-        (np.zeros((20, 20, 3), np.int16), "uint8 or floating"),
+        (np.zeros((20, 20, 3), np.int16), "uint8, uint16 or floating"),
     ],
 )
 def test_bad_arrays_are_named(pre, bad, match):

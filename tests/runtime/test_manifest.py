@@ -57,9 +57,9 @@ def test_missing_manifest(engine):
 
 def test_newer_manifest_version_is_refused(engine):
     data = json.loads((engine / "manifest.json").read_text())
-    data["manifest_version"] = 2
+    data["manifest_version"] = 3
     (engine / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="manifest_version 2 is newer than this runtime supports \\(1\\)"):
+    with pytest.raises(ManifestError, match="manifest_version 3 is newer than this runtime supports \\(2\\)"):
         read_manifest(engine)
 
 

@@ -34,7 +34,7 @@ BUILD |= {"max_batch": 4, "opt_batch": 2, "fp16": True, "tensorrt": True, "tenso
 
 
 def manifest(record=RECORD, build=BUILD, root="/engines/x") -> Manifest:
-    data = {"model": {"id": "tiny-llava", "path": None}, "engines": {"onnx": "vision.onnx", "tensorrt": "vision.plan"}}
+    data = {"model": {"id": "tiny-llava"}, "engines": {"onnx": "vision.onnx", "tensorrt": "vision.plan"}}
     if record is not None:
         data["plans"] = {"tensorrt": record}
     if build is not None:
@@ -88,7 +88,8 @@ def test_without_a_record_the_plan_is_not_judged():
 
 def test_rebuild_command_uses_the_checkpoint_path_and_the_defaults():
     m = manifest(build={"model": "ckpt", "keep": None, "no_apet": True, "merge": True, "fp16": False})
-    m.data["model"] = {"id": "ckpt", "path": "/models/llava-1.5-7b-hf"}
+    m.data["model"] = {"id": "ckpt", "source": "path"}
+    m.data["external_checkpoint"] = {"path": "/models/llava-1.5-7b-hf", "fingerprint": {}}
     assert rebuild_command(m) == "apet build --model /models/llava-1.5-7b-hf --no-apet --out /engines/x --force"
     assert rebuild_command(manifest(build=None)) == "apet build --model tiny-llava --out /engines/x --force"
 
