@@ -246,8 +246,13 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         steps("saving processor, tokenizer and decoder checkpoint")
         processor.save_pretrained(str(work / "processor"))
         tokenizer.save_pretrained(str(work / "tokenizer"))
+        family.save_files(model, work)  # what the family's runtime adapter reads besides the engine
         if source == "preset" and loaded.language_model_saved:
+            # a whole checkpoint, as one from the hub: weights, processor and tokenizer (TensorRT-LLM's
+            # LLM API loads all three from one directory)
             model.save_pretrained(str(work / "hf"))
+            processor.save_pretrained(str(work / "hf"))
+            tokenizer.save_pretrained(str(work / "hf"))
             decoder = {"checkpoint": "hf", "weights": "saved"}
         elif source == "preset":
             hf_config.save_pretrained(str(work / "hf"))

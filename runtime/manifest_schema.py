@@ -121,6 +121,13 @@ SCHEMA: dict[str, Field] = {
     "vision.feature_dim": _int(1, 1 << 16),
     "vision.num_frames": _int(1, 4096, required=False),  # video_llava: frames sampled per video
     "vision.image_rows": _int(1, 1 << 20, required=False),  # video_llava: rows of a still image
+    # llava_next: the anyres layout (runtime/families/llava_next.py)
+    "llava_next": Field("object", required=False),
+    "llava_next.image_grid_pinpoints": Field("list", max_len=64),  # [[height, width], ...]
+    "llava_next.image_grid_pinpoints[]": Field("list", max_len=2),
+    "llava_next.image_grid_pinpoints[][]": _int(1, 16384),
+    "llava_next.image_newline": _str(path="file"),  # safetensors {"image_newline": float32 [hidden]}
+    "llava_next.max_rows_per_image": _int(1, 1 << 24),
     "apet": Field("object", null=True),  # its values: apet_ops.ApetConfig (checked by a rule)
     "apet.keep": _int(1, 1 << 20, null=True),
     "apet.keep_ratio": Field("number", required=False, null=True, lo=0.0, hi=1.0),

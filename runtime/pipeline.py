@@ -84,8 +84,9 @@ class Pipeline:
 
     @property
     def num_visual_tokens(self) -> int | None:
-        """T, the rows per image (per crop for multi-crop families); None when it varies per image."""
-        return self.manifest.num_visual_tokens
+        """T, the rows every image hands the LLM; None when they vary per image (LLaVA-NeXT: T per
+        crop, `manifest.num_visual_tokens`, but the rows of an image depend on its aspect ratio)."""
+        return self.family.fixed_rows
 
     def _media(self, images, videos) -> list:
         """images and videos -> the family's media items: RGB PIL images, then sampled Videos."""
@@ -215,20 +216,26 @@ def _default_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _choose_decoder(manifest: Manifest, requested: str) -> str:
+def _choose_decoder(manifest: Manifest, requested: str, family: RuntimeFamily) -> str:
+    """auto: the TensorRT-LLM engine the directory holds; else TensorRT-LLM's LLM API for a family it
+    takes precomputed rows for (the checkpoint's weights saved); else Transformers."""
     if requested not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {requested!r}")
     if requested != "auto":
         return requested
     if manifest.llm_stage:  # ApET inside the LLM: only the Transformers decoder runs it
         return "transformers"
-    if (manifest.data.get("decoder") or {}).get("tensorrt_llm"):
+    decoder = manifest.data.get("decoder") or {}
+    if decoder.get("tensorrt_llm"):
         ok, why = tensorrt_llm_available()
         if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
             return "tensorrt_llm"
-        log.warning(
-            "decoder auto: the engine directory has a TensorRT-LLM engine but %s; using the Transformers decoder", why
-        )
+        log.warning("decoder auto: the engine directory has a TensorRT-LLM engine but %s; not using it", why)
+    if family.tensorrt_llm_api and (decoder.get("transformers") or {}).get("weights") == "saved":
+        ok, why = tensorrt_llm_available()
+        if ok:
+            return "tensorrt_llm_api"
+        log.info("decoder auto: TensorRT-LLM's LLM API not used (%s)", why)
     return "transformers"
 
 
@@ -276,10 +283,25 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
     if kind == "tensorrt_llm_api":
         from .decoders import TensorRTLLMAPIDecoder
 
+        if not family.tensorrt_llm_api:
+            raise RuntimeError(
+                f"decoder='tensorrt_llm_api': TensorRT-LLM's LLM API takes no precomputed rows for the "
+                f"{family.name} family (its input processor has no attach_multimodal_embeddings); use "
+                "'tensorrt_llm' (the engine flow) or 'transformers'"
+            )
+        hf = manifest.data["decoder"]["transformers"] or {}
+        if hf.get("weights") != "saved":
+            raise RuntimeError(
+                f"{manifest.root}: decoder='tensorrt_llm_api' loads the checkpoint's weights, but the manifest's "
+                f"decoder weights are {hf.get('weights')!r}; build from a checkpoint or a preset saved whole"
+            )
         return TensorRTLLMAPIDecoder(
             manifest.transformers_checkpoint(),
             image_token=manifest.image_token,
             max_length=int(llm["max_position_embeddings"]),
+            dtype=llm_dtype(manifest),
+            eos_token_id=llm.get("eos_token_id"),
+            pad_token_id=llm.get("pad_token_id"),
         )
     raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {kind!r}")
 
@@ -368,7 +390,7 @@ def load(
         reason = "given by the caller"
 
     if isinstance(decoder, str):
-        dec = build_decoder(_choose_decoder(manifest, decoder), manifest, family, model_loader)
+        dec = build_decoder(_choose_decoder(manifest, decoder, family), manifest, family, model_loader)
     else:
         dec = decoder if isinstance(decoder, Decoder) else decoder(manifest)
         if manifest.llm_stage and not dec.llm_stage:

@@ -189,6 +189,11 @@ class ExportFamily(ABC):
         language model as a plain checkpoint under `work` and returns that."""
         return checkpoint
 
+    def save_files(self, model: torch.nn.Module, out_dir: Path) -> None:  # noqa: B027 - optional hook
+        """Write the files the family's runtime adapter reads besides the engine (e.g. LLaVA-NeXT's
+        newline embedding) into the engine directory being built; `manifest_fields` names them by
+        their relative paths (the manifest lists and hashes every file)."""
+
     # -- what the manifest records ------------------------------------------------------------
     @abstractmethod
     def manifest_fields(self, apet: ApetConfig | None) -> dict:

@@ -60,10 +60,10 @@ class LlavaVisionEngine(nn.Module):
     """pixel_values (+ start [B] int64, each image's first FPS seed, when the engine takes one) ->
     (embeddings [B, T, H] float32, positions [B, T] int64)."""
 
-    def __init__(self, model, apet: ApetConfig | None):
+    def __init__(self, model, apet: ApetConfig | None, family: LlavaExport | None = None):
         super().__init__()
         self.vision_tower, self.projector = parts(model)
-        family = LlavaExport(model.config)
+        family = family or LlavaExport(model.config)
         self.feature_layer, self.select_strategy = family.feature_layer, family.select_strategy
         self.num_patches = family.num_patches
         family.check_apet(apet)
@@ -165,7 +165,7 @@ class LlavaExport(ExportFamily):
         return self._n
 
     def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
-        return LlavaVisionEngine(model, apet)
+        return LlavaVisionEngine(model, apet, self)
 
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         pixels = torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)

@@ -65,15 +65,21 @@ class EngineBatch:
 
 @dataclass(frozen=True)
 class PatchMap:
-    """Where the uncompressed rows of one image lie in the picture the engine saw: `boxes[r]` is
-    (crop index, row, column) of row r in a grid of patches, or None for a row that is no patch
-    (a CLS or newline row). `crops` are the [S, S, 3] uint8 pictures, `patch_size` in pixels."""
+    """Where the uncompressed rows of one image lie in the pictures the engine saw: `boxes[r]` is
+    (picture index, row, column) of row r in that picture's grid of patches, or None for a row that
+    is no patch (a CLS or newline row). `crops` are [H, W, 3] uint8 pictures (an engine crop, or
+    several crops stitched into one picture of the image), `patch_size` in pixels; `grid` is the
+    patch grid of one engine crop, each picture's own grid is `grids[i]` (its size / patch_size)."""
 
     crops: list[np.ndarray]
     boxes: list[tuple[int, int, int] | None]
     grid: tuple[int, int]
     patch_size: int
     columns: int | None = None  # pictures per row of an overlay sheet (None: all in one row)
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [(c.shape[0] // self.patch_size, c.shape[1] // self.patch_size) for c in self.crops]
 
 
 class RuntimeFamily(ABC):
@@ -87,6 +93,9 @@ class RuntimeFamily(ABC):
     # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
     # parts (apet serve --upstream); False: no such server registers the model
     upstream_image_embeds: bool = True
+    # TensorRT-LLM's LLM API (PyTorch backend) takes this family's rows as `multi_modal_embeddings`
+    # (its input processor implements attach_multimodal_embeddings)
+    tensorrt_llm_api: bool = False
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
