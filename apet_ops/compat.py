@@ -63,6 +63,12 @@ def output_cache(output):
     return getattr(output, "past_key_values", None) if cache is None else cache
 
 
+def layer_hidden(output) -> torch.Tensor:
+    """A decoder layer's hidden states: the tensor Transformers 5 (and 4.5x) layers return, or the first
+    element of the tuple older ones return."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def accepted_kwargs(fn, **kwargs) -> dict:
     """The keyword arguments `fn` takes by name, the others dropped (Transformers adds and removes
     keyword arguments between majors, e.g. a model's `mm_token_type_ids` in 5.x)."""

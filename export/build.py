@@ -24,6 +24,7 @@ from apet_trt.apet_ops import ApetConfig
 from apet_trt.apet_ops.compat import config_dtype, config_model_type, load_image_processor
 
 from . import manifest as manifest_writer
+from . import parity
 from .engine_dir import EngineDirWriter
 from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
@@ -44,7 +45,7 @@ class BuildConfig:
     seed_blend: float | None = None  # weight of a seed in its slot; None: the family's (1.0 LLaVA, 0.5 Qwen2.5-VL)
     basis: int = 10
     merge: bool = True
-    start: int = 0
+    start: int | str = 0  # the first FPS seed's index, or "random" (drawn at run time from start_seed)
     ridge: float = 1e-5
     no_apet: bool = False
     max_batch: int = 8
@@ -55,22 +56,28 @@ class BuildConfig:
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
     tensorrt_llm: bool = True  # build the TensorRT-LLM decoder where tensorrt_llm imports
+    # paper parity (export/parity.py)
+    budget: int | None = None  # 64 | 128 | 192: the official (keep, llm_stage) pairs
+    llm_stage: str | None = None  # "LAYER:KEEP": ApET again on the image rows after LAYER decoder layers
+    start_seed: int = 0  # seeds the run-time draws of start="random"
+    image_aspect: str = "default"  # "pad": LLaVA-1.5's expand2square before the processor
 
     def apet(self, defaults: dict | None = None) -> ApetConfig | None:
         """The ApET config; `defaults` are the family's for what the build leaves unset (seed_blend)."""
         if self.no_apet and (self.keep is not None or self.keep_ratio is not None):
             budget = f"--keep {self.keep}" if self.keep is not None else f"--keep-ratio {self.keep_ratio}"
             raise ValueError(f"--no-apet builds the uncompressed baseline (all N tokens); it cannot take {budget}")
-        if self.no_apet or (self.keep is None and self.keep_ratio is None):
+        plan = parity.resolve(self)  # --budget's keep, --start random's fixed engine start
+        if plan.keep is None and self.keep_ratio is None:
             return None
         blend = self.seed_blend if self.seed_blend is not None else (defaults or {}).get("seed_blend", 1.0)
         return ApetConfig(
-            keep=self.keep,
+            keep=plan.keep,
             keep_ratio=self.keep_ratio,
             basis=self.basis,
             merge=self.merge,
             ridge=self.ridge,
-            start=self.start,
+            start=plan.start,
             seed_blend=blend,
         )
 
@@ -207,6 +214,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
     apet = config.apet()  # keep / basis / start / ridge checked here
+    options = parity.resolve(config)
     pixels = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None}
     source, family = _resolve(config.model, pixels)
     checkpoint = [Path(config.model).expanduser()] if source == "path" else []
@@ -214,6 +222,8 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     # the family's defaults for what the build left unset (seed_blend), then its variant (e.g. the video layout)
     apet = family.apet_config(config.apet(family.apet_defaults))
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    parity.check_family(options, family, apet, config)
+    family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"
     budget = family.budget_text(apet)
     items = family.max_items(apet, config.max_batch)  # engine items per call
     steps = Steps(7, quiet)
@@ -262,8 +272,13 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         steps("saving processor, tokenizer and decoder checkpoint")
         processor.save_pretrained(str(work / "processor"))
         tokenizer.save_pretrained(str(work / "tokenizer"))
+        family.save_files(model, work)  # what the family's runtime adapter reads besides the engine
         if source == "preset" and loaded.language_model_saved:
+            # a whole checkpoint, as one from the hub: weights, processor and tokenizer (TensorRT-LLM's
+            # LLM API loads all three from one directory)
             model.save_pretrained(str(work / "hf"))
+            processor.save_pretrained(str(work / "hf"))
+            tokenizer.save_pretrained(str(work / "hf"))
             decoder = {"checkpoint": "hf", "weights": "saved"}
         elif source == "preset":
             hf_config.save_pretrained(str(work / "hf"))
@@ -320,6 +335,10 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
         elif family.trtllm_model_class is None:
             steps.note(f"TensorRT-LLM's engine flow has no route for the {family.name} family: no engine")
+        elif options.llm_stage is not None:
+            steps.note(
+                "--llm-stage runs in the Transformers decoder only (TensorRT-LLM cannot prune in the LLM): no engine"
+            )
         else:
             # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
             # TensorRT-LLM rejects a table whose dtype differs from the engine's
@@ -345,6 +364,7 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             "external_checkpoint": manifest_writer.external_checkpoint(checkpoint[0]) if checkpoint else None,
             **family.manifest_fields(apet),
             "apet": apet.to_dict() if apet else None,
+            **parity.manifest_fields(options, config),
             "llm": {
                 **family.llm_fields(),
                 "dtype": llm_dtype,
@@ -371,6 +391,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
 
     if not quiet:
         print(f"\nengine directory {writer.out}  ({budget} visual tokens per {family.item})")
+        if options.llm_stage is not None:
+            stage = options.llm_stage
+            print(f"  then ApET after LLM layer {stage.layer}: -> {stage.keep} rows (the Transformers decoder runs it)")
         for rel, entry in data["files"].items():
             if entry["bytes"] >= 1 << 20 or "/" not in rel:
                 print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")

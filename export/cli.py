@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from .parity import IMAGE_ASPECTS, OFFICIAL_BUDGETS, RANDOM
 from .presets import preset_names
+
+
+def _start(text: str) -> int | str:
+    if text == RANDOM:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an index or {RANDOM!r}, got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -35,7 +45,36 @@ def register(sub) -> None:
     )
     p.add_argument("--basis", type=int, default=10, help="k, FPS basis tokens (default 10)")
     p.add_argument("--no-merge", action="store_true", help="drop tokens instead of merging them")
-    p.add_argument("--start", type=int, default=0, help="index of the first FPS seed (default 0)")
+    p.add_argument(
+        "--start",
+        type=_start,
+        default=0,
+        help="index of the first FPS seed (default 0), or 'random': drawn per image at run time from --start-seed "
+        "(the official code's choice; for parity runs)",
+    )
+    p.add_argument("--start-seed", type=int, default=0, help="seed of the run-time draws of --start random (default 0)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        choices=sorted(OFFICIAL_BUDGETS),
+        default=None,
+        help="the paper's budgets: "
+        + ", ".join(f"{b} = --keep {k} --llm-stage {layer}:{k2}" for b, (k, layer, k2) in OFFICIAL_BUDGETS.items()),
+    )
+    p.add_argument(
+        "--llm-stage",
+        default=None,
+        metavar="LAYER:KEEP",
+        help="ApET again on each image's rows of the hidden states after LAYER decoder layers, keeping KEEP "
+        "(the paper's stage 2; run by the Transformers decoder only)",
+    )
+    p.add_argument(
+        "--image-aspect",
+        choices=IMAGE_ASPECTS,
+        default="default",
+        help="default: the checkpoint processor's own (llava-hf: resize + centre crop); pad: LLaVA-1.5's "
+        "expand2square with the processor's mean colour first, as the official LLaVA code does",
+    )
     p.add_argument("--no-apet", action="store_true", help="build the uncompressed baseline (all N tokens)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines take (default 8)")
     p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT optimises for (default 1)")
@@ -75,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
             basis=args.basis,
             merge=not args.no_merge,
             start=args.start,
+            start_seed=args.start_seed,
+            budget=args.budget,
+            llm_stage=args.llm_stage,
+            image_aspect=args.image_aspect,
             no_apet=args.no_apet,
             max_batch=args.max_batch,
             opt_batch=args.opt_batch,

@@ -13,6 +13,12 @@ config, image processor and tokenizer.
                        random weights, a tokenizer with <image> and <video>. Saved whole (hf/).
     video-llava-7b-arch  the exact LanguageBind/Video-LLaVA-7B-hf configuration (two CLIP ViT-L/14-224
                        towers + LLaMA-7B), random weights, vision parts only; for benchmarks.
+    tiny-llava-next    LLaVA-NeXT (anyres) architecture: CLIP-336 geometry per crop (576 patches), LLaVA-NeXT's
+                       grid pinpoints (a base crop and 2 to 4 tiles), tiny widths, seeded random weights;
+                       saved whole (hf/).
+    llava-v1.6-vicuna-7b-arch
+                       the exact llava-hf/llava-v1.6-vicuna-7b-hf configuration (CLIP ViT-L/14-336, the
+                       five grid pinpoints, Vicuna-7B), random weights, vision parts only; for benchmarks.
     tiny-qwen2.5-vl    Qwen2.5-VL architecture with its real geometry (14 px patches, 2 x 2 merge,
                        temporal patch 2, 112 px attention windows, full attention every other
                        block) but tiny widths, seeded random weights; 4..256 visual tokens per
@@ -144,6 +150,64 @@ PRESETS: dict[str, Preset] = {
                 ),
                 image_token_id=32000,  # <video> 32001
                 num_frames=8,
+            ),
+            materialise_language_model=False,
+        ),
+        Preset(
+            name="tiny-llava-next",
+            family="llava_next",
+            description="LLaVA-NeXT (anyres) architecture, CLIP-336 crops, LLaVA-NeXT's grid pinpoints, tiny widths",
+            fields=dict(
+                vision=dict(
+                    image_size=336,
+                    patch_size=14,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    projection_dim=64,
+                ),
+                text=dict(
+                    hidden_size=128,
+                    intermediate_size=256,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    max_position_embeddings=4096,  # up to 2,928 visual rows per image without ApET
+                ),
+                image_token_id=None,
+                image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+            ),
+            materialise_language_model=True,
+        ),
+        Preset(
+            name="llava-v1.6-vicuna-7b-arch",
+            family="llava_next",
+            description="the exact llava-hf/llava-v1.6-vicuna-7b-hf configuration, vision parts only",
+            fields=dict(
+                vision=dict(
+                    image_size=336,
+                    patch_size=14,
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    projection_dim=768,
+                    hidden_act="quick_gelu",
+                    layer_norm_eps=1e-5,
+                ),
+                text=dict(
+                    hidden_size=4096,
+                    intermediate_size=11008,
+                    num_hidden_layers=32,
+                    num_attention_heads=32,
+                    num_key_value_heads=32,
+                    max_position_embeddings=4096,
+                    rms_norm_eps=1e-5,
+                    vocab_size=32064,
+                ),
+                image_token_id=32000,
+                image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
             ),
             materialise_language_model=False,
         ),

@@ -34,7 +34,7 @@ def tensorrt_llm_version() -> str | None:
 @dataclass
 class TrtllmBuildConfig:
     max_batch_size: int
-    num_visual_tokens: int  # T
+    num_visual_tokens: int  # the most visual rows one request (image) takes: T, or more for multi-crop families
     max_text_len: int = 512  # text tokens of a prompt, T excluded
     max_new_tokens: int = 512
     dtype: str = "float16"

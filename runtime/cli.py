@@ -131,6 +131,7 @@ def run_command(args: argparse.Namespace) -> int:
             "positions": result.positions,
             "num_patches": result.num_patches,
             "num_kept": result.num_kept,
+            "llm_positions": result.llm_positions,
             "timings": result.timings,
             "backend": pipe.backend,
             "decoder": pipe.decoder.name,
@@ -149,6 +150,12 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"engine   {args.engine}  (vision: {pipe.backend} [{pipe.backend_reason}], decoder: {pipe.decoder.name})")
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")
+    if result.llm_positions is not None:
+        stage = pipe.manifest.llm_stage
+        print(
+            f"llm      after decoder layer {stage['layer']}: {result.num_kept} -> {len(result.llm_positions)} rows, "
+            f"patches {', '.join(map(str, result.llm_positions))}"
+        )
     if args.grid:
         print(patch_grid(pipe, media, result.positions))
     print(f"text     {result.text!r}")

@@ -282,6 +282,18 @@ def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     raise TypeError(f"images: expected an image or a list of images, got {type(images).__name__}")
 
 
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of its longer side, filled with `fill` (LLaVA-1.5's
+    `expand2square`, MaQianKun0/ApET llava/mm_utils.py; the offset rounds down)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
 class ImagePreprocessor:
     """The checkpoint's own HF image processor (loaded from the engine dir's processor/),
     plus input validation. `__call__(images) -> pixel_values` float32 numpy [B, 3, S, S]."""
@@ -371,6 +383,12 @@ class ImagePreprocessor:
                 f"the image processor produced pixel_values {pixel_values.shape}, the engine expects {expected}"
             )
         return pixel_values
+
+    @property
+    def mean_colour(self) -> tuple[int, int, int]:
+        """The processor's mean as an RGB colour, truncated like the official code's
+        `tuple(int(x * 255) for x in image_processor.image_mean)`."""
+        return tuple(int(x * 255) for x in getattr(self.processor, "image_mean", [0.0, 0.0, 0.0]))
 
     def unnormalize(self, pixel_values: np.ndarray) -> np.ndarray:
         """[3, S, S] normalized -> [S, S, 3] uint8 (the crop the engine saw; for overlays)."""

@@ -164,6 +164,22 @@ class Manifest:
     def family(self) -> str:
         return self.data["model"]["family"]
 
+    # -- paper parity (docs/ENGINE_DIR.md; absent in directories built before them) ----------
+    @property
+    def llm_stage(self) -> dict | None:
+        """ApET inside the LLM: {"layer": L, **ApetConfig fields}, or None."""
+        return self.data.get("llm_stage")
+
+    @property
+    def random_start(self) -> dict | None:
+        """{"seed": S} when every FPS start is drawn at run time, else None (fixed starts)."""
+        return self.data.get("random_start")
+
+    @property
+    def image_aspect(self) -> str:
+        """ "default" (the checkpoint processor's own) or "pad" (expand2square first)."""
+        return self.data.get("image_aspect", "default")
+
     @property
     def parts(self) -> list[str]:
         """Names of the vision engines beside the main one (a family with two towers), in order."""
@@ -280,6 +296,7 @@ class Manifest:
             f"checkpoint   {outside}",
             f"vision       {', '.join(f'{k} {x}' for k, x in v.items() if x is not None)}",
             f"compression  {comp}: {n} -> {t} tokens",
+            *self._parity_lines(),
             f"llm          hidden {llm['hidden_size']}, vocab {llm['vocab_size']}, image token "
             f"{llm['image_token_id']}, dtype {llm['dtype']}",
             f"batch        {d['batch']['min']}..{d['batch']['max']} (opt {d['batch']['opt']})",
@@ -289,6 +306,20 @@ class Manifest:
             f"files        {len(d['files'])} checksummed",
         ]
         return "\n".join(lines)
+
+    def _parity_lines(self) -> list[str]:
+        stage, rs = self.llm_stage, self.random_start
+        lines = []
+        if stage:
+            lines.append(
+                f"llm stage    ApET after decoder layer {stage.get('layer')}: -> {stage.get('keep')} rows per image "
+                f"(basis={stage.get('basis')}, seeds by {stage.get('seed_placement')}; Transformers decoder only)"
+            )
+        if rs:
+            lines.append(f"fps start    random, drawn at run time (seed {rs.get('seed')})")
+        if self.image_aspect != "default":
+            lines.append(f"images       {self.image_aspect} to square before the processor")
+        return lines
 
 
 def check_tree(manifest: Manifest) -> dict[str, int]:

@@ -129,6 +129,13 @@ SCHEMA: dict[str, Field] = {
     "vision.min_tokens": _int(1, 1 << 20, required=False),  # rows of an image: the processor's range
     "vision.max_tokens": _int(1, 1 << 20, required=False),
     "qwen2_5_vl": Field("object", required=False, open=True),  # the family's facts (its adapter checks them)
+    # llava_next: the anyres layout (runtime/families/llava_next.py)
+    "llava_next": Field("object", required=False),
+    "llava_next.image_grid_pinpoints": Field("list", max_len=64),  # [[height, width], ...]
+    "llava_next.image_grid_pinpoints[]": Field("list", max_len=2),
+    "llava_next.image_grid_pinpoints[][]": _int(1, 16384),
+    "llava_next.image_newline": _str(path="file"),  # safetensors {"image_newline": float32 [hidden]}
+    "llava_next.max_rows_per_image": _int(1, 1 << 24),
     "apet": Field("object", null=True),  # its values: apet_ops.ApetConfig (checked by a rule)
     "apet.keep": _int(1, 1 << 20, null=True),
     "apet.keep_ratio": Field("number", required=False, null=True, lo=0.0, hi=1.0),
@@ -140,6 +147,18 @@ SCHEMA: dict[str, Field] = {
     "apet.seed_blend": Field("number", required=False, lo=0.0, hi=1.0),
     "apet.layout": _str(required=False, max_len=32),
     "num_visual_tokens": _int(1, 1 << 20, null=True),  # null: rows vary with the image
+    # paper parity (export/parity.py): ApET inside the LLM, drawn FPS starts, pad to square
+    "llm_stage": Field("object", required=False, null=True),  # {"layer", **ApetConfig} (checked by a rule)
+    "llm_stage.layer": _int(1, 4096),
+    "llm_stage.keep": _int(1, 1 << 20),
+    "llm_stage.basis": _int(1, 4096),
+    "llm_stage.merge": Field("bool"),
+    "llm_stage.ridge": Field("number", lo=1e-30, hi=1e3),
+    "llm_stage.start": _int(0, 1 << 20),
+    "llm_stage.seed_placement": _str(required=False, max_len=32),
+    "random_start": Field("object", required=False, null=True),
+    "random_start.seed": _int(0, (1 << 63) - 1),
+    "image_aspect": _str(required=False, choices=("default", "pad")),
     "video_token": _str(required=False, max_len=64, pattern=r"[^{}\s]+"),
     "llm": Field("object"),
     "llm.hidden_size": _int(1, 1 << 16),
@@ -363,6 +382,24 @@ def _rule_tokens(d: dict) -> None:
         _fail("num_visual_tokens", f"{t} differs from the {config.output_rows(n)} rows apet gives for N={n}")
 
 
+def _rule_llm_stage(d: dict) -> None:
+    """llm_stage is a valid image-layout apet_ops.ApetConfig with a fixed keep, below the rows the
+    vision stage hands the LLM per engine item; a random start has something to draw for."""
+    from apet_trt.apet_ops.config import ApetConfig
+
+    stage = d.get("llm_stage")
+    if stage is not None:
+        try:
+            config = ApetConfig.from_dict({k: v for k, v in stage.items() if k != "layer"})
+        except (TypeError, ValueError) as exc:
+            _fail("llm_stage", str(exc).replace("ApetConfig.", "llm_stage."))
+        t = d["num_visual_tokens"]
+        if t is not None and config.keep >= t:
+            _fail("llm_stage.keep", f"must be below num_visual_tokens={t}, got {config.keep}")
+    if d.get("random_start") is not None and d["apet"] is None and stage is None:
+        _fail("random_start", "set, but neither apet nor llm_stage draws a start")
+
+
 def _rule_batch(d: dict) -> None:
     b = d["batch"]
     if b["min"] != 1:
@@ -506,6 +543,7 @@ def lists_folder(files: Mapping[str, Any], folder: str) -> bool:
 
 RULES: list[Callable[[dict], None]] = [
     _rule_tokens,
+    _rule_llm_stage,
     _rule_batch,
     _rule_io,
     _rule_template,

@@ -54,9 +54,9 @@ def draw_kept_patches(
 
 
 def kept_boxes(patch_map, positions: Sequence[int]) -> list[list[int]]:
-    """Per crop of `patch_map`, the row-major patch indices of the kept rows (rows that are no
+    """Per picture of `patch_map`, the row-major patch indices of the kept rows (rows that are no
     patch - CLS, newlines - are skipped)."""
-    rows, cols = patch_map.grid
+    grids = patch_map.grids
     kept: list[list[int]] = [[] for _ in patch_map.crops]
     for p in positions:
         if not 0 <= int(p) < len(patch_map.boxes):
@@ -64,7 +64,7 @@ def kept_boxes(patch_map, positions: Sequence[int]) -> list[list[int]]:
         box = patch_map.boxes[int(p)]
         if box is not None:
             crop, r, c = box
-            kept[crop].append(r * cols + c)
+            kept[crop].append(r * grids[crop][1] + c)
     return kept
 
 
@@ -91,11 +91,10 @@ def draw_patch_map(patch_map, positions: Sequence[int], *, scale: int = 2, gap: 
 
 
 def grid_text(patch_map, positions: Sequence[int], indent: str = "         ") -> str:
-    """Each crop's patch grid as text, '#' where a patch was kept (row-major); crops one below the
-    other, separated by a blank line."""
-    rows, cols = patch_map.grid
+    """Each picture's patch grid as text, '#' where a patch was kept (row-major); pictures one below
+    the other, separated by a blank line."""
     blocks = []
-    for kept in kept_boxes(patch_map, positions):
+    for (rows, cols), kept in zip(patch_map.grids, kept_boxes(patch_map, positions)):
         marks = set(kept)
         blocks.append(
             "\n".join(indent + "".join("#" if r * cols + c in marks else "." for c in range(cols)) for r in range(rows))

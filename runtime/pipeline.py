@@ -52,6 +52,9 @@ class GenerationResult:
     num_patches: int  # N: rows the uncompressed model hands the LLM for this prompt's media
     num_kept: int  # rows handed to the LLM with ApET
     timings: dict[str, float] = field(default_factory=dict)  # ms, for the whole batch of the call
+    # with ApET inside the LLM (manifest llm_stage): the positions (as above) of the rows still in the
+    # sequence after that stage; None without it
+    llm_positions: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,8 +84,9 @@ class Pipeline:
 
     @property
     def num_visual_tokens(self) -> int | None:
-        """T, the rows per image (per crop for multi-crop families); None when it varies per image."""
-        return self.manifest.num_visual_tokens
+        """T, the rows every image hands the LLM; None when they vary per image (LLaVA-NeXT: T per
+        crop, `manifest.num_visual_tokens`, but the rows of an image depend on its aspect ratio)."""
+        return self.family.fixed_rows
 
     def _media(self, images, videos) -> list:
         """images and videos -> the family's media items: RGB PIL images, then sampled Videos."""
@@ -187,16 +191,21 @@ class Pipeline:
                 num_patches=sum(r.num_patches for r in media[b]),
                 num_kept=sum(r.num_rows for r in media[b]),
                 timings=dict(timings),
+                llm_positions=None
+                if out.llm_kept is None
+                else _positions([media[b][i] for i in assembled[b].items], out.llm_kept[b]),
             )
             for b, ids in enumerate(out.ids)
         ]
 
 
-def _positions(rows: Sequence[VisualRows]) -> list[int]:
-    """Each item's kept positions, offset by the uncompressed rows of the items before it."""
+def _positions(rows: Sequence[VisualRows], kept: Sequence[torch.Tensor] | None = None) -> list[int]:
+    """Each item's kept positions (with `kept`, those of its rows at kept[i] only: what the LLM
+    stage left), offset by the uncompressed rows of the items before it."""
     out, offset = [], 0
-    for r in rows:
-        out += (r.positions + offset).tolist()
+    for i, r in enumerate(rows):
+        positions = r.positions if kept is None else r.positions[kept[i]]
+        out += (positions + offset).tolist()
         offset += r.num_patches
     return out
 
@@ -207,34 +216,48 @@ def _default_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _choose_decoder(manifest: Manifest, requested: str) -> str:
+def _choose_decoder(manifest: Manifest, requested: str, family: RuntimeFamily) -> str:
+    """auto: the TensorRT-LLM engine the directory holds; else TensorRT-LLM's LLM API for a family it
+    takes precomputed rows for (the checkpoint's weights saved); else Transformers."""
     if requested not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {requested!r}")
     if requested != "auto":
         return requested
-    if (manifest.data.get("decoder") or {}).get("tensorrt_llm"):
+    if manifest.llm_stage:  # ApET inside the LLM: only the Transformers decoder runs it
+        return "transformers"
+    decoder = manifest.data.get("decoder") or {}
+    if decoder.get("tensorrt_llm"):
         ok, why = tensorrt_llm_available()
         if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
             return "tensorrt_llm"
-        log.warning(
-            "decoder auto: the engine directory has a TensorRT-LLM engine but %s; using the Transformers decoder", why
-        )
+        log.warning("decoder auto: the engine directory has a TensorRT-LLM engine but %s; not using it", why)
+    if family.tensorrt_llm_api and (decoder.get("transformers") or {}).get("weights") == "saved":
+        ok, why = tensorrt_llm_available()
+        if ok:
+            return "tensorrt_llm_api"
+        log.info("decoder auto: TensorRT-LLM's LLM API not used (%s)", why)
     return "transformers"
 
 
 def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_loader) -> Decoder:
     """The decoder `kind` ("transformers" | "tensorrt_llm" | "tensorrt_llm_api") for the engine dir."""
     llm = manifest.llm
+    common = dict(
+        image_token_id=llm["image_token_id"],
+        pad_token_id=llm.get("pad_token_id"),
+        eos_token_id=llm.get("eos_token_id"),
+        max_length=int(llm["max_position_embeddings"]),
+    )
+    if kind == "transformers" and manifest.llm_stage:
+        from .decoders.stage2 import stage2_decoder
+
+        return stage2_decoder(model_loader(), manifest, family, **common)
     if kind == "transformers":
         from .decoders import TransformersDecoder
 
-        return TransformersDecoder(
-            model_loader(),
-            image_token_id=llm["image_token_id"],
-            pad_token_id=llm.get("pad_token_id"),
-            eos_token_id=llm.get("eos_token_id"),
-            max_length=int(llm["max_position_embeddings"]),
-        )
+        return TransformersDecoder(model_loader(), **common)
+    if manifest.llm_stage:
+        raise RuntimeError(llm_stage_refusal(manifest, kind))
     trt_entry = (manifest.data.get("decoder") or {}).get("tensorrt_llm")
     if kind == "tensorrt_llm":
         from .decoders import TensorRTLLMDecoder
@@ -260,12 +283,36 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
     if kind == "tensorrt_llm_api":
         from .decoders import TensorRTLLMAPIDecoder
 
+        if not family.tensorrt_llm_api:
+            raise RuntimeError(
+                f"decoder='tensorrt_llm_api': TensorRT-LLM's LLM API takes no precomputed rows for the "
+                f"{family.name} family (its input processor has no attach_multimodal_embeddings); use "
+                "'tensorrt_llm' (the engine flow) or 'transformers'"
+            )
+        hf = manifest.data["decoder"]["transformers"] or {}
+        if hf.get("weights") != "saved":
+            raise RuntimeError(
+                f"{manifest.root}: decoder='tensorrt_llm_api' loads the checkpoint's weights, but the manifest's "
+                f"decoder weights are {hf.get('weights')!r}; build from a checkpoint or a preset saved whole"
+            )
         return TensorRTLLMAPIDecoder(
             manifest.transformers_checkpoint(),
             image_token=manifest.image_token,
             max_length=int(llm["max_position_embeddings"]),
+            dtype=llm_dtype(manifest),
+            eos_token_id=llm.get("eos_token_id"),
+            pad_token_id=llm.get("pad_token_id"),
         )
     raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {kind!r}")
+
+
+def llm_stage_refusal(manifest: Manifest, decoder: str) -> str:
+    """The one line for a decoder that cannot run an engine's ApET stage inside the LLM."""
+    stage = manifest.llm_stage
+    return (
+        f"{manifest.root}: built with --llm-stage {stage.get('layer')}:{stage.get('keep')} (ApET inside the LLM), "
+        f"which the {decoder} decoder cannot run; use decoder='transformers', or build without --llm-stage/--budget"
+    )
 
 
 def check_keep(manifest: Manifest, keep: int | None) -> None:
@@ -343,8 +390,10 @@ def load(
         reason = "given by the caller"
 
     if isinstance(decoder, str):
-        dec = build_decoder(_choose_decoder(manifest, decoder), manifest, family, model_loader)
+        dec = build_decoder(_choose_decoder(manifest, decoder, family), manifest, family, model_loader)
     else:
         dec = decoder if isinstance(decoder, Decoder) else decoder(manifest)
+        if manifest.llm_stage and not dec.llm_stage:
+            raise RuntimeError(llm_stage_refusal(manifest, dec.name))
     tokenizer, assembler = engine_prompting(manifest)
     return Pipeline(manifest, family, vision, dec, tokenizer, assembler, backend_reason=reason)

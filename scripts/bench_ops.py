@@ -23,7 +23,7 @@ median}, "unavailable": {name: reason}}], "agreement": [{"batch": B, "positions_
 Memory mode: {"config", "machine", "memory": [{"backend", "tokens", "dim", "keep", "baseline_mib",
 "peak_mib", "extra_mib", "seconds"}]}. Eager mode: {"config", "machine", "eager": [{"tokens", "dim",
 "keep", "dtype", "timing"}]}.
-`apet bench` (scripts/bench.py) calls `measure_op` for its "op" section.
+`apet bench` (scripts/bench/op.py) calls `measure_op` for its "op" section.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig, compress_reference, export_compressor_onnx
-from apet_trt.scripts.timing import machine_info, measure_interleaved
+from apet_trt.scripts.bench.measure import machine_info, measure_interleaved
 
 # (name, device) in the order they are reported; the first is the reference for ratios
 OP_CANDIDATES = (

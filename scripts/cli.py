@@ -5,7 +5,7 @@
     apet run      (runtime/cli.py)  image + prompt through an engine directory
     apet serve    (runtime/serve/cli.py) OpenAI-compatible server (or a vision front for vLLM)
     apet encode   (runtime/serve/cli.py) image -> its rows as an image_embeds payload
-    apet bench    (scripts/bench.py) latency per stage, compressed vs uncompressed
+    apet bench    (scripts/bench/) latency per stage, compressed vs uncompressed
 
 Errors the user can act on are printed as one line (no traceback) and exit with status 2;
 set APET_DEBUG=1 to see the traceback. An unknown option is reported by the subcommand's own

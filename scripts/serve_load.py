@@ -74,14 +74,10 @@ def log(msg: str) -> None:
 def engines(cfg: LoadConfig) -> tuple[Path, Path]:
     if cfg.engine is not None:
         return Path(cfg.engine), Path(cfg.baseline)
-    from apet_trt.scripts.bench import _build_or_reuse, _slug
+    from apet_trt.scripts.bench.engines import build_pair
 
-    cache, slug = Path(cfg.cache_dir), _slug(cfg.model)
-    comp, _ = _build_or_reuse(
-        cfg.model, cache / f"{slug}-t{cfg.keep}-k{cfg.basis}", keep=cfg.keep, basis=cfg.basis, fp16=False
-    )
-    base, _ = _build_or_reuse(cfg.model, cache / f"{slug}-full", keep=None, basis=cfg.basis, fp16=False)
-    return comp.root, base.root
+    pair = build_pair(cfg.model, Path(cfg.cache_dir), keep=cfg.keep, basis=cfg.basis, fp16=False)
+    return pair.compressed.root, pair.baseline.root
 
 
 def request_set(cfg: LoadConfig) -> list[tuple[str, str]]:

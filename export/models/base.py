@@ -74,6 +74,16 @@ class ExportFamily(ABC):
     # tensorrt_llm.models class that converts the language model for TensorRT-LLM's engine flow (the
     # prompt-table decoder); None: the family has no such route
     trtllm_model_class: str | None = None
+    # Paper parity (export/parity.py). llm_stage: ApET's second stage inside the language model
+    # (runtime/decoders/stage2.py) works for this family's rows. supports_start_input: the vision
+    # engine can take an input "start" [items] int64, each item's first FPS seed (--start random);
+    # build sets `start_input` on the instance and io / example_inputs / vision_module follow it.
+    # image_aspects: the image preprocessing modes the runtime adapter honours ("default": the
+    # checkpoint processor's own).
+    llm_stage: bool = False
+    supports_start_input: bool = False
+    start_input: bool = False
+    image_aspects: tuple[str, ...] = ("default",)
 
     def __init__(self, config, processor=None):
         self.config = config
@@ -207,6 +217,11 @@ class ExportFamily(ABC):
         family's own by default; a family whose model type the converter does not know writes its
         language model as a plain checkpoint under `work` and returns that."""
         return checkpoint
+
+    def save_files(self, model: torch.nn.Module, out_dir: Path) -> None:  # noqa: B027 - optional hook
+        """Write the files the family's runtime adapter reads besides the engine (e.g. LLaVA-NeXT's
+        newline embedding) into the engine directory being built; `manifest_fields` names them by
+        their relative paths (the manifest lists and hashes every file)."""
 
     # -- what the manifest records ------------------------------------------------------------
     @abstractmethod

@@ -23,6 +23,7 @@ from .base import ExportFamily, Preset
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 INPUT = "pixel_values"
+START = "start"  # with --start random: [B] int64, each image's first FPS seed (drawn by the runtime)
 OUTPUTS = ("embeddings", "positions")
 
 
@@ -56,25 +57,26 @@ class VisionParts(nn.Module):
 
 
 class LlavaVisionEngine(nn.Module):
-    """pixel_values -> (embeddings [B, T, H] float32, positions [B, T] int64)."""
+    """pixel_values (+ start [B] int64, each image's first FPS seed, when the engine takes one) ->
+    (embeddings [B, T, H] float32, positions [B, T] int64)."""
 
-    def __init__(self, model, apet: ApetConfig | None):
+    def __init__(self, model, apet: ApetConfig | None, family: LlavaExport | None = None):
         super().__init__()
         self.vision_tower, self.projector = parts(model)
-        family = LlavaExport(model.config)
+        family = family or LlavaExport(model.config)
         self.feature_layer, self.select_strategy = family.feature_layer, family.select_strategy
         self.num_patches = family.num_patches
         family.check_apet(apet)
         self.compressor = ApetCompressor(apet) if apet is not None else None  # node names: /compressor/...
 
-    def forward(self, pixel_values: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, start: torch.Tensor | None = None):
         dtype = next(self.vision_tower.parameters()).dtype
         hidden = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
         features = hidden[self.feature_layer]
         if self.select_strategy == "default":
             features = features[:, 1:]
         if self.compressor is not None:
-            tokens, positions = self.compressor(features)  # float32 inside, input dtype out
+            tokens, positions = self.compressor(features, start)  # float32 inside, input dtype out
         else:
             tokens = features  # positions 0..N-1 with N a constant, so the exported T axis is static
             positions = torch.arange(self.num_patches, device=features.device).expand_as(features[:, :, 0])
@@ -105,6 +107,9 @@ class LlavaExport(ExportFamily):
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversation format
     image_token = "<image>"
     trtllm_model_class = "LLaMAForCausalLM"  # its converter reads a LLaVA checkpoint's text_config
+    llm_stage = True  # stage 2 prunes all of an image's rows (the official layer_prune)
+    supports_start_input = True
+    image_aspects = ("default", "pad")  # pad: the official LLaVA-1.5 preprocessing (expand2square)
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)
@@ -160,15 +165,22 @@ class LlavaExport(ExportFamily):
         return self._n
 
     def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
-        return LlavaVisionEngine(model, apet)
+        return LlavaVisionEngine(model, apet, self)
 
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {INPUT: torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)}
+        pixels = torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)
+        if not self.start_input:
+            return {INPUT: pixels}
+        return {INPUT: pixels, START: torch.randint(0, self.num_patches, (batch,), generator=generator)}
 
     def io(self, apet: ApetConfig | None) -> dict:
         t, h = self.rows_per_item(apet), self.config.text_config.hidden_size
+        start = [{"name": START, "dtype": "int64", "shape": ["batch"]}] if self.start_input else []
         return {
-            "inputs": [{"name": INPUT, "dtype": "float32", "shape": ["batch", 3, self.image_size, self.image_size]}],
+            "inputs": [
+                {"name": INPUT, "dtype": "float32", "shape": ["batch", 3, self.image_size, self.image_size]},
+                *start,
+            ],
             "outputs": [
                 {"name": OUTPUTS[0], "dtype": "float32", "shape": ["batch", t, h]},
                 {"name": OUTPUTS[1], "dtype": "int64", "shape": ["batch", t]},

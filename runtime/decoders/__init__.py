@@ -3,6 +3,7 @@ visual rows (one [R_i, H] tensor per image, R_i may differ between images) in, g
 with the time to the first token and the decode time.
 
     TransformersDecoder   the checkpoint's language model fed `inputs_embeds`, with a KV cache
+    Stage2Decoder         the same, with ApET again on the image rows after decoder layer L (stage2.py)
     TensorRTLLMDecoder    TensorRT-LLM's ModelRunnerCpp fed the prompt table (docs/DESIGN.md)
     TensorRTLLMAPIDecoder TensorRT-LLM's LLM API fed `multi_modal_embeddings`
 """
@@ -41,6 +42,9 @@ class DecodeOutput:
     ids: list[list[int]]  # generated ids per request; ends with eos when one was produced
     first_token_ms: float  # prefill: the prompt (text + T visual slots) -> first token
     decode_ms: float  # every token after the first
+    # ApET inside the LLM (Stage2Decoder): per request, per image, the indices among that image's
+    # rows still in the sequence after the stage (ascending); None for decoders without it
+    llm_kept: list[list[torch.Tensor]] | None = None
 
 
 Visual = Sequence[Sequence[torch.Tensor]]  # visual[b][i]: prompt b's image i, [R_i, H]
@@ -55,6 +59,7 @@ class Decoder(ABC):
 
     name: str = "decoder"
     max_length: int  # prompt + new tokens may not exceed this
+    llm_stage: bool = False  # runs ApET inside the LLM (an engine whose manifest has llm_stage needs it)
 
     def check_lengths(self, prompts: Sequence[AssembledPrompt], max_new_tokens: int) -> None:
         for b, p in enumerate(prompts):
@@ -100,6 +105,7 @@ class Decoder(ABC):
         return out
 
 
+from .stage2 import Stage2Decoder  # noqa: E402
 from .tensorrt_llm import TensorRTLLMAPIDecoder, TensorRTLLMDecoder  # noqa: E402
 from .transformers import TransformersDecoder  # noqa: E402
 
@@ -110,6 +116,7 @@ __all__ = [
     "DecodeOutput",
     "SamplingConfig",
     "TransformersDecoder",
+    "Stage2Decoder",
     "TensorRTLLMDecoder",
     "TensorRTLLMAPIDecoder",
 ]

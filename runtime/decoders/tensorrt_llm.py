@@ -14,13 +14,14 @@ API read from TensorRT-LLM's source, tensorrt_llm/runtime/model_runner_cpp.py:
 (examples/multimodal/README.md: "--max_multimodal_len ... [batch_size, num_visual_features,
 visual_hidden_dim] is flattened ... and passed like a prompt embedding table".)
 
-TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for the models it lists
-with precomputed embeddings: `LLM(model=hf_dir).generate([{"prompt": text,
-"multi_modal_embeddings": {"image": [tensor(R_i, H) per image]}}], SamplingParams(...))`. The prompt
-is the conversation text with one placeholder per image (the LLM API's input processor expands
-each to the rows given). For M-RoPE models its processor would place the rows on a compact grid it
-invents; prompts with their own position ids (Qwen2.5-VL's gathered ids) replace that grid's ids in
-the mrope_config it returns (llm_api_inputs.py, which cites the source).
+TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for the models whose
+input processor takes precomputed embeddings (LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL; not LLaVA-1.5):
+`LLM(model=hf_dir).generate_async({"prompt": text, "multi_modal_embeddings": {"image": [tensor(R_i, H)
+per image]}}, sampling_params=..., streaming=True)`. The prompt is the conversation text with one
+placeholder per image (the LLM API's input processor expands each to the rows given); the request
+is documented on the class. For M-RoPE models its processor would place the rows on a compact grid
+it invents; prompts with their own position ids (Qwen2.5-VL's gathered ids) replace that grid's ids
+in the mrope_config it returns (llm_api_inputs.py, which cites the source).
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ from .prompt_table import build_prompt_table_inputs
 _INSTALL = "pip install apet-trt[tensorrt-llm] (TensorRT-LLM, on a machine with an NVIDIA GPU)"
 
 
-def _import_tensorrt_llm():
+def _import_tensorrt_llm(require_cuda: bool = True):
     try:
         import tensorrt_llm  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(f"the TensorRT-LLM decoder needs the tensorrt_llm package: {_INSTALL}") from exc
-    if not torch.cuda.is_available():
+    if require_cuda and not torch.cuda.is_available():
         raise RuntimeError("the TensorRT-LLM decoder needs a CUDA GPU, and torch sees none")
     return tensorrt_llm
 
@@ -182,52 +183,125 @@ class TensorRTLLMDecoder(Decoder):
 
 
 class TensorRTLLMAPIDecoder(Decoder):
-    """The LLM API path (`multi_modal_embeddings`); for the models TensorRT-LLM's LLM API lists as
-    accepting precomputed multimodal embeddings (LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL; not LLaVA-1.5).
-    Prompts that carry their own position ids (Qwen2.5-VL's M-RoPE ids of the kept rows) hand them to
-    TensorRT-LLM through the mrope_config its input processor returns, in place of the compact grid
-    it would invent (llm_api_inputs.py)."""
+    """TensorRT-LLM's LLM API (PyTorch backend; the route that survives the engine flow's removal after
+    1.3.0rc20) fed each image's rows as precomputed embeddings, for the families whose TensorRT-LLM
+    input processor implements `attach_multimodal_embeddings` (LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL; not
+    LLaVA-1.5).
+
+    The request, as TensorRT-LLM 1.2's source reads it: `LLM.generate_async` hands a prompt dict that
+    holds "multi_modal_embeddings" to `input_processor.attach_multimodal_embeddings(inputs,
+    inputs["multi_modal_embeddings"], sampling_params)` (tensorrt_llm/llmapi/llm.py). For LLaVA-NeXT
+    (tensorrt_llm/_torch/models/modeling_llava_next.py, LlavaNextInputProcessor) that tokenizes
+    "prompt" with the checkpoint's tokenizer (special tokens added: the BOS), finds the image token
+    ids (config.image_token_index), and replaces the i-th by R_i out-of-vocabulary ids
+    vocab_size + 0, 1, ... (`_postprocess`: one split per list entry, a 2-D entry is one image of R_i
+    rows); the model's `fuse_input_embeds` then puts the rows, concatenated in order, at those ids,
+    cast to the model's dtype and device. So each request is
+
+        {"prompt": the conversation text, one image token per image, no BOS,
+         "multi_modal_embeddings": {"image": [rows of image 0 [R_0, H], rows of image 1, ...]}}
+
+    which gives the language model exactly the sequence `TransformersDecoder` builds (the prompt
+    assembler tokenizes the same text with each image token repeated R_i times). Prompts that carry
+    their own position ids (Qwen2.5-VL's M-RoPE ids of the kept rows) hand them to TensorRT-LLM
+    through the mrope_config its input processor returns, in place of the compact grid it would
+    invent (llm_api_inputs.py).
+    """
 
     name = "tensorrt_llm_api"
 
-    def __init__(self, hf_checkpoint: str | Path, *, image_token: str, max_length: int):
-        _import_tensorrt_llm()
+    def __init__(
+        self,
+        hf_checkpoint: str | Path,
+        *,
+        image_token: str,
+        max_length: int,
+        dtype: torch.dtype = torch.float16,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        device: str = "cuda",
+        **llm_kwargs,
+    ):
+        """`hf_checkpoint`: the whole Transformers checkpoint (config, weights, tokenizer, processor),
+        what `LLM(model=...)` loads; `dtype`: the rows' dtype on the way in (the LLM's); `llm_kwargs`
+        go to `tensorrt_llm.LLM` (e.g. kv_cache_config, max_num_tokens)."""
+        self.device = torch.device(device)
+        _import_tensorrt_llm(require_cuda=self.device.type == "cuda")
         from tensorrt_llm import LLM
 
-        self.llm = LLM(model=str(hf_checkpoint))
+        hf_checkpoint = Path(hf_checkpoint)
+        if not (hf_checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"{hf_checkpoint}: not a Transformers checkpoint directory (no config.json)")
+        self.llm = LLM(model=str(hf_checkpoint), **llm_kwargs)
         self.image_token = image_token
         self.max_length = int(max_length)
+        self.dtype = dtype
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.own_positions = llm_api_inputs.OwnPositions()
-        processor = self.llm.input_processor  # LLM.generate_async calls its attach_multimodal_embeddings
-        processor.attach_multimodal_embeddings = llm_api_inputs.with_own_positions(
-            processor.attach_multimodal_embeddings, self.own_positions
-        )
+        processor = getattr(
+            self.llm, "input_processor", None
+        )  # LLM.generate_async calls its attach_multimodal_embeddings
+        self._own_positions_hooked = processor is not None
+        if processor is not None:
+            processor.attach_multimodal_embeddings = llm_api_inputs.with_own_positions(
+                processor.attach_multimodal_embeddings, self.own_positions
+            )
 
-    def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
+    def sampling_params(self, sampling: SamplingConfig):
+        """SamplingConfig -> tensorrt_llm.SamplingParams (greedy: top_k 1, temperature 0)."""
         from tensorrt_llm import SamplingParams
 
-        self.check_batch(prompts, visual)
-        self.check_lengths(prompts, sampling.max_new_tokens)
-        params = SamplingParams(
+        kwargs = {}
+        if self.eos_token_id is not None:
+            kwargs["end_id"] = int(self.eos_token_id)
+        if self.pad_token_id is not None:
+            kwargs["pad_id"] = int(self.pad_token_id)
+        return SamplingParams(
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature if sampling.do_sample else 0.0,
             top_k=(sampling.top_k or None) if sampling.do_sample else 1,
             top_p=sampling.top_p if sampling.do_sample else 1.0,
             seed=sampling.seed,
+            **kwargs,
         )
-        requests = [llm_api_inputs.request(p, visual[b]) for b, p in enumerate(prompts)]
-        for req, p in zip(requests, prompts):
-            self.own_positions.register(req, p)
+
+    def requests(self, prompts: Sequence[AssembledPrompt], visual: Visual) -> list[dict]:
+        """The LLM API prompt dicts (see the class docstring)."""
+        self.check_batch(prompts, visual)
+        out = []
+        for b, (p, images) in enumerate(zip(prompts, visual)):
+            if p.text.count(self.image_token) != len(images):
+                raise ValueError(
+                    f"prompt {b}: {p.text.count(self.image_token)} {self.image_token!r} in its text for "
+                    f"{len(images)} image(s): TensorRT-LLM expands one per image"
+                )
+            rows = [x.detach().to(device=self.device, dtype=self.dtype).contiguous() for x in images]
+            req = {"prompt": p.text, "multi_modal_embeddings": {"image": rows}}
+            if p.position_ids is not None:  # the family's own ids (Qwen2.5-VL's M-RoPE), by the input processor's hook
+                if not self._own_positions_hooked:
+                    raise RuntimeError(
+                        "this TensorRT-LLM LLM has no input_processor to carry the prompt's own position ids"
+                    )
+                self.own_positions.register(req, p)
+            out.append(req)
+        return out
+
+    def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
+        self.check_lengths(prompts, sampling.max_new_tokens)
+        requests = self.requests(prompts, visual)
+        params = self.sampling_params(sampling)
         t0 = time.perf_counter()
+        # streamed, so the first step of every request (its prefill and first token) is observable
         try:
-            outputs = self.llm.generate(requests, sampling_params=params)
+            pending = [self.llm.generate_async(r, sampling_params=params, streaming=True) for r in requests]
+            for result in pending:
+                next(result, None)
         except NotImplementedError as exc:  # the model's input processor takes no precomputed embeddings
             raise RuntimeError(
                 f"this TensorRT-LLM's LLM API takes no precomputed embeddings for this model ({exc}); "
                 "upgrade tensorrt_llm or use decoder='transformers'"
             ) from exc
         t1 = time.perf_counter()
-        ids = [list(o.outputs[0].token_ids) for o in outputs]
-        # The LLM API returns whole requests: the split between prefill and decode is not
-        # observable here, so all of it is reported as decode time.
-        return DecodeOutput(ids=ids, first_token_ms=0.0, decode_ms=(t1 - t0) * 1e3)
+        ids = [list(result.result().outputs[0].token_ids) for result in pending]
+        t2 = time.perf_counter()
+        return DecodeOutput(ids=ids, first_token_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -106,6 +107,27 @@ class TransformersDecoder(Decoder):
     def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:
         return self.generate_streaming(prompts, visual, sampling, None)
 
+    def prefill(self, prompts: Sequence[AssembledPrompt], visual: Visual) -> tuple[torch.Tensor, DecodeState]:
+        """One forward over the prompts -> (the last position's logits [B, V] float32, what decoding
+        continues from)."""
+        inputs_embeds, mask, position_ids = self.build_inputs_embeds(prompts, visual)
+        logits, cache = self._forward(None, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids)
+        # the next token's position: one past the largest so far (with 1-D positions, the last one);
+        # family ids [P, B, L] continue from their largest over all P components alike
+        position = position_ids.amax(dim=-1, keepdim=True)
+        if position.dim() == 3:
+            position = position.amax(dim=0, keepdim=True).expand_as(position).contiguous()
+        return logits, DecodeState(cache, mask, position)
+
+    def step(self, state: DecodeState, token: torch.Tensor) -> torch.Tensor:
+        """One decode step: `token` [B] appended at the next position -> the logits [B, V] float32."""
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=-1)
+        state.position = state.position + 1
+        logits, state.cache = self._forward(
+            state.cache, input_ids=token.unsqueeze(-1), attention_mask=state.mask, position_ids=state.position
+        )
+        return logits
+
     @torch.inference_mode()
     def generate_streaming(
         self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig, on_step: OnStep | None
@@ -124,19 +146,13 @@ class TransformersDecoder(Decoder):
         b = len(prompts)
 
         t0 = time.perf_counter()
-        inputs_embeds, mask, position_ids = self.build_inputs_embeds(prompts, visual)
-        logits, cache = self._forward(None, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids)
+        logits, state = self.prefill(prompts, visual)
         token = self._pick(logits, sampling, gen)
         _sync(self.device)
         t1 = time.perf_counter()
 
         out = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        # the next token's position: one past the largest so far (with 1-D positions, the last one);
-        # family ids [P, B, L] continue from their largest over all P components alike
-        position = position_ids.amax(dim=-1, keepdim=True)
-        if position.dim() == 3:
-            position = position.amax(dim=0, keepdim=True).expand_as(position).contiguous()
         for step in range(sampling.max_new_tokens):
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
             step_ids: list[int | None] = [None] * b
@@ -151,15 +167,22 @@ class TransformersDecoder(Decoder):
                     done[i] = True
             if bool(done.all()) or step == sampling.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            position = position + 1
-            logits, cache = self._forward(
-                cache, input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=position
-            )
-            token = self._pick(logits, sampling, gen)
+            token = self._pick(self.step(state, token), sampling, gen)
         _sync(self.device)
         t2 = time.perf_counter()
-        return DecodeOutput(ids=out, first_token_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
+        return DecodeOutput(
+            ids=out, first_token_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, llm_kept=getattr(state, "kept", None)
+        )
+
+
+@dataclass
+class DecodeState:
+    """What decoding continues from after the prefill: the KV cache, the key mask [B, K] and the
+    last position ([B, 1], or a family's [P, B, 1])."""
+
+    cache: object
+    mask: torch.Tensor
+    position: torch.Tensor
 
 
 def _family_positions(prompts: Sequence[AssembledPrompt], default: torch.Tensor) -> torch.Tensor:

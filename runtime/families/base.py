@@ -11,6 +11,7 @@ decoders, the pipeline, the CLI - speaks only this interface:
     family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
     family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
     family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
+    family.llm_stage_rows(num_rows)              # the rows ApET's stage inside the LLM prunes (llm_stage)
 
 Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
 Qwen2.5-VL's dynamic resolution), so nothing downstream assumes one T for a batch.
@@ -64,9 +65,11 @@ class EngineBatch:
 
 @dataclass(frozen=True)
 class PatchMap:
-    """Where the uncompressed rows of one image lie in the picture the engine saw: `boxes[r]` is
-    (crop index, row, column) of row r in a grid of patches, or None for a row that is no patch
-    (a CLS or newline row). `crops` are the [S, S, 3] uint8 pictures, `patch_size` in pixels."""
+    """Where the uncompressed rows of one image lie in the pictures the engine saw: `boxes[r]` is
+    (picture index, row, column) of row r in that picture's grid of patches, or None for a row that
+    is no patch (a CLS or newline row). `crops` are [H, W, 3] uint8 pictures (an engine crop, or
+    several crops stitched into one picture of the image), `patch_size` in pixels; `grid` is the
+    patch grid of one engine crop, each picture's own grid is `grids[i]` (its size / patch_size)."""
 
     crops: list[np.ndarray]
     boxes: list[tuple[int, int, int] | None]
@@ -74,20 +77,38 @@ class PatchMap:
     patch_size: int
     columns: int | None = None  # pictures per row of an overlay sheet (None: all in one row)
 
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [(c.shape[0] // self.patch_size, c.shape[1] // self.patch_size) for c in self.crops]
+
 
 class RuntimeFamily(ABC):
     """The runtime side of one model family (the export side is export/models/<family>.py)."""
 
     name: str = ""
     hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
+    llm_stage: bool = False  # ApET's stage inside the LLM can prune this family's rows (llm_stage_rows)
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos
     frames_per_video: int | None = None
     # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
     # parts (apet serve --upstream); False: no such server registers the model
     upstream_image_embeds: bool = True
+    # TensorRT-LLM's LLM API (PyTorch backend) takes this family's rows as `multi_modal_embeddings`
+    # (its input processor implements attach_multimodal_embeddings)
+    tensorrt_llm_api: bool = False
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
+        seeded = manifest.random_start  # --start random: the vision stage's draws (the LLM stage's: seed + 1)
+        self._starts = None if not seeded else torch.Generator().manual_seed(int(seeded["seed"]))
+
+    def draw_starts(self, count: int, rows: int) -> np.ndarray:
+        """`count` first-FPS-seed indices in 0..rows-1 (int64), for an engine built with --start random:
+        drawn from a generator seeded with the manifest's random_start.seed when the family loads, so
+        one seed and one sequence of requests give the same starts."""
+        if self._starts is None:
+            raise RuntimeError(f"{self.manifest.root}: the engine draws no random starts (manifest random_start)")
+        return torch.randint(0, rows, (count,), generator=self._starts, dtype=torch.int64).numpy()
 
     @property
     def fixed_rows(self) -> int | None:
@@ -116,6 +137,12 @@ class RuntimeFamily(ABC):
         """Position ids for a prompt whose `image_slots` read `rows` in order: None for plain 1-D
         positions (0..L-1, what every decoder does by itself), else a family's own [P, L] ids."""
         return None
+
+    # -- ApET inside the LLM (runtime/decoders/stage2.py) --------------------------------------
+    def llm_stage_rows(self, num_rows: int) -> int:
+        """How many of an image's rows (the first ones) ApET's stage inside the LLM prunes, for an
+        image handing the LLM `num_rows` (families with `llm_stage`)."""
+        raise NotImplementedError(f"the {self.name} family has no ApET stage inside the LLM")
 
     # -- the handoff to a serving engine ------------------------------------------------------
     def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:

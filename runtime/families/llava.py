@@ -14,16 +14,18 @@ import numpy as np
 import torch
 
 from ..checks import check_ascending
-from ..images import ImagePreprocessor
+from ..images import ImagePreprocessor, expand_to_square
 from ..manifest import ManifestError
 from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
+START = "start"  # engines built with --start random: [B] int64, each image's first FPS seed
 
 
 class LlavaFamily(RuntimeFamily):
     name = "llava"
     hf_model_class = "LlavaForConditionalGeneration"
+    llm_stage = True
 
     def __init__(self, manifest):
         super().__init__(manifest)
@@ -39,6 +41,8 @@ class LlavaFamily(RuntimeFamily):
             ) from exc
         self.batch_max = manifest.batch_max
         self.preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=self.image_size)
+        self.pad = manifest.image_aspect == "pad"
+        self.feeds_start = START in [i["name"] for i in manifest.data["io"]["inputs"]]
 
     @property
     def fixed_rows(self) -> int:
@@ -46,8 +50,13 @@ class LlavaFamily(RuntimeFamily):
 
     # -- images -> engine inputs ----------------------------------------------------------------
     def preprocess(self, images: Sequence) -> EngineBatch:
-        pixel_values = self.preprocessor(images)  # [B, 3, S, S], checked
-        return EngineBatch(feeds={INPUT: pixel_values}, items=[{} for _ in images], images=list(images))
+        if self.pad:  # --image-aspect pad: the official LLaVA-1.5 preprocessing
+            fill = self.preprocessor.mean_colour
+            images = [expand_to_square(img, fill) for img in images]
+        feeds = {INPUT: self.preprocessor(images)}  # [B, 3, S, S], checked
+        if self.feeds_start:
+            feeds[START] = self.draw_starts(len(images), self.num_patches)
+        return EngineBatch(feeds=feeds, items=[{} for _ in images], images=list(images))
 
     # -- engine outputs -> rows ---------------------------------------------------------------
     def encode(
@@ -56,7 +65,8 @@ class LlavaFamily(RuntimeFamily):
         pixel_values = batch.feeds[INPUT]
         rows: list[VisualRows] = []
         for start in range(0, pixel_values.shape[0], self.batch_max):  # the engine's batch range
-            out = run({INPUT: np.ascontiguousarray(pixel_values[start : start + self.batch_max])})
+            chunk = slice(start, start + self.batch_max)
+            out = run({name: np.ascontiguousarray(value[chunk]) for name, value in batch.feeds.items()})
             emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
             b = min(self.batch_max, pixel_values.shape[0] - start)
             if tuple(emb.shape[:2]) != (b, self.rows) or tuple(pos.shape) != (b, self.rows):
@@ -68,6 +78,9 @@ class LlavaFamily(RuntimeFamily):
             rows += [VisualRows(emb[i], pos[i], self.num_patches) for i in range(b)]
         check_ascending("vision engine", rows)  # LLaVA-1.5's rows are in patch order
         return rows
+
+    def llm_stage_rows(self, num_rows: int) -> int:
+        return num_rows  # all of the image's rows (the official layer_prune)
 
     # -- pictures -----------------------------------------------------------------------------
     def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
@@ -106,7 +119,7 @@ class LlavaTorchVision(torch.nn.Module):
     """The vision engine in PyTorch eager, written independently of export's wrapper: the
     checkpoint's vision tower -> hidden state of the feature layer -> CLS dropped ("default") ->
     apet_ops.ApetCompressor -> the projector on the kept tokens.
-    pixel_values [B, 3, S, S] -> {"embeddings": [B, T, H] float32, "positions": [B, T] int64}."""
+    pixel_values [B, 3, S, S] (+ start [B] int64) -> {"embeddings": [B, T, H] float32, "positions": [B, T] int64}."""
 
     def __init__(self, model, *, feature_layer: int, select_strategy: str, apet: dict | None):
         super().__init__()
@@ -120,14 +133,14 @@ class LlavaTorchVision(torch.nn.Module):
         self.drop_cls = select_strategy == "default"
         self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
 
-    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor, start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         dtype = next(self.tower.parameters()).dtype
         out = self.tower(pixel_values.to(dtype), output_hidden_states=True)
         features = out.hidden_states[self.feature_layer]
         if self.drop_cls:
             features = features[:, 1:]
         if self.compressor is not None:
-            tokens, positions = self.compressor(features)
+            tokens, positions = self.compressor(features, start)
         else:
             tokens = features
             positions = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)

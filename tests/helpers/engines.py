@@ -51,7 +51,7 @@ def clip_processor_class():
     return pil_image_processor_class("CLIPImageProcessor")
 
 
-def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
+def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE, text_layers: int = 2):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vocab = len(tokenizer)
@@ -68,7 +68,7 @@ def make_model(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
         vocab_size=vocab,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=160,

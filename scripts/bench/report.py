@@ -1,12 +1,72 @@
-"""`apet bench` output: the markdown report (headline ratios first) and the PNG plot of latency per
-stage against T, both rendered from the JSON report alone (so a saved bench.json can be re-rendered:
-`python -m apet_trt.scripts.bench_report bench_out/bench.json`)."""
+"""`apet bench` results: the headline ratios (computed into the JSON report), and the markdown
+report (headline first) and PNG plot of latency per stage against T, both rendered from the JSON
+alone, so a saved bench.json can be re-rendered:
+
+    python -m apet_trt.scripts.bench.report bench_out/bench.json   # writes bench.md, bench.png beside it
+
+The JSON's schema is docs/BENCH.md, version config.SCHEMA_VERSION; the renderer also reads version 2
+(no LLM-stage fields) and version 1
+(docs/results/bench.json was recorded with it: T and N the manifest's, and the decoder timed on its
+own forward by the benchmark rather than through the runtime's TransformersDecoder).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+from .config import SCHEMA_VERSION, VISION_BACKENDS
+
+READABLE_SCHEMAS = (1, 2, SCHEMA_VERSION)  # 3 added the LLM-stage fields, which older reports lack
+
+
+def _entry(value: float, **facts) -> dict:
+    return {"value": value, **facts}
+
+
+def headline(report: dict) -> dict:
+    """The ratios the benchmark exists for (compressed / uncompressed; < 1 is faster or smaller),
+    each with the medians it was computed from; T and N are the bench medium's rows. null where
+    its section was skipped or failed."""
+    out = {
+        "vision_apet_over_no_apet": None,
+        "ttft_T_over_N": None,
+        "request_compressed_over_baseline": None,
+        "kv_cache_bytes_T_over_N": None,
+    }
+    vision = report["vision"]
+    if vision.get("status") == "ok":
+        ok = {e["name"]: e for e in vision["backends"] if e["available"]}
+        name = next((b for b in VISION_BACKENDS if b in ok), None)
+        if name:
+            t = ok[name]["timings"]
+            num, den = t["with_apet"]["median_s"], t["without_apet"]["median_s"]
+            out["vision_apet_over_no_apet"] = _entry(
+                num / den, backend=name, T=vision["T"], N=vision["N"], numerator_median_s=num, denominator_median_s=den
+            )
+    decoder, rows = report["decoder"], report["rows"]
+    if decoder.get("status") == "ok":
+        points = {p["T"]: p for p in decoder["points"]}
+        t, n = rows["T"], rows["N"]
+        if t in points and n in points:
+            num, den = points[t]["prefill"]["median_s"], points[n]["prefill"]["median_s"]
+            out["ttft_T_over_N"] = _entry(num / den, T=t, N=n, numerator_median_s=num, denominator_median_s=den)
+            num, den = points[t]["kv_cache_bytes_full_model"], points[n]["kv_cache_bytes_full_model"]
+            out["kv_cache_bytes_T_over_N"] = _entry(num / den, T=t, N=n, numerator_bytes=num, denominator_bytes=den)
+    request = report["request"]
+    if request.get("status") == "ok":
+        c, b = request["variants"]["compressed"], request["variants"]["baseline"]
+        num, den = c["timing"]["median_s"], b["timing"]["median_s"]
+        out["request_compressed_over_baseline"] = _entry(
+            num / den,
+            backend=request["vision_backend"],
+            T=c["T"],
+            N=b["T"],
+            numerator_median_s=num,
+            denominator_median_s=den,
+        )
+    return out
 
 
 def _ms(summary: dict | None) -> str:
@@ -34,25 +94,22 @@ def _layers(n: int) -> str:
 
 
 def decoder_note(report: dict) -> str | None:
-    """The decoder's shapes and the layer override, from the decoder section (or the request's)."""
+    """The decoder's model and the layer override, from the decoder section (or the request's)."""
     dec, req = report["decoder"], report["request"]
     if dec.get("status") == "ok":
-        m, weights, text, batch = dec["model"], dec["weights"], f"{dec['text_tokens']} text tokens", dec["batch"]
+        m, text, batch = dec["model"], f"{dec['text_tokens']} text tokens", dec["batch"]
     elif req.get("status") == "ok":
         c = req["variants"]["compressed"]
-        m, weights, text, batch = (
-            req["decoder_model"],
-            "seeded random weights",
-            f"{c['prompt_tokens'] - c['T']} text tokens",
-            req["batch"],
-        )
+        m, text, batch = req["decoder_model"], f"{c['prompt_tokens'] - c['T']} text tokens", req["batch"]
     else:
         return None
-    shapes = (
-        "LLaVA-1.5-7B language-model shapes"
-        if m["llava_1_5_7b_shapes"]
-        else "the engine's language-model shapes (not LLaVA-1.5-7B's)"
-    )
+    if "class" in m:
+        model = f"the engine's own language model, {m['class']} from `{m['config']}`"
+        runner = ", run by the runtime's TransformersDecoder"
+    else:  # schema 1
+        shapes = "LLaVA-1.5-7B's" if m.get("llava_1_5_7b_shapes") else "the engine's"
+        model, runner = f"a causal LM with {shapes} language-model shapes", ""
+    positions = f"; position ids {dec['position_ids']}" if dec.get("position_ids") else ""
     layers = (
         f"**layer override: {m['layers_run']} of {m['layers_full_model']} layers run** "
         f"(prefill and decode times are for {_layers(m['layers_run'])}"
@@ -61,16 +118,18 @@ def decoder_note(report: dict) -> str | None:
         else f"all {m['layers_full_model']} layers run"
     )
     return (
-        f"Decoder: {m['model_type']} with {shapes} (hidden {m['hidden_size']}, MLP {m['intermediate_size']}, "
-        f"{m['num_attention_heads']} heads, vocab {m['vocab_size']}), {layers}, {m['dtype']} on {m['device']}, "
-        f"{weights}; prompt {text} + T visual, batch {batch}."
+        f"Decoder: {model} ({m['model_type']}: "
+        f"hidden {m['hidden_size']}, MLP {m['intermediate_size']}, {m['num_attention_heads']} heads, "
+        f"{m['num_key_value_heads']} KV heads of {m['head_dim']}, vocab {m['vocab_size']}), {layers}, "
+        f"{m['dtype']} on {m['device']}, seeded random weights{runner}{positions}; "
+        f"prompt {text} + T visual rows, batch {batch}."
     )
 
 
 def render_markdown(report: dict) -> str:
-    eng = report["engines"]["compressed"]
-    t, n = eng["num_visual_tokens"], eng["num_patches"]
+    eng, rows = report["engines"]["compressed"], report.get("rows")  # no rows in schema 1
     cfg, machine, h = report["config"], report["machine"], report["headline"]
+    t, n = (rows["T"], rows["N"]) if rows else (eng["num_visual_tokens"], eng["num_patches"])
     cpu = machine.get("cpu_model") or machine.get("processor") or "unknown CPU"
     where = f"{machine.get('gpu')} + {cpu}" if machine.get("gpu") else f"{cpu}, {machine['cpu_count']} cores, no GPU"
     lines = [
@@ -81,6 +140,16 @@ def render_markdown(report: dict) -> str:
         f"{cfg['warmup']} warm-up, in ms. Ratios are compressed / uncompressed (< 1: ApET is faster or smaller); "
         f"absolute times depend on this machine, the ratios are the result.",
         "",
+        *(
+            [
+                f"Rows: `{Path(rows['media']).name}` hands the LLM N={n} rows from the uncompressed engine and "
+                f"T={t} from the compressed one ({eng['family']} family, {rows['backend']}); "
+                f"per engine item N={eng['num_patches']} -> T={eng['num_visual_tokens']}.",
+                "",
+            ]
+            if rows
+            else []
+        ),
         "## Headline",
         "",
         "| ratio | value | | compressed | uncompressed |",
@@ -178,22 +247,42 @@ def render_markdown(report: dict) -> str:
             + (" (layer override)" if m["layer_override"] else "")
             + f"; {dec['new_tokens']} tokens per decode run; KV cache of the full model "
             f"({m['layers_full_model']} layers, float16) and as measured in the run "
-            f"({_layers(m['layers_run'])}, {m['dtype']}).",
+            f"({_layers(m['layers_run'])}, {m['dtype']})."
+            + (f" Position ids: {dec['position_ids']}." if dec.get("position_ids") else ""),
             "",
-            "| T | context | prefill / TTFT | / T=N | decode per token | tokens/s | KV cache full model | "
+            "| T | rows | context | prefill / TTFT | / T=N | decode per token | tokens/s | KV cache full model | "
             "KV measured | RSS delta (prefill) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in dec["points"]:
             lines.append(
-                f"| {p['T']} | {p['context']} | {_ms(p['prefill'])} | {_x(p['prefill_ratio_vs_N'])} | "
+                f"| {p['T']} | {p.get('rows', '-')} | {p['context']} | {_ms(p['prefill'])} | "
+                f"{_x(p['prefill_ratio_vs_N'])} | "
                 f"{1e3 * p['decode_s_per_token']:.1f} | {p['decode_tokens_per_s']:.1f} | "
                 f"{_mib(p['kv_cache_bytes_full_model'])} | {_mib(p['kv_cache_bytes_measured'])} | "
                 f"{_mib(p['memory_prefill']['rss_delta_bytes'])} |"
             )
+        stage = dec.get("llm_stage")
+        if stage:
+            ratios = ", ".join(f"{_x(v)} of T={t}'s" for t, v in stage["prefill_ratio_vs_T"].items())
+            lines += [
+                "",
+                f"ApET inside the LLM (the compressed engine's `llm_stage`): {stage['T_vision']} rows, then "
+                f"{stage['keep_llm']} after layer {stage['layer_full_model']} of {m['layers_full_model']} (run: after "
+                f"layer {stage['layer_run']} of {m['layers_run']}), {stage['mean_rows_full_model']:g} rows on average "
+                f"over the full model's layers; context {stage['context']} -> {stage['context_after_stage']}.",
+                "",
+                "| LLM stage | prefill / TTFT | vs vision-only | decode per token | KV cache full model | KV measured "
+                "| RSS delta (prefill) |",
+                "|---|---|---|---|---|---|---|",
+                f"| {stage['T_vision']} -> {stage['keep_llm']} @ {stage['layer_full_model']} | "
+                f"{_ms(stage['prefill'])} | "
+                f"{ratios} | {1e3 * stage['decode_s_per_token']:.1f} | {_mib(stage['kv_cache_bytes_full_model'])} | "
+                f"{_mib(stage['kv_cache_bytes_measured'])} | {_mib(stage['memory_prefill']['rss_delta_bytes'])} |",
+            ]
 
     req = report["request"]
-    lines += ["", "## Whole request (image file -> preprocess -> vision -> prefill -> decode)", ""]
+    lines += ["", "## Whole request (media file -> preprocess -> vision -> prefill -> decode)", ""]
     if req.get("status") != "ok":
         lines.append(req.get("status", ""))
     else:
@@ -245,8 +334,8 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eng = report["engines"]["compressed"]
-    t, n = eng["num_visual_tokens"], eng["num_patches"]
+    eng, rows = report["engines"]["compressed"], report.get("rows")  # no rows in schema 1
+    t, n = (rows["T"], rows["N"]) if rows else (eng["num_visual_tokens"], eng["num_patches"])
     fig, (ax, kv) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2, 1]})
     vision = report["vision"]
     if vision.get("status") == "ok":
@@ -266,7 +355,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.plot(ts, [1e3 * p["decode_s_per_token"] for p in pts], marker="v", label="decode, per token")
         ax.set_xticks(sorted(set(ts) | {t, n}))
         kv.bar([str(x) for x in ts], [p["kv_cache_bytes_full_model"] / 2**20 for p in pts], color="tab:purple")
-        kv.set_xlabel("T (visual tokens)")
+        kv.set_xlabel("T (visual rows)")
         kv.set_ylabel("MiB")
         m = dec["model"]
         kv.set_title(f"KV cache, {m['layers_full_model']} layers fp16, batch {dec['batch']}")
@@ -281,7 +370,7 @@ def plot(report: dict, path: Path) -> Path:
             label=f"whole request ({req['new_tokens']} new tokens)",
         )
     ax.set_yscale("log")
-    ax.set_xlabel("T (visual tokens into the LLM)")
+    ax.set_xlabel("T (visual rows into the LLM)")
     ax.set_ylabel("median latency, ms (log)")
     title = f"{eng['model']}: latency per stage against T (N={n})"
     if dec.get("status") == "ok" and dec["model"]["layer_override"]:
@@ -301,12 +390,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print(
-            "usage: python -m apet_trt.scripts.bench_report BENCH.json  (re-renders bench.md and bench.png beside it)",
+            "usage: python -m apet_trt.scripts.bench.report BENCH.json  (re-renders bench.md and bench.png beside it)",
             file=sys.stderr,
         )
         return 2
     src = Path(argv[0])
-    report = json.loads(src.read_text())
+    try:
+        report = json.loads(src.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"bench report: error: {src}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if report.get("schema_version") not in READABLE_SCHEMAS:
+        print(
+            f"bench report: error: {src} has schema_version {report.get('schema_version')!r}; this renderer reads "
+            f"{', '.join(map(str, READABLE_SCHEMAS))} (docs/BENCH.md): run `apet bench` again",
+            file=sys.stderr,
+        )
+        return 2
     (src.parent / "bench.md").write_text(render_markdown(report))
     plot(report, src.parent / "bench.png")
     print(render_markdown(report))
