@@ -377,7 +377,7 @@ def test_manifest_has_the_fields_engine_dir_documents(engines):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "ENGINE_DIR.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ENGINE_DIR.md").read_text()
     block = re.search(r"## Qwen2\.5-VL \(family `qwen2_5_vl`\).*?```jsonc\n(.*?)```", text, re.S).group(1)
     doc = json.loads(re.sub(r"//[^\n]*", "", block))
     for name in ("ratio", "full"):
