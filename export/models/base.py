@@ -103,9 +103,24 @@ class ExportFamily(ABC):
     def preset_config(cls, preset: Preset) -> tuple[Any, Any, Any]:
         """-> (config, image processor, tokenizer) for a preset; no weights (cheap)."""
 
-    @abstractmethod
     def preset_model(self, preset: Preset) -> torch.nn.Module:
-        """The preset's weights, seeded (the caller forks the global RNG around this)."""
+        """The preset's weights, seeded (the caller forks the global RNG around this): the whole VLM
+        (`hf_model_class`, its LM head widened: random init gives near-uniform logits, and wider ones
+        keep greedy ids stable), or the vision parts alone for a preset that does not materialise its
+        language model (the 7B-shape presets)."""
+        if not preset.materialise_language_model:
+            return self.vision_parts()
+        import transformers
+
+        model = getattr(transformers, self.hf_model_class)(self.config).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+        return model
+
+    @abstractmethod
+    def vision_parts(self) -> torch.nn.Module:
+        """The modules the vision engine is made of (tower, projector, ...) from the config alone,
+        random weights: what a preset without its language model builds."""
 
     @classmethod
     def load_checkpoint(cls, path: Path) -> LoadedModel:

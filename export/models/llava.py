@@ -83,6 +83,20 @@ class LlavaVisionEngine(nn.Module):
         return self.projector(tokens).float(), positions
 
 
+def llama_text_config(fields: dict, tokenizer):
+    """A preset's LLaMA language-model config: its fields, the tokenizer's vocabulary size unless the
+    preset names one (the 7B shapes: 32064), and the tokenizer's special ids."""
+    from transformers import LlamaConfig
+
+    text = {"vocab_size": len(tokenizer), **fields}
+    return LlamaConfig(
+        **text,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def image_processor(image_size: int = 336):
     """CLIP's processor settings (what llava-1.5 ships), PIL backend: no torchvision needed."""
     return pil_image_processor_class("CLIPImageProcessor")(
@@ -127,18 +141,11 @@ class LlavaExport(ExportFamily):
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def preset_config(cls, preset: Preset):
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+        from transformers import CLIPVisionConfig, LlavaConfig
 
         f = preset.fields
         tokenizer = byte_level_tokenizer(f.get("image_token_id"))
-        text = dict(f["text"])
-        text.setdefault("vocab_size", len(tokenizer))
-        text_config = LlamaConfig(
-            **text,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        text_config = llama_text_config(f["text"], tokenizer)
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(**f["vision"]),
             text_config=text_config,
@@ -149,15 +156,8 @@ class LlavaExport(ExportFamily):
         )
         return config, image_processor(f["vision"]["image_size"]), tokenizer
 
-    def preset_model(self, preset: Preset) -> nn.Module:
-        if not preset.materialise_language_model:
-            return VisionParts.from_config(self.config)
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration(self.config).eval()
-        with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
-            model.lm_head.weight.mul_(8.0)
-        return model
+    def vision_parts(self) -> nn.Module:
+        return VisionParts.from_config(self.config)
 
     # -- the engine ---------------------------------------------------------------------------
     @property

@@ -32,7 +32,7 @@ from apet_trt.apet_ops.compat import pil_image_processor_class
 
 from ..tokenizer import byte_level_tokenizer
 from .base import Preset
-from .llava import CLIP_MEAN, CLIP_STD, LlavaExport
+from .llava import CLIP_MEAN, CLIP_STD, LlavaExport, llama_text_config
 
 NEWLINE_FILE = "image_newline.safetensors"  # {"image_newline": float32 [H]}
 SECTION = "llava_next"  # the manifest's object for this family (runtime/families/llava_next.py reads it)
@@ -123,18 +123,11 @@ class LlavaNextExport(LlavaExport):
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def preset_config(cls, preset: Preset):
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+        from transformers import CLIPVisionConfig, LlavaNextConfig
 
         f = preset.fields
         tokenizer = byte_level_tokenizer(f.get("image_token_id"))
-        text = dict(f["text"])
-        text.setdefault("vocab_size", len(tokenizer))
-        text_config = LlamaConfig(
-            **text,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        text_config = llama_text_config(f["text"], tokenizer)
         pinpoints = f.get("image_grid_pinpoints", GRID_PINPOINTS)
         config = LlavaNextConfig(
             vision_config=CLIPVisionConfig(**f["vision"]),
@@ -148,15 +141,8 @@ class LlavaNextExport(LlavaExport):
         )
         return config, image_processor(f["vision"]["image_size"], pinpoints), tokenizer
 
-    def preset_model(self, preset: Preset) -> nn.Module:
-        if not preset.materialise_language_model:
-            return VisionParts(self.config).eval()
-        from transformers import LlavaNextForConditionalGeneration
-
-        model = LlavaNextForConditionalGeneration(self.config).eval()
-        with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
-            model.lm_head.weight.mul_(8.0)
-        return model
+    def vision_parts(self) -> nn.Module:
+        return VisionParts(self.config).eval()
 
     @classmethod
     def load_checkpoint(cls, path: Path):

@@ -38,7 +38,7 @@ from apet_trt.apet_ops.compat import accepted_kwargs
 
 from ..tokenizer import byte_level_tokenizer
 from .base import EnginePart, ExportFamily, Preset
-from .llava import CLIP_MEAN, CLIP_STD
+from .llava import CLIP_MEAN, CLIP_STD, llama_text_config
 
 VIDEO_INPUT, IMAGE_INPUT = "pixel_values_videos", "pixel_values"
 OUTPUTS = ("embeddings", "positions")
@@ -181,18 +181,11 @@ class VideoLlavaExport(ExportFamily):
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def preset_config(cls, preset: Preset):
-        from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
+        from transformers import CLIPVisionConfig, VideoLlavaConfig
 
         f = preset.fields
         tokenizer = byte_level_tokenizer(f.get("image_token_id"), video_token=True)
-        text = dict(f["text"])
-        text.setdefault("vocab_size", len(tokenizer))
-        text_config = LlamaConfig(
-            **text,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        text_config = llama_text_config(f["text"], tokenizer)
         vision = CLIPVisionConfig(**f["vision"])
         patches = (vision.image_size // vision.patch_size) ** 2
         config = VideoLlavaConfig(
@@ -208,15 +201,8 @@ class VideoLlavaExport(ExportFamily):
         )
         return config, image_processor(vision.image_size), tokenizer
 
-    def preset_model(self, preset: Preset) -> nn.Module:
-        if not preset.materialise_language_model:
-            return VisionParts.from_config(self.config)
-        from transformers import VideoLlavaForConditionalGeneration
-
-        model = VideoLlavaForConditionalGeneration(self.config).eval()
-        with torch.no_grad():  # random init gives near-uniform logits; widen them so greedy ids are stable
-            model.lm_head.weight.mul_(8.0)
-        return model
+    def vision_parts(self) -> nn.Module:
+        return VisionParts.from_config(self.config)
 
     # -- the engine ---------------------------------------------------------------------------
     @property
