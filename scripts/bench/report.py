@@ -144,7 +144,7 @@ def render_markdown(report: dict) -> str:
             [
                 f"Rows: `{Path(rows['media']).name}` hands the LLM N={n} rows from the uncompressed engine and "
                 f"T={t} from the compressed one ({eng['family']} family, {rows['backend']}); "
-                f"per engine item N={eng['num_patches']} -> T={eng['num_visual_tokens']}.",
+                f"{_per_item(eng)}.",
                 "",
             ]
             if rows
@@ -222,7 +222,7 @@ def render_markdown(report: dict) -> str:
     else:
         a = op["apet"]
         lines += [
-            f"N={op['N']}, D={op['D']}, T={a['keep']}, k={a['basis']}, batch {op['batch']}, {op['input']}.",
+            f"N={op['N']}, D={op['D']}, {_op_budget(a, op['N'])}, k={a['basis']}, batch {op['batch']}, {op['input']}.",
             "",
             "| candidate | median (p90) ms | speed-up vs oracle | kept = oracle | status |",
             "|---|---|---|---|---|",
@@ -415,3 +415,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _per_item(eng: dict) -> str:
+    """What one engine item gets: fixed N -> T, or per image (dynamic resolution, a ratio budget)."""
+    n, t = eng.get("num_patches"), eng.get("num_visual_tokens")
+    if t is not None:
+        return f"per engine item N={n} -> T={t}"
+    ratio = (eng.get("apet") or {}).get("keep_ratio")
+    budget = f"T = floor({ratio} N)" if ratio is not None else "T"
+    return f"N varies per image (up to {n}), {budget} per image" if n is not None else f"{budget} per image"
+
+
+def _op_budget(apet: dict, n: int) -> str:
+    """T of the op section: the fixed keep, or floor(R N) for a ratio budget."""
+    ratio = apet.get("keep_ratio")
+    if apet.get("keep") is not None or ratio is None:
+        return f"T={apet.get('keep')}"
+    from apet_trt.apet_ops import ApetConfig
+
+    return f"T=floor({ratio} N)={ApetConfig.from_dict(apet).keep_for(n)}"
