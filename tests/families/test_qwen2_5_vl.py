@@ -407,15 +407,22 @@ def test_pixel_range_options_bound_the_token_axis(tmp_path, capsys):
     assert not (tmp_path / "llava").exists()
 
 
-def test_onnxruntime_plans_no_memory_patterns_for_varying_token_axes(pipes, tmp_path):
+def test_onnxruntime_plans_no_memory_patterns_and_shrinks_its_arena_for_varying_token_axes(pipes, tmp_path):
     """ONNX Runtime plans memory per input shape; with token counts that change per call those plans
     pile up (8 blocks of Qwen2.5-VL-7B's tower, two images: 5.0 GB with them, 2.4 GB without), so a
     dynamic-token engine runs without them and a batch-only one (LLaVA-1.5) keeps them."""
+    from apet_trt.runtime.backends.onnxruntime import ARENA_SHRINKAGE
     from helpers.engines import build_engine_dir
 
-    assert pipes["full"].vision.session.get_session_options().enable_mem_pattern is False
+    vision = pipes["full"].vision
+    assert vision.session.get_session_options().enable_mem_pattern is False
     llava = runtime.load(build_engine_dir(tmp_path / "llava"), backend="onnxruntime")
     assert llava.vision.session.get_session_options().enable_mem_pattern is True
+    # and the arena goes back after every call (the 7B tower held 11.7 GB after one 1,591-token
+    # image, 3.1 GB with this); a fixed-shape engine keeps it
+    assert vision.run_options.get_run_config_entry(ARENA_SHRINKAGE) == "cpu:0"
+    with pytest.raises(RuntimeError):
+        llava.vision.run_options.get_run_config_entry(ARENA_SHRINKAGE)
 
 
 def test_a_manifest_with_a_bad_family_field_is_refused_naming_it(engines, tmp_path):
