@@ -413,10 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _per_item(eng: dict) -> str:
     """What one engine item gets: fixed N -> T, or per image (dynamic resolution, a ratio budget)."""
     n, t = eng.get("num_patches"), eng.get("num_visual_tokens")
@@ -435,3 +431,7 @@ def _op_budget(apet: dict, n: int) -> str:
     from apet_trt.apet_ops import ApetConfig
 
     return f"T=floor({ratio} N)={ApetConfig.from_dict(apet).keep_for(n)}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
