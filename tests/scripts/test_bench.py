@@ -426,6 +426,32 @@ def test_report_renders_the_committed_results(tmp_path):
     assert len(err.getvalue().strip().splitlines()) == 1 and "schema_version 99" in err.getvalue()
 
 
+@pytest.mark.parametrize(
+    "src",
+    sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs" / "results").glob("*/**/bench.json")),
+)
+def test_every_committed_family_run_re_renders_to_its_markdown(src, tmp_path):
+    """Each committed run beside the README's (docs/results/<family>/...: schema 3, engines whose
+    N and T may vary per image) matches the documented schema and re-renders, through `python -m
+    apet_trt.scripts.bench.report` as docs/BENCH.md tells users, to exactly its committed bench.md."""
+    import shutil
+    import subprocess
+    import sys
+
+    report = json.loads((ROOT / src).read_text())
+    assert report["schema_version"] == bench.SCHEMA_VERSION
+    assert_matches(documented_example(), report)
+    copy = tmp_path / "bench.json"
+    shutil.copy(ROOT / src, copy)
+    done = subprocess.run(
+        [sys.executable, "-m", "apet_trt.scripts.bench.report", str(copy)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    expected = (ROOT / src).with_name("bench.md").read_text()
+    assert (tmp_path / "bench.md").read_text() == expected
+    assert "None" not in expected.split("## Headline")[0]  # N and T are said, fixed or per image
+
+
 def _other_families() -> list:
     """(family, its tiny preset) for every family in the runtime's table but LLaVA-1.5 (the runs
     above): each must bench with nothing but its presets."""
