@@ -280,7 +280,10 @@ class Manifest:
         else:
             comp = "no compression"
         n = self.num_patches if self.num_patches is not None else f"{v.get('min_tokens')}..{v.get('max_tokens')}"
-        t = self.num_visual_tokens if self.num_visual_tokens is not None else "per image"
+        t, per = self.num_visual_tokens, ""
+        if t is None:  # N and T vary per image (dynamic resolution)
+            t = f"floor({apet['keep_ratio']} N)" if apet and apet.get("keep_ratio") else "N"
+            per = " per image"
         dec = d["decoder"]
         hf = dec["transformers"]
         hf_where = hf and (hf["checkpoint"] or "external checkpoint")
@@ -295,17 +298,34 @@ class Manifest:
             f"model        {d['model']['id']} ({d['model']['source']}, family {self.family})",
             f"checkpoint   {outside}",
             f"vision       {', '.join(f'{k} {x}' for k, x in v.items() if x is not None)}",
-            f"compression  {comp}: {n} -> {t} tokens",
+            f"compression  {comp}: {n} -> {t} tokens{per}",
             *self._parity_lines(),
             f"llm          hidden {llm['hidden_size']}, vocab {llm['vocab_size']}, image token "
             f"{llm['image_token_id']}, dtype {llm['dtype']}",
             f"batch        {d['batch']['min']}..{d['batch']['max']} (opt {d['batch']['opt']})",
             f"engines      onnx={d['engines']['onnx']} tensorrt={d['engines']['tensorrt']}",
+            *self._precision_lines(),
             f"decoder      transformers={hf_where} ({hf and hf['weights']}), "
             f"tensorrt_llm={(dec['tensorrt_llm'] or {}).get('engine_dir')}",
             f"files        {len(d['files'])} checksummed",
         ]
         return "\n".join(lines)
+
+    def _precision_lines(self) -> list[str]:
+        """What the graph computes in, and what built each TensorRT plan (the runtime refuses a plan
+        of another TensorRT major.minor or compute capability)."""
+        p = self.data.get("precision") or {}
+        lines = [f"precision    vision {p.get('vision')}, compressor {p.get('compressor')}"] if p else []
+        plans = self.data.get("plans") or {}
+        if not plans:
+            return [*lines, "plans        none (no TensorRT plan in this directory)"]
+        for kind, r in sorted(plans.items()):
+            typed = "strongly typed" if r.get("strongly_typed") else "weakly typed"
+            lines.append(
+                f"plans        {kind}: TensorRT {r.get('tensorrt')} on {r.get('gpu')} (compute capability "
+                f"{r.get('compute_capability')}), {typed}"
+            )
+        return lines
 
     def _parity_lines(self) -> list[str]:
         stage, rs = self.llm_stage, self.random_start

@@ -28,6 +28,24 @@ def test_valid_directory_verifies(engine):
     assert "8 tokens" in m.summary()
 
 
+def test_summary_names_precision_and_what_built_each_plan(engine):
+    """apet inspect says what the graph computes in and, per TensorRT plan, the TensorRT, GPU and
+    compute capability it was built with (what the runtime checks before it loads one)."""
+    m = load_manifest(engine)
+    text = m.summary()
+    assert "precision    vision fp32, compressor fp32" in text
+    assert "plans        none (no TensorRT plan in this directory)" in text
+    m.data["plans"] = {
+        "tensorrt": {
+            "tensorrt": "11.4.0.106", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+            "strongly_typed": True, "dtypes": {"vision_tower": "fp16", "compressor": "fp32", "projector": "fp16"},
+        }
+    }  # fmt: skip
+    line = [x for x in m.summary().splitlines() if x.startswith("plans")]
+    gpu = "NVIDIA H100 80GB HBM3 (compute capability 9.0)"
+    assert line == [f"plans        tensorrt: TensorRT 11.4.0.106 on {gpu}, strongly typed"]
+
+
 def test_missing_file_is_named(engine):
     (engine / "processor" / "preprocessor_config.json").unlink()
     with pytest.raises(ManifestError, match="preprocessor_config.json: listed in the manifest but missing"):
