@@ -244,6 +244,13 @@ class ExportFamily(ABC):
         """The family's part of the manifest: "vision" facts, "num_visual_tokens", and any
         family-specific section its runtime adapter reads."""
 
-    @abstractmethod
     def llm_fields(self) -> dict:
-        """hidden_size, vocab_size, image_token_id, max_position_embeddings of the language model."""
+        """hidden_size, vocab_size, image_token_id, max_position_embeddings of the language model (a
+        family adds what its runtime needs, e.g. a video token)."""
+        t = self.config.text_config
+        return {
+            "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "image_token_id": self.config.image_token_id,
+            "max_position_embeddings": t.max_position_embeddings,
+        }

@@ -211,12 +211,3 @@ class LlavaExport(ExportFamily):
             },
             "num_visual_tokens": self.rows_per_item(apet),
         }
-
-    def llm_fields(self) -> dict:
-        t = self.config.text_config
-        return {
-            "hidden_size": t.hidden_size,
-            "vocab_size": t.vocab_size,
-            "image_token_id": self.config.image_token_id,
-            "max_position_embeddings": t.max_position_embeddings,
-        }

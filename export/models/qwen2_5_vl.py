@@ -498,12 +498,3 @@ class Qwen25VLExport(ExportFamily):
                 "tokens_per_second": getattr(v, "tokens_per_second", 2),
             },
         }
-
-    def llm_fields(self) -> dict:
-        t = self.config.text_config
-        return {
-            "hidden_size": t.hidden_size,
-            "vocab_size": t.vocab_size,
-            "image_token_id": self.config.image_token_id,
-            "max_position_embeddings": t.max_position_embeddings,
-        }

@@ -289,14 +289,7 @@ class VideoLlavaExport(ExportFamily):
         }
 
     def llm_fields(self) -> dict:
-        t = self.config.text_config
-        return {
-            "hidden_size": t.hidden_size,
-            "vocab_size": t.vocab_size,
-            "image_token_id": self.config.image_token_id,
-            "video_token_id": self.config.video_token_id,
-            "max_position_embeddings": t.max_position_embeddings,
-        }
+        return {**super().llm_fields(), "video_token_id": self.config.video_token_id}
 
 
 # -- the language model alone (TensorRT-LLM's converter, vLLM / SGLang with prompt embeddings) -------
