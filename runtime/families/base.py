@@ -176,3 +176,13 @@ class RuntimeFamily(ABC):
     def summary(self) -> list[str]:
         """Family lines for `apet inspect`."""
         return []
+
+
+def submodule(model: torch.nn.Module, name: str, family: str) -> torch.nn.Module:
+    """A checkpoint model's part `name` (a tower, the projector) for a family's PyTorch module,
+    wherever the Transformers version keeps it (>= 4.52 nests the parts under .model)."""
+    inner = getattr(model, "model", None)
+    for owner in (inner, model):
+        if owner is not None and getattr(owner, name, None) is not None:
+            return getattr(owner, name)
+    raise RuntimeError(f"the checkpoint model has no {name!r}; not a {family} model")

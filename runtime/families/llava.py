@@ -16,7 +16,7 @@ import torch
 from ..checks import check_ascending
 from ..images import ImagePreprocessor, expand_to_square
 from ..manifest import ManifestError
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
+from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows, submodule
 
 INPUT = "pixel_values"
 START = "start"  # engines built with --start random: [B] int64, each image's first FPS seed
@@ -107,14 +107,6 @@ class LlavaFamily(RuntimeFamily):
         ]
 
 
-def _submodule(model, name: str):
-    inner = getattr(model, "model", None)  # Transformers >= 4.52 nests them under .model
-    for owner in (inner, model):
-        if owner is not None and getattr(owner, name, None) is not None:
-            return getattr(owner, name)
-    raise RuntimeError(f"the checkpoint model has no {name!r}; not a LLaVA model")
-
-
 class LlavaTorchVision(torch.nn.Module):
     """The vision engine in PyTorch eager, written independently of export's wrapper: the
     checkpoint's vision tower -> hidden state of the feature layer -> CLS dropped ("default") ->
@@ -125,8 +117,8 @@ class LlavaTorchVision(torch.nn.Module):
         super().__init__()
         from apet_trt.apet_ops import ApetCompressor, ApetConfig
 
-        self.tower = _submodule(model, "vision_tower")
-        self.projector = _submodule(model, "multi_modal_projector")
+        self.tower = submodule(model, "vision_tower", "LLaVA")
+        self.projector = submodule(model, "multi_modal_projector", "LLaVA")
         self.feature_layer = int(feature_layer)
         if select_strategy not in ("default", "full"):
             raise ValueError(f"vision.select_strategy must be 'default' or 'full', got {select_strategy!r}")

@@ -24,7 +24,7 @@ from apet_trt.apet_ops.compat import accepted_kwargs
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
 from ..videos import Video
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
+from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows, submodule
 
 VIDEO_INPUT, IMAGE_INPUT = "pixel_values_videos", "pixel_values"
 
@@ -172,14 +172,6 @@ class VideoLlavaFamily(RuntimeFamily):
         ]
 
 
-def _submodule(model, name: str):
-    inner = getattr(model, "model", None)  # Transformers >= 4.52 nests them under .model
-    for owner in (inner, model):
-        if owner is not None and getattr(owner, name, None) is not None:
-            return getattr(owner, name)
-    raise RuntimeError(f"the checkpoint model has no {name!r}; not a Video-LLaVA model")
-
-
 class VideoLlavaTorchVision(torch.nn.Module):
     """Both engines in PyTorch eager, written independently of export's wrappers, from the
     checkpoint's own towers and projector: called with pixel_values_videos (video tower -> layer ->
@@ -190,9 +182,9 @@ class VideoLlavaTorchVision(torch.nn.Module):
         super().__init__()
         from apet_trt.apet_ops import ApetCompressor, ApetConfig
 
-        self.video_tower = _submodule(model, "video_tower")
-        self.image_tower = _submodule(model, "image_tower")
-        self.projector = _submodule(model, "multi_modal_projector")
+        self.video_tower = submodule(model, "video_tower", "Video-LLaVA")
+        self.image_tower = submodule(model, "image_tower", "Video-LLaVA")
+        self.projector = submodule(model, "multi_modal_projector", "Video-LLaVA")
         self.feature_layer = int(feature_layer)
         self.drop_cls = select_strategy == "default"
         self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
