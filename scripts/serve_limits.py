@@ -11,7 +11,8 @@ bounded phases, each sampling the server's RSS (psutil, every `--sample-ms`):
               deflate (about 1 MB of base64): the RSS it costs and its status
     full      `--trials` times: fill the server with max-queue streaming requests (small image, long
               answers) until its queue-depth gauge says full, then time one four-image request to
-              its answer (503 expected), then hang up the fillers
+              its answer (503 expected), and the same request's headers alone (a raw socket that
+              sends no body) to their answer (up to `--headers-wait-s`), then hang up the fillers
 
 Nothing here changes the server's flags between a before and an after run, so the same command
 measures any version of the code (run it with that version importable as `apet_trt`).
@@ -57,6 +58,7 @@ class LimitsConfig:
     bomb_gib: float = 1.0
     trials: int = 3
     fill_max_tokens: int = 1800
+    headers_wait_s: float = 5.0
     sample_ms: float = 10.0
     timeout_s: float = 300.0
     extra: str = ""  # more `apet serve` flags, space-separated (e.g. for a version that has them)
@@ -277,6 +279,27 @@ def queue_depth(url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def headers_only(url: str, length: int, wait_s: float) -> tuple[int | None, float]:
+    """POST headers declaring a `length`-byte JSON body, and no body: (status, seconds) of the
+    answer, or (None, wait_s) when none came within wait_s."""
+    import socket
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        t0 = time.perf_counter()
+        sock.sendall(head)
+        try:
+            first = sock.recv(64)
+        except TimeoutError:
+            return None, wait_s
+    m = re.match(rb"HTTP/1\.1 (\d{3})", first)
+    return (int(m.group(1)) if m else None), time.perf_counter() - t0
+
+
 def phase_full(server: Server, model: str, cfg: LimitsConfig, png: bytes) -> dict:
     import httpx
 
@@ -303,9 +326,22 @@ def phase_full(server: Server, model: str, cfg: LimitsConfig, png: bytes) -> dic
                     break
                 time.sleep(0.1)
             code, seconds = post(server.url, hostile, cfg.timeout_s)
-            still_full = queue_depth(server.url) >= cfg.max_queue
-            trials.append({"status": code, "seconds": seconds, "full_before": full, "full_after": still_full})
-            log(f"  full trial {trial}: status {code} after {seconds * 1e3:.1f} ms (full: {full}/{still_full})")
+            still_full = queue_depth(server.url) >= cfg.max_queue  # the 503 was for a full server
+            head_code, head_seconds = headers_only(server.url, len(hostile), cfg.headers_wait_s)
+            trials.append(
+                {
+                    "status": code,
+                    "seconds": seconds,
+                    "headers_only_status": head_code,
+                    "headers_only_seconds": head_seconds,
+                    "full_before": full,
+                    "full_after": still_full,
+                }
+            )
+            log(
+                f"  full trial {trial}: status {code} after {seconds * 1e3:.1f} ms; headers alone: {head_code} after "
+                f"{head_seconds * 1e3:.1f} ms (full: {full}/{still_full})"
+            )
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
@@ -315,11 +351,15 @@ def phase_full(server: Server, model: str, cfg: LimitsConfig, png: bytes) -> dic
             if queue_depth(server.url) == 0:
                 break
             time.sleep(0.1)
-    valid = [t["seconds"] for t in trials if t["status"] == 503 and t["full_before"] and t["full_after"]]
+    valid = [t for t in trials if t["full_before"] and t["full_after"]]
+    whole = sorted(t["seconds"] for t in valid if t["status"] == 503)
+    heads = sorted(t["headers_only_seconds"] for t in valid if t["headers_only_status"] == 503)
     return {
         "trials": trials,
-        "seconds_to_503": sorted(valid),
-        "median_s": sorted(valid)[len(valid) // 2] if valid else None,
+        "seconds_to_503": whole,
+        "median_s": whole[len(whole) // 2] if whole else None,
+        "headers_only_seconds_to_503": heads,
+        "headers_only_median_s": heads[len(heads) // 2] if heads else None,
     }
 
 
