@@ -295,8 +295,8 @@ class Batcher:
                 return
             try:
                 self._vision_batch(jobs)
-            except Exception as exc:
-                self._fail_all(jobs, exc, "vision")
+            except Exception as exc:  # those already handed on are the decoder's
+                self._fail_all([j for j in jobs if j.needs_vision], exc, "vision")
 
     def _vision_batch(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -309,6 +309,8 @@ class Batcher:
                 return
             log.warning("vision batch of %d failed (%s); retrying one by one", len(jobs), type(exc).__name__)
             for job in jobs:
+                if not job.needs_vision:  # encoded and handed on before the failure
+                    continue
                 try:
                     self._encode([job])
                 except Exception as exc1:
