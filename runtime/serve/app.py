@@ -441,6 +441,25 @@ async def _until_disconnect(request: Request, job: Job) -> None:
             return
 
 
+async def _unless_gone(request: Request, work):
+    """Await `work`, unless the client hangs up first: then it is cancelled (an upstream call
+    closes its connection, which vLLM takes as an abort) and the request ends as 499."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(request.receive())  # the body is read: what comes now is the disconnect
+    try:
+        done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if job in done:
+            return job.result()
+        if gone.result()["type"] != "http.disconnect":  # cannot happen after the body; wait it out
+            return await job
+        job.cancel()
+        raise APIError(499, "the client went away; the upstream call was cancelled")
+    finally:
+        for task in (job, gone):
+            if not task.done():
+                task.cancel()
+
+
 async def _wait(state: ServerState, job: Job, t0: float, request: Request | None = None) -> dict:
     watch = asyncio.ensure_future(_until_disconnect(request, job)) if request is not None else None
     try:
@@ -570,7 +589,7 @@ async def _forward(
             body["messages"][part.message]["content"][part.part] = new
         _record(state, job, {}, rid, t0)
     t1 = time.perf_counter()
-    response = await state.upstream.forward(body, rid, req.stream)
+    response = await _unless_gone(request, state.upstream.forward(body, rid, req.stream))
     state.metrics.observe_stage("upstream", time.perf_counter() - t1)
     _count(state, response.status_code)
     return response

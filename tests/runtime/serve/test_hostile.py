@@ -21,6 +21,7 @@ import http.server
 import io
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -381,7 +382,8 @@ def test_api_key_on_every_route_but_health(engine, pipe, rng, monkeypatch):
 
 # -- remote images ---------------------------------------------------------------------------------------
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """/drip: a PNG header, then a byte every 0.2 s (up to 100); /models and /big: a fake upstream."""
+    """GET /drip: a byte every 0.2 s (up to 100). A fake upstream: GET /v1/models; POST answers 3 MB
+    of JSON, or (server.slow) nothing for up to 20 s, counting in server.aborted a caller that hangs up."""
 
     def do_GET(self):  # noqa: N802 - the stdlib's name
         if self.path == "/drip":
@@ -403,6 +405,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.posts += 1
+        if self.server.slow:
+            for _ in range(200):  # bounded: 20 s
+                readable, _, _ = select.select([self.connection], [], [], 0.1)
+                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    self.server.aborted += 1
+                    return
+            self._json({"late": True})
+            return
         self._json({"junk": "x" * (3 << 20)})  # 3 MB answer
 
     def _json(self, obj):
@@ -420,7 +430,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def helper_http():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.posts = 0
+    httpd.posts, httpd.slow, httpd.aborted = 0, False, 0
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -463,6 +473,15 @@ def test_upstream_checks_client_embeds_and_caps_answers(engine, pipe, rng, helpe
         good = encode_part(pipe.family.handoff_fields(rows))["image_embeds"]
         err = _error(_post(url, _embeds(model, good)), 502)
         assert httpd.posts == 1 and "exceeds" in err["message"] and "pa55word" not in json.dumps(err)
+        # a client that hangs up while the upstream decodes: the upstream call is cancelled too
+        httpd.slow = True
+        with pytest.raises(httpx.ReadTimeout):
+            _post(url, _embeds(model, good), timeout=httpx.Timeout(60, read=0.5))
+        for _ in range(200):  # bounded: well before the 20 s the upstream would take
+            if httpd.aborted:
+                break
+            time.sleep(0.05)
+        assert httpd.aborted == 1 and _metric(url, 'apet_requests_total{status="499"}') == 1
     assert "pa55word" not in caplog.text and "***@" in caplog.text
     # an unreachable upstream: 502 without its address
     dead = socket.socket()
