@@ -82,8 +82,12 @@ def serve(cfg: ServeConfig) -> int:
     pipe = load_pipeline(cfg)
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
-    if not cfg.loopback:
-        log.warning("listening on %s, not a loopback address: put authentication in front of this server", host)
+    if not cfg.loopback and cfg.api_key is None:
+        log.warning(
+            "listening on %s, not a loopback address, without --api-key (or APET_API_KEY): anyone who reaches "
+            "it can use it",
+            host,
+        )
 
     def ready(state) -> None:
         log.info("apet serve: ready on http://%s:%d (OpenAI API at /v1, /health, /metrics)", host, port)
