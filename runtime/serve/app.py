@@ -30,6 +30,7 @@ import anyio
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..families import VisualRows
@@ -293,6 +294,8 @@ async def _read_json(request: Request, cfg: ServeConfig) -> dict:
         raise APIError(
             408, f"the request body did not arrive within {cfg.body_timeout_s:g} s", code="body_timeout"
         ) from exc
+    except ClientDisconnect as exc:
+        raise APIError(499, "the client went away while sending its body") from exc
     try:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -240,6 +240,15 @@ def test_admission_before_the_body_and_deadlines(engine, pipe, rng):
             assert answer.startswith(b"HTTP/1.1 408"), answer
         finally:
             holder.close()
+        # a client that hangs up inside its body: 499 in the metrics, not a 500
+        with socket.create_connection((host, int(port)), timeout=15) as quitter:
+            quitter.sendall(_head(len(body)) + body[:10])
+        for _ in range(100):
+            if _metric(url, 'apet_requests_total{status="499"}') >= 1:
+                break
+            time.sleep(0.02)
+        assert _metric(url, 'apet_requests_total{status="499"}') == 1
+        assert _metric(url, 'apet_requests_total{status="500"}') == 0
         # headers that never finish: 408 and the connection closes
         assert _raw(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408")
         assert _raw(url, b"").startswith(b"HTTP/1.1 408")  # a connection that says nothing
