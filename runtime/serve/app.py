@@ -40,7 +40,7 @@ from .batching import Batcher, Job, Slot
 from .chat import conversation, image_parts, user_turn
 from .config import ServeConfig, redact_url
 from .errors import APIError, bad_request
-from .limits import DecodeBudget, check_depth
+from .limits import DecodeBudget, check_json
 from .media import load_image_url
 from .metrics import Metrics
 from .payload import EmbedsLimits, decode_part, encode_part, torch_dtype
@@ -305,7 +305,7 @@ async def _read_json(request: Request, cfg: ServeConfig) -> dict:
     del chunks
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
-    check_depth(body)
+    check_json(body)
     return body
 
 

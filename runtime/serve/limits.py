@@ -2,7 +2,7 @@
 
     budget = DecodeBudget(cfg.max_decoded_bytes)
     budget.charge(width * height * 3, "messages[0].content[0]: a 6000x6000 image")   # 400 past the limit
-    check_depth(body, MAX_JSON_DEPTH)                                               # 400 past the depth
+    check_json(body)                                  # 400 past MAX_JSON_DEPTH, or for a lone surrogate
 
 A request's images (as decoded pixels) and its `image_embeds` tensors (as loaded) are charged to its
 budget from what their headers and archive directories say, before a byte is decoded; the images
@@ -13,10 +13,12 @@ of decoded request data.
 
 from __future__ import annotations
 
+import re
 import threading
 
 from .errors import bad_request
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_JSON_DEPTH = 64  # a chat request is about 6 deep; vLLM caps structured-output schemas at 64 too
 
 
@@ -41,15 +43,21 @@ class DecodeBudget:
             self.used += int(nbytes)
 
 
-def check_depth(value, limit: int = MAX_JSON_DEPTH) -> None:
-    """Refuse JSON nested deeper than `limit` (iteratively: a deep body cannot exhaust the stack)."""
+def check_json(value, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than `limit` (walked iteratively: a deep body cannot exhaust the
+    stack), or holding a lone surrogate (a "\\ud800" escape JSON allows but UTF-8 cannot encode:
+    no tokenizer or upstream takes it)."""
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, dict):
             children = node.values()
+            if any(_SURROGATE.search(k) for k in node):
+                raise bad_request("the body holds a lone UTF-16 surrogate (not valid Unicode)", code="invalid_json")
         elif isinstance(node, list):
             children = node
+        elif isinstance(node, str) and _SURROGATE.search(node):
+            raise bad_request("the body holds a lone UTF-16 surrogate (not valid Unicode)", code="invalid_json")
         else:
             continue
         if depth > limit:

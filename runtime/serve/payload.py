@@ -148,13 +148,25 @@ def _load_tensor(text, max_chars: int, where: str, max_bytes: int, budget: Decod
             with torch.sparse.check_sparse_tensor_invariants(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the unpickler's notes about foreign protocols
                 tensor = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-                if isinstance(tensor, torch.Tensor):
-                    tensor = tensor.to_dense()
     except Exception as exc:  # whatever the unpickler or numpy says about foreign bytes
         msg = " ".join(str(exc).split())[:200]
         raise bad_request(f"{where}: not a torch.save'd tensor or .npy array ({type(exc).__name__}: {msg})") from exc
     if not isinstance(tensor, torch.Tensor):
         raise bad_request(f"{where}: the payload holds a {type(tensor).__name__}, not a tensor")
+    if tensor.layout != torch.strided:  # sparse: a few bytes can stand for a huge dense tensor
+        dense = tensor.numel() * tensor.element_size()
+        if dense > max_bytes:
+            raise bad_request(
+                f"{where}: a sparse tensor of shape {list(tensor.shape)} is {dense:,} bytes dense; this engine takes "
+                f"at most {max_bytes:,}",
+                code="invalid_image_embeds",
+            )
+        if budget is not None:
+            budget.charge(dense, f"{where}: the embeddings made dense")
+        try:
+            tensor = tensor.to_dense()
+        except Exception as exc:
+            raise bad_request(f"{where}: the sparse tensor cannot be made dense ({type(exc).__name__})") from exc
     return tensor
 
 

@@ -150,6 +150,16 @@ def test_client_errors_are_4xx_and_the_server_keeps_serving(server, media, rng, 
     nested = {**good, "extra": json.loads("[" * 200 + "]" * 200)}  # parses, but deeper than the limit
     assert "nested deeper" in _error(_post(url, nested), 400)["message"]
 
+    surrogate = {**good, "messages": image_message("\ud800 hi", data_url(_image(rng)))}
+    assert "not valid Unicode" in _error(_post(url, json.dumps(surrogate)), 400)["message"]
+    pair = {**good, "messages": image_message("\U0001f600", data_url(_image(rng)))}  # escaped as a surrogate pair
+    assert _post(url, json.dumps(pair)).status_code == 200
+    sparse = io.BytesIO()  # 1 value standing for a 256 GB dense tensor
+    torch.save(torch.sparse_coo_tensor(torch.tensor([[0], [0]]), torch.tensor([1.0]), (10**9, TEXT_HIDDEN)), sparse)
+    err = _error(_post(url, _embeds(model, base64.b64encode(sparse.getvalue()).decode())), 400)
+    assert "bytes dense" in err["message"]
+    _serving(url, model, rng)
+
     tiny = _post(url, {**good, "temperature": 1e-40, "max_tokens": 4})  # vLLM's floor (0.01), not NaN
     assert tiny.status_code == 200 and 1 <= tiny.json()["usage"]["completion_tokens"] <= 4
 
