@@ -157,10 +157,10 @@ class Batcher:
         self._inside = 0
         self._count_lock = threading.Lock()
         self._closing = False
-        vision = self._guarded(self._vision_loop, "vision")
+        vision = self._guarded(self._vision_loop, "vision", [self._vision_q])
         self._threads = [threading.Thread(target=vision, name="apet-vision", daemon=True)]
-        if decode:
-            decoder = self._guarded(self._decoder_loop, "decoder")
+        if decode:  # without a decoder, what vision hands on waits for nobody: both queues go
+            decoder = self._guarded(self._decoder_loop, "decoder", [self._vision_q, self._decoder_q])
             self._threads.append(threading.Thread(target=decoder, name="apet-decoder", daemon=True))
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -254,9 +254,10 @@ class Batcher:
                 live.append(job)
         return live
 
-    def _guarded(self, loop: Callable[[], None], name: str) -> Callable[[], None]:
-        """A worker's loop that outlives its requests' failures; should it end anyway, what is
-        queued is answered (503) rather than left waiting, and /health says not ready."""
+    def _guarded(self, loop: Callable[[], None], name: str, queues: list[queue.Queue]) -> Callable[[], None]:
+        """A worker's loop that outlives its requests' failures; should it end anyway, what waits
+        for it in `queues` is answered (503) rather than left waiting, admission refuses new
+        requests and /health says not ready."""
 
         def run() -> None:
             try:
@@ -264,12 +265,12 @@ class Batcher:
             finally:
                 if not self._closing:
                     log.critical("the %s worker stopped; the server is not ready", name)
-                    self._drain(APIError(503, "the server is not ready"))
+                    self._drain(APIError(503, "the server is not ready"), queues)
 
         return run
 
-    def _drain(self, error: APIError) -> None:
-        for q in (self._vision_q, self._decoder_q):
+    def _drain(self, error: APIError, queues: list[queue.Queue] | None = None) -> None:
+        for q in queues or (self._vision_q, self._decoder_q):
             while True:
                 try:
                     job = q.get_nowait()

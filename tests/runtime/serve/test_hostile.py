@@ -344,6 +344,29 @@ def test_a_failing_request_fails_alone(engine, rng):
         _serving(url, model, rng)
 
 
+def test_health_and_admission_say_not_ready_if_a_worker_ends(engine, rng):
+    """Should a worker end despite all (here: SystemExit from its queue), /health answers 503 and
+    new requests get 503 at once instead of waiting for a thread that is gone."""
+    pipe = runtime.load(engine, backend="onnxruntime")
+    with running_server(ServeConfig(engine=str(engine), **FAST), pipe=pipe) as (url, state):
+        _serving(url, state.model, rng)
+        batcher, take = state.batcher, state.batcher._take
+
+        def take_then_end(q, count):
+            if q is batcher._vision_q:
+                raise SystemExit("gone")
+            return take(q, count)
+
+        batcher._take = take_then_end  # the vision thread calls it after its current batch
+        assert _post(url, _body(state.model, data_url(_image(rng)))).status_code == 200
+        for _ in range(100):  # bounded: the thread ends once it asks for its next batch
+            if not batcher.alive:
+                break
+            time.sleep(0.02)
+        assert httpx.get(url + "/health", timeout=30).status_code == 503
+        assert "not ready" in _error(_post(url, _body(state.model, data_url(_image(rng)))), 503)["message"]
+
+
 @pytest.fixture(scope="module")
 def qwen_engine(tmp_path_factory):
     from apet_trt.export.build import BuildConfig, build
