@@ -1,0 +1,63 @@
+"""One engine answering items: greedy generation through the runtime's Pipeline, the visual rows each
+answer was given and the request's timings.
+
+Items of one kind (one image, or one video) go through `Pipeline.generate` in batches; an item with
+several images goes alone through the pipeline's own steps (encode -> assemble -> decoder), with the
+template's image slot repeated once per image, one a line, as `apet serve` does for a request of
+several images. Timings (ms) are the call's: TTFT = preprocess + vision + the decoder's first
+token, total = the whole call, shared by the items of a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from .data import Item
+
+
+def _record(text: str, num_kept: int, num_patches: int, timings: dict, batch: int) -> dict:
+    return {
+        "answer": text.strip(),
+        "num_kept": int(num_kept),
+        "num_patches": int(num_patches),
+        "ttft_ms": float(timings["preprocess_ms"] + timings["vision_ms"] + timings["first_token_ms"]),
+        "total_ms": float(timings["total_ms"]),
+        "batch": batch,
+    }
+
+
+def answer_batch(pipe, items: Sequence[Item], prompts: Sequence[str], max_new_tokens: int) -> list[dict]:
+    """Greedy answers for items of one kind ("image" or "video"), one generate call."""
+    kind = {it.kind for it in items}
+    if len(kind) != 1 or kind & {"images"}:
+        raise ValueError(f"answer_batch takes items of one kind, image or video; got {sorted(kind)}")
+    media = {f"{items[0].kind}s": [str(it.media[0]) for it in items]}
+    results = pipe.generate(prompts=list(prompts), max_new_tokens=max_new_tokens, do_sample=False, **media)
+    return [_record(r.text, r.num_kept, r.num_patches, r.timings, len(items)) for r in results]
+
+
+def answer_images(pipe, item: Item, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy answer for one item with several images."""
+    from apet_trt.runtime.decoders import SamplingConfig
+
+    m = pipe.manifest
+    slots = "\n".join([m.image_token] * len(item.media))
+    text = m.prompt_template.replace(m.image_token, slots).format(prompt=prompt)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    t0 = time.perf_counter()
+    rows = pipe.encode([str(p) for p in item.media])
+    t1 = time.perf_counter()
+    assembled = pipe.assemble(text, rows)
+    pipe.decoder.check_lengths([assembled], max_new_tokens)
+    out = pipe.decoder.generate([assembled], [[rows[i].embeddings for i in assembled.items]], sampling)
+    t2 = time.perf_counter()
+    [ids] = out.ids
+    timings = {
+        "preprocess_ms": 0.0,  # inside encode
+        "vision_ms": (t1 - t0) * 1e3,
+        "first_token_ms": out.first_token_ms,
+        "total_ms": (t2 - t0) * 1e3,
+    }
+    answer = pipe.tokenizer.decode(ids, skip_special_tokens=True)
+    return _record(answer, sum(r.num_rows for r in rows), sum(r.num_patches for r in rows), timings, 1)
