@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from .data import Item
-
 
 def _record(text: str, num_kept: int, num_patches: int, timings: dict, batch: int) -> dict:
     return {
@@ -27,26 +25,26 @@ def _record(text: str, num_kept: int, num_patches: int, timings: dict, batch: in
     }
 
 
-def answer_batch(pipe, items: Sequence[Item], prompts: Sequence[str], max_new_tokens: int) -> list[dict]:
-    """Greedy answers for items of one kind ("image" or "video"), one generate call."""
-    kind = {it.kind for it in items}
-    if len(kind) != 1 or kind & {"images"}:
-        raise ValueError(f"answer_batch takes items of one kind, image or video; got {sorted(kind)}")
-    media = {f"{items[0].kind}s": [str(it.media[0]) for it in items]}
-    results = pipe.generate(prompts=list(prompts), max_new_tokens=max_new_tokens, do_sample=False, **media)
-    return [_record(r.text, r.num_kept, r.num_patches, r.timings, len(items)) for r in results]
+def answer_batch(pipe, kind: str, media: Sequence, prompts: Sequence[str], max_new_tokens: int) -> list[dict]:
+    """Greedy answers for prompts about one medium each (kind "image" or "video"), one generate call."""
+    if kind not in ("image", "video"):
+        raise ValueError(f"answer_batch: kind must be 'image' or 'video' (one per prompt), got {kind!r}")
+    results = pipe.generate(
+        prompts=list(prompts), max_new_tokens=max_new_tokens, do_sample=False, **{f"{kind}s": list(media)}
+    )
+    return [_record(r.text, r.num_kept, r.num_patches, r.timings, len(prompts)) for r in results]
 
 
-def answer_images(pipe, item: Item, prompt: str, max_new_tokens: int) -> dict:
-    """Greedy answer for one item with several images."""
+def answer_images(pipe, images: Sequence, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy answer for one prompt about several images (paths or PIL images)."""
     from apet_trt.runtime.decoders import SamplingConfig
 
     m = pipe.manifest
-    slots = "\n".join([m.image_token] * len(item.media))
+    slots = "\n".join([m.image_token] * len(images))
     text = m.prompt_template.replace(m.image_token, slots).format(prompt=prompt)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
     t0 = time.perf_counter()
-    rows = pipe.encode([str(p) for p in item.media])
+    rows = pipe.encode(list(images))
     t1 = time.perf_counter()
     assembled = pipe.assemble(text, rows)
     pipe.decoder.check_lengths([assembled], max_new_tokens)

@@ -114,9 +114,10 @@ def answer_engine(cfg: EvalConfig, engine: Engine, items: list[Item], cache: Ans
         for batch in _batches(todo, cfg.batch):
             if batch[0].kind == "images":
                 [it] = batch
-                records = [answer_images(pipe, it, prompts[it.id], cfg.max_new_tokens)]
+                records = [answer_images(pipe, [str(p) for p in it.media], prompts[it.id], cfg.max_new_tokens)]
             else:
-                records = answer_batch(pipe, batch, [prompts[it.id] for it in batch], cfg.max_new_tokens)
+                media = [str(it.media[0]) for it in batch]
+                records = answer_batch(pipe, batch[0].kind, media, [prompts[it.id] for it in batch], cfg.max_new_tokens)
             for it, rec in zip(batch, records):
                 rec.update(
                     key=keys[it.id],
