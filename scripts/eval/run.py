@@ -39,6 +39,8 @@ def _facts(manifest) -> dict:
         budget = f"T={apet['keep']}"
     else:
         budget = f"T=floor({apet.get('keep_ratio')} N)"
+    if manifest.llm_stage:  # ApET again inside the LLM (apet build --budget / --llm-stage)
+        budget += f", then {manifest.llm_stage.get('keep')} after LLM layer {manifest.llm_stage.get('layer')}"
     return {
         "model": manifest.data["model"].get("id"),
         "family": manifest.family,
