@@ -97,6 +97,13 @@ def _batches(items: list[Item], size: int) -> list[list[Item]]:
     return out
 
 
+def _ask(pipe, batch: list[Item], prompts: list[str], max_new_tokens: int) -> list[dict]:
+    if batch[0].kind == "images":
+        [it] = batch
+        return [answer_images(pipe, [str(p) for p in it.media], prompts[0], max_new_tokens)]
+    return answer_batch(pipe, batch[0].kind, [str(it.media[0]) for it in batch], prompts, max_new_tokens)
+
+
 def answer_engine(cfg: EvalConfig, engine: Engine, items: list[Item], cache: AnswerCache, load: Callable) -> int:
     """Ask the engine every item the cache lacks; returns how many were asked."""
     from tqdm import tqdm
@@ -114,12 +121,11 @@ def answer_engine(cfg: EvalConfig, engine: Engine, items: list[Item], cache: Ans
     )
     try:
         for batch in _batches(todo, cfg.batch):
-            if batch[0].kind == "images":
-                [it] = batch
-                records = [answer_images(pipe, [str(p) for p in it.media], prompts[it.id], cfg.max_new_tokens)]
-            else:
-                media = [str(it.media[0]) for it in batch]
-                records = answer_batch(pipe, batch[0].kind, media, [prompts[it.id] for it in batch], cfg.max_new_tokens)
+            try:
+                records = _ask(pipe, batch, [prompts[it.id] for it in batch], cfg.max_new_tokens)
+            except (ValueError, TypeError, RuntimeError, OSError) as exc:  # name the items; the cache keeps the rest
+                where = ", ".join(f"{it.id!r} (line {it.line})" for it in batch)
+                raise RuntimeError(f"{engine.label}: item(s) {where} of {cfg.data}: {exc}") from exc
             for it, rec in zip(batch, records):
                 rec.update(
                     key=keys[it.id],

@@ -170,3 +170,14 @@ def test_cli_prints_the_table_and_bad_data_is_one_line(engines, data, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("apet eval: error: DataError: 1 bad line(s)")
     assert f"{data}:1: " in err[0] and '"question" must be a non-empty string' in err[0]
+
+
+def test_an_item_the_engine_cannot_answer_is_named_and_earlier_answers_kept(engines, data, tmp_path):
+    shutil.copy(ASSETS.parent / "big_buck_bunny.mp4", data.parent / "clip.mp4")
+    with data.open("a") as f:
+        f.write(json.dumps({"id": "clip", "video": "clip.mp4", "question": "What?", "answers": ["x"]}) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"full: item\(s\) 'clip' \(line 6\) of .*set.jsonl: .*takes no videos"):
+        run_eval(config(engines, data, out, "t12"))
+    cached = [json.loads(x)["item"] for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert cached == [x["id"] for x in ITEMS]  # the baseline's five answers before the video are kept
