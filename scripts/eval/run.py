@@ -35,8 +35,9 @@ def _facts(manifest) -> dict:
     apet = manifest.apet
     if not apet:
         budget = "none (all N rows)"
-    elif apet.get("keep") is not None:
-        budget = f"T={apet['keep']}"
+    elif apet.get("keep") is not None:  # Video-LLaVA's rows per frame: CLS + keep + basis seeds
+        t = manifest.num_visual_tokens
+        budget = f"T={apet['keep']}" if t in (None, apet["keep"]) else f"T={t} per item (keep {apet['keep']})"
     else:
         budget = f"T=floor({apet.get('keep_ratio')} N)"
     if manifest.llm_stage:  # ApET again inside the LLM (apet build --budget / --llm-stage)
