@@ -3,9 +3,9 @@ answer was given and the request's timings.
 
 Items of one kind (one image, or one video) go through `Pipeline.generate` in batches; an item with
 several images goes alone through the pipeline's own steps (encode -> assemble -> decoder), with the
-template's image slot repeated once per image, one a line, as `apet serve` does for a request of
-several images. Timings (ms) are the call's: TTFT = preprocess + vision + the decoder's first
-token, total = the whole call, shared by the items of a batch.
+template's image slot repeated once per image (`several_images`). Timings (ms) are the call's:
+TTFT = preprocess + vision + the decoder's first token, total = the whole call, shared by the items
+of a batch.
 """
 
 from __future__ import annotations
@@ -35,13 +35,27 @@ def answer_batch(pipe, kind: str, media: Sequence, prompts: Sequence[str], max_n
     return [_record(r.text, r.num_kept, r.num_patches, r.timings, len(prompts)) for r in results]
 
 
+def several_images(template: str, image_token: str, count: int) -> str:
+    """The conversation template with its image slot once per image. The slot is the image token
+    with the markers glued to it (Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>"), repeated
+    back to back as that model's chat template writes several images; a bare token (LLaVA: "<image>")
+    repeats one a line, as `apet serve` does."""
+    i = template.index(image_token)
+    start, end = i, i + len(image_token)
+    while start > 0 and not template[start - 1].isspace() and template[start - 1] != "}":
+        start -= 1
+    while end < len(template) and not template[end].isspace() and template[end] != "{":
+        end += 1
+    slot = template[start:end]
+    return template[:start] + ("\n" if slot == image_token else "").join([slot] * count) + template[end:]
+
+
 def answer_images(pipe, images: Sequence, prompt: str, max_new_tokens: int) -> dict:
     """Greedy answer for one prompt about several images (paths or PIL images)."""
     from apet_trt.runtime.decoders import SamplingConfig
 
     m = pipe.manifest
-    slots = "\n".join([m.image_token] * len(images))
-    text = m.prompt_template.replace(m.image_token, slots).format(prompt=prompt)
+    text = several_images(m.prompt_template, m.image_token, len(images)).format(prompt=prompt)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
     t0 = time.perf_counter()
     rows = pipe.encode(list(images))

@@ -163,3 +163,21 @@ def test_vqa_accuracy_equals_lmms_evals_vqav2_scorer_on_random_answers(rng):
         doc = {"question_id": 0, "answers": [{"answer": a, "answer_id": i} for i, a in enumerate(answers)]}
         expected = vqav2_process_results(doc, [prediction])["exact_match"]
         assert scoring.vqa_accuracy(prediction, answers) == pytest.approx(expected), (prediction, answers)
+
+
+@pytest.mark.parametrize(
+    "template, token, expected",
+    [
+        ("USER: <image>\n{prompt} ASSISTANT:", "<image>", "USER: <image>\n<image>\n<image>\n{prompt} ASSISTANT:"),
+        (
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n",
+            "<|image_pad|>",
+            "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * 3 + "{prompt}<|im_end|>\n",
+        ),
+    ],
+)
+def test_several_images_repeat_the_templates_slot(template, token, expected):
+    from apet_trt.scripts.eval.answer import several_images
+
+    assert several_images(template, token, 3) == expected
+    assert several_images(template, token, 1) == template
