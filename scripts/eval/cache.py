@@ -3,7 +3,8 @@ flushed after every batch, so an interrupted run (Ctrl-C, a crash, a killed job)
 batch in flight and the next run asks only what is missing.
 
 A record's key is sha256 over the engine's manifest.json bytes, the item id and the request (the
-prompt text as sent, the media files' sha256, max_new_tokens, the backend and decoder asked for):
+prompt text as sent, the media files' sha256, max_new_tokens, the backend and decoder asked for, and
+run.ANSWER_FORMAT, which changes when the code asks differently):
 change any of them and the item is asked again; move or copy an engine directory and its answers
 still count. A line cut short by the interruption is skipped (with a warning) and asked again.
 """

@@ -71,9 +71,15 @@ def describe(cfg: EvalConfig) -> list[Engine]:
     return out
 
 
+# bumped when the way an answer is asked changes (answer.py: the conversation, the decoding), so a
+# cache written by older code is asked again rather than mixed in
+ANSWER_FORMAT = 2
+
+
 def request_key(cfg: EvalConfig, engine: Engine, item: Item, prompt: str) -> str:
     request = json.dumps(
         {
+            "format": ANSWER_FORMAT,
             "prompt": prompt,
             "kind": item.kind,
             "media": [file_digest(p) for p in item.media],
