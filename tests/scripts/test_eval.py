@@ -15,6 +15,7 @@ from apet_trt.runtime import load as runtime_load
 from apet_trt.scripts import cli
 from apet_trt.scripts.eval.config import EvalConfig
 from apet_trt.scripts.eval.data import DataError
+from apet_trt.scripts.eval.report import main as render_main
 from apet_trt.scripts.eval.run import run_eval
 from helpers.engines import build_engine_dir
 
@@ -117,6 +118,10 @@ def test_identical_engines_agree_and_compressed_rows_are_counted(engines, data, 
     }
     saved = json.loads(Path(report["outputs"]["json"]).read_text())
     assert saved["schema"] == "apet-eval" and saved["engines"][2]["label"] == "t12"
+    md = Path(report["outputs"]["markdown"])
+    written = md.read_text()
+    md.unlink()
+    assert render_main([report["outputs"]["json"]]) == 0 and md.read_text() == written  # from the JSON alone
 
 
 def test_interrupted_run_resumes_without_recomputing(engines, data, tmp_path):
