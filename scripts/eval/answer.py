@@ -14,11 +14,12 @@ import time
 from collections.abc import Sequence
 
 
-def _record(text: str, num_kept: int, num_patches: int, timings: dict, batch: int) -> dict:
+def _record(text: str, num_kept: int, num_patches: int, timings: dict, batch: int, after: int | None) -> dict:
     return {
         "answer": text.strip(),
         "num_kept": int(num_kept),
         "num_patches": int(num_patches),
+        "num_after_llm_stage": after,  # rows left after ApET inside the LLM (manifest llm_stage); else None
         "ttft_ms": float(timings["preprocess_ms"] + timings["vision_ms"] + timings["first_token_ms"]),
         "total_ms": float(timings["total_ms"]),
         "batch": batch,
@@ -32,7 +33,13 @@ def answer_batch(pipe, kind: str, media: Sequence, prompts: Sequence[str], max_n
     results = pipe.generate(
         prompts=list(prompts), max_new_tokens=max_new_tokens, do_sample=False, **{f"{kind}s": list(media)}
     )
-    return [_record(r.text, r.num_kept, r.num_patches, r.timings, len(prompts)) for r in results]
+    return [
+        _record(r.text, r.num_kept, r.num_patches, r.timings, len(prompts), _count(r.llm_positions)) for r in results
+    ]
+
+
+def _count(positions) -> int | None:
+    return None if positions is None else len(positions)
 
 
 def several_images(template: str, image_token: str, count: int) -> str:
@@ -72,4 +79,5 @@ def answer_images(pipe, images: Sequence, prompt: str, max_new_tokens: int) -> d
         "total_ms": (t2 - t0) * 1e3,
     }
     answer = pipe.tokenizer.decode(ids, skip_special_tokens=True)
-    return _record(answer, sum(r.num_rows for r in rows), sum(r.num_patches for r in rows), timings, 1)
+    after = None if out.llm_kept is None else sum(int(k.numel()) for k in out.llm_kept[0])
+    return _record(answer, sum(r.num_rows for r in rows), sum(r.num_patches for r in rows), timings, 1, after)

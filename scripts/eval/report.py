@@ -42,6 +42,12 @@ def item_scores(item, answer: str) -> dict:
     }
 
 
+def _after_llm_stage(recs: list[dict]) -> float | None:
+    """Mean rows left after ApET inside the LLM (engines built with --budget / --llm-stage), else None."""
+    after = [r.get("num_after_llm_stage") for r in recs]
+    return None if any(a is None for a in after) else _mean(after)
+
+
 def _summary(per_item: list[dict], key: str) -> float | None:
     return _mean([s[key] for s in per_item if key in s])
 
@@ -79,6 +85,7 @@ def build_report(cfg: EvalConfig, items, engines, answers: dict[str, list[dict]]
                 "visual_rows": {
                     "mean_T": _mean([r["num_kept"] for r in recs]),
                     "mean_N": _mean([r["num_patches"] for r in recs]),
+                    "mean_after_llm_stage": _after_llm_stage(recs),
                 },
                 "timing": {
                     "calls": len(calls),
@@ -123,6 +130,7 @@ def build_report(cfg: EvalConfig, items, engines, answers: dict[str, list[dict]]
                         "answer": answers[e.label][i]["answer"],
                         "num_kept": answers[e.label][i]["num_kept"],
                         "num_patches": answers[e.label][i]["num_patches"],
+                        "num_after_llm_stage": answers[e.label][i].get("num_after_llm_stage"),
                         **per_items[e.label][i],
                     }
                     for e in engines
@@ -145,6 +153,11 @@ def _x(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _stage(rows: dict) -> str:
+    after = rows.get("mean_after_llm_stage")
+    return "" if after is None else f" -> {after:.1f}"
+
+
 def render_table(report: dict) -> str:
     """The markdown table (what `apet eval` prints)."""
     lines = [
@@ -156,7 +169,7 @@ def render_table(report: dict) -> str:
         rel, s, v, t = r["relative_to_baseline"], r["scores"], r["visual_rows"], r["timing"]
         base = " (baseline)" if r["baseline"] else ""
         lines.append(
-            f"| {r['label']}{base} | {r['budget']} | {_f(v['mean_N'], 1)} -> {_f(v['mean_T'], 1)} "
+            f"| {r['label']}{base} | {r['budget']} | {_f(v['mean_N'], 1)} -> {_f(v['mean_T'], 1)}{_stage(v)} "
             f"({_x(rel['visual_rows'])}) | {_pct(s['score'])} | {_pct(rel['score'])} % | {_pct(s['vqa_accuracy'])} "
             f"| {_pct(s['exact_match'])} | {_pct(s['mc_accuracy'])} | {_pct(r['agreement_with_baseline'])} % "
             f"| {_f(t['ttft_ms_median'], 1)} ({_x(rel['ttft'])}) | {_f(t['total_ms_median'], 1)} ({_x(rel['total'])}) |"

@@ -73,7 +73,7 @@ def describe(cfg: EvalConfig) -> list[Engine]:
 
 # bumped when the way an answer is asked changes (answer.py: the conversation, the decoding), so a
 # cache written by older code is asked again rather than mixed in
-ANSWER_FORMAT = 2
+ANSWER_FORMAT = 3
 
 
 def request_key(cfg: EvalConfig, engine: Engine, item: Item, prompt: str) -> str:

@@ -16,6 +16,7 @@ from apet_trt.scripts import cli
 from apet_trt.scripts.eval.config import EvalConfig
 from apet_trt.scripts.eval.data import DataError
 from apet_trt.scripts.eval.report import main as render_main
+from apet_trt.scripts.eval.report import render_table
 from apet_trt.scripts.eval.run import run_eval
 from helpers.engines import build_engine_dir
 
@@ -186,3 +187,24 @@ def test_an_item_the_engine_cannot_answer_is_named_and_earlier_answers_kept(engi
         run_eval(config(engines, data, out, "t12"))
     cached = [json.loads(x)["item"] for x in (out / "answers.jsonl").read_text().splitlines()]
     assert cached == [x["id"] for x in ITEMS]  # the baseline's five answers before the video are kept
+
+
+def test_an_engine_with_apet_inside_the_llm_reports_the_rows_left(data, tmp_path):
+    """apet build --keep 96 --llm-stage 1:32 (the paper's "64" shape on tiny-llava): 576 -> 96 rows
+    handed to the LLM, 32 per image left after its first layer; the item with two images, twice."""
+    from apet_trt.export.build import BuildConfig, build
+
+    stage = tmp_path / "stage"
+    build(BuildConfig(model="tiny-llava", out=str(stage), keep=96, llm_stage="1:32", tensorrt=False), quiet=True)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0], lines[3]]) + "\n")  # one image, then two
+    cfg = EvalConfig(
+        engines=[str(stage)], baseline=str(stage), data=str(data), out=str(tmp_path / "out"), max_new_tokens=2
+    )
+    cfg.progress, cfg.backend = False, "onnxruntime"
+    report = run_eval(cfg)
+    rows = report["engines"][1]["visual_rows"]
+    assert rows == {"mean_T": 96 * 3 / 2, "mean_N": 576 * 3 / 2, "mean_after_llm_stage": 32 * 3 / 2}
+    assert [it["by_engine"]["stage#2"]["num_after_llm_stage"] for it in report["items"]] == [32, 64]
+    assert report["engines"][1]["budget"] == "T=96, then 32 after LLM layer 1"
+    assert "| stage#2 | T=96, then 32 after LLM layer 1 | 864.0 -> 144.0 -> 48.0 (" in render_table(report)
