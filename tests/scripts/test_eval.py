@@ -108,8 +108,8 @@ def test_identical_engines_agree_and_compressed_rows_are_counted(engines, data, 
     assert twin["scores"] == base["scores"]
     assert all(it["by_engine"]["full-twin"]["answer"] == it["by_engine"]["full"]["answer"] for it in report["items"])
     n = 36  # the helper's 84 px CLIP: 6 x 6 patches; 12 kept with ApET; the item with two images: twice
-    assert base["visual_rows"] == {"mean_T": n * 6 / 5, "mean_N": n * 6 / 5}
-    assert t12["visual_rows"] == {"mean_T": 12 * 6 / 5, "mean_N": n * 6 / 5}
+    assert base["visual_rows"] == {"mean_T": n * 6 / 5, "mean_N": n * 6 / 5, "mean_after_llm_stage": None}
+    assert t12["visual_rows"] == {"mean_T": 12 * 6 / 5, "mean_N": n * 6 / 5, "mean_after_llm_stage": None}
     assert t12["relative_to_baseline"]["visual_rows"] == pytest.approx(12 / n)
     assert all(len(it["by_engine"]) == 3 for it in report["items"])
     assert {p: Path(f).is_file() for p, f in report["outputs"].items()} == {

@@ -130,7 +130,7 @@ def test_report_from_a_fixed_answer_file(tmp_path: Path):
     assert t4["relative_to_baseline"]["score"] == pytest.approx((0.6 + 1.0 + 0.0) / 3)
     assert t4["agreement_with_baseline"] == pytest.approx(1 / 3)  # only q2: "the cat" = "Cat!"
     assert base["agreement_with_baseline"] == 1.0
-    assert t4["visual_rows"] == {"mean_T": 4, "mean_N": 8}
+    assert t4["visual_rows"] == {"mean_T": 4, "mean_N": 8, "mean_after_llm_stage": None}
     assert t4["relative_to_baseline"]["visual_rows"] == pytest.approx(0.5)
     assert report["items"][0]["by_engine"]["t4"]["vqa_accuracy"] == pytest.approx(0.6)
     table = render_table(report)
