@@ -184,6 +184,7 @@ def test_random_starts_equal_the_oracle_and_repeat_with_the_seed(randoms, preset
     assert data["random_start"] == {"seed": SEED} and "start" in [i["name"] for i in data["io"]["inputs"]]
     first = runtime.load(out, backend="onnxruntime", decoder="transformers")
     second = runtime.load(out, backend="onnxruntime")
+    eager = runtime.load(out, backend="torch")  # the PyTorch module takes the same start input
     apet = ApetConfig.from_dict(first.manifest.apet)
     draws = torch.Generator().manual_seed(SEED)
     g = np.random.default_rng(1)
@@ -191,13 +192,15 @@ def test_random_starts_equal_the_oracle_and_repeat_with_the_seed(randoms, preset
     for call in range(2):  # the sequence continues from request to request, the same in a fresh load
         request = _request(preset, g)
         media = first._media(request.get("images"), request.get("videos"))
-        batch, again = first.family.preprocess(media), second.family.preprocess(media)
+        batch, again, torch_batch = (p.family.preprocess(media) for p in (first, second, eager))
         starts = _starts(preset, batch)
         expected = [int(torch.randint(0, n, (1,), generator=draws)) for n in _item_rows(preset, batch)]
-        assert starts == expected and _starts(preset, again) == starts, f"request {call}"
+        assert starts == expected and _starts(preset, again) == starts == _starts(preset, torch_batch), call
         rows = first.family.encode(first.vision, batch)
         for a, b in zip(rows, second.family.encode(second.vision, again)):
             assert torch.equal(a.embeddings, b.embeddings) and torch.equal(a.positions, b.positions)
+        for a, b in zip(rows, eager.family.encode(eager.vision, torch_batch)):
+            assert torch.equal(a.positions, b.positions) and float((a.embeddings - b.embeddings).abs().max()) <= 1e-5
         features = _features(preset, first, batch, request.get("images"))
         for x, start, got in zip(features, starts, _engine_positions(preset, rows)):
             if decision_margin(x, apet, start) <= MARGIN:

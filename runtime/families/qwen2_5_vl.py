@@ -284,11 +284,11 @@ class Qwen25VLTorchVision(torch.nn.Module):
 
     def forward(self, pixel_values, patch_positions, image_gather, start=None, **_) -> dict[str, torch.Tensor]:
         lengths = (image_gather >= 0).sum(dim=1).tolist()
-        grids, start = [], 0
+        grids, first = [], 0
         for n in lengths:
-            rc = patch_positions[start : start + n]
+            rc = patch_positions[first : first + n]
             grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
-            start += n
+            first += n
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pixel_values.to(dtype), grid_thw=torch.tensor(grids, device=pixel_values.device))
         rows = getattr(out, "pooler_output", out).float()  # Transformers 5 returns a model output
