@@ -2,6 +2,9 @@
 
     build(BuildConfig(model="tiny-llava", keep=64, basis=10, out="engines/tiny-llava-t64"))
 
+No budget at all (keep, keep_ratio, budget, llm_stage, no_apet) builds the family's paper setting,
+which its export adapter declares (`paper_budget`; docs/DEFAULTS.md).
+
 Steps: load the model -> export vision tower + ApET + projector to ONNX (validated: checker,
 shape inference, TensorRT op allowlist) -> ONNX Runtime vs PyTorch -> processor, tokenizer and
 decoder checkpoint -> TensorRT plan (where tensorrt imports) -> TensorRT-LLM engine (where
