@@ -258,7 +258,15 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     writer = EngineDirWriter(config.out, force=config.force, inputs=checkpoint)  # --out checked before the build
     # the family's defaults for what the build left unset (seed_blend), then its variant (e.g. the video layout)
     apet = family.apet_config(config.apet(family.apet_defaults))
-    family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    try:
+        family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    except ValueError as exc:
+        if default_line is None:
+            raise
+        raise ValueError(
+            f"no budget given, and the {family.name} family's paper setting does not fit this model ({exc}); "
+            "pass --keep / --keep-ratio, or --no-apet"
+        ) from exc
     family.configure_frames(config.frame_sampling)  # video families: how the runtime samples frames
     parity.check_family(options, family, apet, config)
     family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"

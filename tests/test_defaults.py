@@ -30,6 +30,7 @@ from apet_trt.apet_ops import ApetConfig, compress_reference
 from apet_trt.apet_ops.compat import load_image_processor
 from apet_trt.export.models.llava import parts
 from apet_trt.export.models.video_llava import pixel_values
+from apet_trt.export.presets import preset_config
 from apet_trt.scripts.cli import main
 from helpers.apet_cases import MARGIN, decision_margin
 
@@ -78,7 +79,7 @@ def test_help_lists_every_family_default(capsys):
     assert exc.value.code == 0
     lines = capsys.readouterr().out.splitlines()
     for name, text in (
-        ("llava", "T=64 rows per image (576 -> 64), vision stage only"),
+        ("llava", "T=64 rows per image (LLaVA-1.5-7B: 576 -> 64), vision stage only"),
         ("llava_next", "T=64 rows per crop"),
         ("video_llava", "22 rows + CLS + 10 seeds = 33 per frame"),
         ("qwen2_5_vl", "T = floor(0.3 N) rows per image (ratio 0.3)"),
@@ -125,6 +126,21 @@ def test_no_apet_is_still_the_baseline(tmp_path):
     data = json.loads((out / "manifest.json").read_text())
     assert data["apet"] is None and data["num_visual_tokens"] == 257 and "no budget given" not in stdout
     assert data["build"]["paper_budget"] is False and data["vision"]["frame_sampling"] == "transformers"
+
+
+def test_a_default_that_does_not_fit_the_model_says_so(tmp_path, capsys):
+    """A LLaVA checkpoint of 84 px images (N=36) cannot keep the paper's 64: one line that says the
+    default was taken and what to pass instead; nothing written."""
+    config, processor, tokenizer, _ = preset_config("tiny-llava")
+    config.vision_config.image_size = 84
+    ckpt = tmp_path / "small"
+    for part in (config, processor, tokenizer):  # no weights: the check comes before any are read
+        part.save_pretrained(str(ckpt))
+    assert main(["build", "--model", str(ckpt), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no budget given, and the llava family's paper setting does not fit" in err[0]
+    assert "keep=64" in err[0] and "pass --keep / --keep-ratio, or --no-apet" in err[0]
+    assert not (tmp_path / "e").exists()
 
 
 # -- 2. --start random for every family ---------------------------------------------------------------

@@ -105,7 +105,7 @@ class LlavaNextExport(LlavaExport):
     supports_start_input = True
     image_aspects = ("default",)
     paper_budget = {"keep": 64}  # the official code's T per crop (base and every tile alike)
-    paper_budget_text = "T=64 rows per crop (base and tiles, 576 -> 64 each), vision stage only"
+    paper_budget_text = "T=64 rows per crop (base and tiles; LLaVA-NeXT-7B: 576 -> 64 each), vision stage only"
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)

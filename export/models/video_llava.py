@@ -166,7 +166,7 @@ class VideoLlavaExport(ExportFamily):
     supports_start_input = True  # --start random: one start per frame
     # the official encode_videos: 22 kept by error + CLS + 10 FPS seeds per frame (basis 10)
     paper_budget = {"keep": 22}
-    paper_budget_text = "22 rows + CLS + 10 seeds = 33 per frame (257 -> 33; 2,056 -> 264 a video)"
+    paper_budget_text = "22 rows + CLS + 10 seeds = 33 per frame (Video-LLaVA-7B: 257 -> 33, 2,056 -> 264 a video)"
     # transformers: Transformers' load_video, frame floor(i * n / 8); official: LanguageBind's
     # np.linspace(0, n - 1, 8, dtype=int) (runtime/videos.py)
     frame_samplings = ("transformers", "official")
