@@ -14,7 +14,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("apet_ops", "export", "runtime", "scripts")
+FOLDERS = ("apet_ops", "export", "runtime", "scripts", "vllm_plugin")
 
 
 def _pyproject() -> dict:
@@ -41,6 +41,7 @@ def test_no_module_imports_a_folder_by_its_bare_name():
         *ROOT.glob("export/**/*.py"),
         *ROOT.glob("runtime/**/*.py"),
         *ROOT.glob("scripts/**/*.py"),
+        *ROOT.glob("vllm_plugin/**/*.py"),
         *ROOT.glob("tests/**/*.py"),
     ]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -85,7 +86,10 @@ def test_wheel_holds_only_the_apet_trt_namespace(wheel):
     assert "apet_trt/runtime/__init__.py" in names and "apet_trt/apet_ops/trt_onnx_ops.json" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:
-        assert "apet = apet_trt.scripts.cli:main" in zf.read(entry_points).decode()
+        text = zf.read(entry_points).decode()
+    assert "apet = apet_trt.scripts.cli:main" in text
+    # vLLM's plugin group: the entry point's module imports nothing but the standard library
+    assert "[vllm.general_plugins]\napet_trt = apet_trt.vllm_plugin:register" in text
 
 
 def test_installed_from_outside_the_repository(wheel, tmp_path):
