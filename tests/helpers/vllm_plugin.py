@@ -150,3 +150,91 @@ def vllm_server(python: Path, checkpoint: Path, *, plugin: bool = True, startup_
 
 def _tail(path: str, lines: int = 60) -> str:
     return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+# -- a tiny Qwen2.5-VL and the two sides of a comparison -------------------------------------------
+MAX_TOKENS = 12
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def tiny_qwen_checkpoint(path: Path) -> Path:
+    """The tiny-qwen2.5-vl preset (LLM head size 32, which vLLM's CPU attention takes), its language
+    model's attention sharpened (q and k x 6: at random init attention is near uniform and positions
+    would hardly change the greedy ids), saved as vLLM loads it."""
+    import torch
+
+    from apet_trt.export.presets import load_preset
+
+    loaded = load_preset("tiny-qwen2.5-vl")
+    with torch.no_grad():
+        for layer in loaded.model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return save_vllm_checkpoint(loaded, path)
+
+
+def random_images(sizes, seed: int) -> list:
+    """RGB noise images of these (width, height) sizes."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()) for w, h in sizes]
+
+
+def conversation(text: str, images: int) -> str:
+    """The text QWEN_CHAT_TEMPLATE renders for one user turn of `images` images then `text`."""
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        + QWEN_IMAGE * images
+        + f"{text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def transformers_ids(pipe, rows: list, text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy ids up to the first end of turn) of the pipeline's Transformers decoder fed
+    `rows` (VisualRows) in one user turn, with the family's position ids (Qwen2.5-VL: the uncompressed
+    prompt's ids gathered at the kept rows)."""
+    from apet_trt.runtime.decoders import SamplingConfig
+
+    prompt = pipe.assemble(conversation(text, len(rows)), rows)
+    visual = [[rows[i].embeddings for i in prompt.items]]
+    out = pipe.decoder.generate([prompt], visual, SamplingConfig(max_new_tokens=MAX_TOKENS))
+    return prompt.input_ids.tolist(), _until_eos(list(out.ids[0]), pipe)
+
+
+def _until_eos(ids: list[int], pipe) -> list[int]:
+    eos = pipe.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def chat(base: str, model: str, parts: list[dict], text: str) -> httpx.Response:
+    """One greedy chat request of `parts` then `text` to an OpenAI-compatible server."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "return_token_ids": True,  # vLLM's extension: the prompt's and the answer's token ids
+    }
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
+
+
+def vllm_ids(resp: httpx.Response, pipe) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy ids up to the first end of turn) of vLLM's answer."""
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    return data["prompt_token_ids"], _until_eos(data["choices"][0]["token_ids"], pipe)
+
+
+def model_of(base: str) -> str:
+    return httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def grid_part(rows, grid: tuple[int, int, int]) -> dict:
+    """vLLM's own Qwen2.5-VL payload: the rows and a patch grid they fill."""
+    import torch
+
+    from apet_trt.runtime.serve.payload import encode_part
+
+    return encode_part({"image_embeds": rows.embeddings, "image_grid_thw": torch.tensor(grid)}, "vllm")

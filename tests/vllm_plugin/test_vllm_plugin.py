@@ -19,49 +19,37 @@ vLLM's own Qwen2.5-VL given this payload (no plugin): tests/vllm_plugin/test_vll
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import torch
-from PIL import Image
 
 from apet_trt.export.build import BuildConfig, build
-from apet_trt.export.presets import load_preset
 from apet_trt.runtime import load
-from apet_trt.runtime.decoders import SamplingConfig
 from apet_trt.runtime.families import VisualRows
 from apet_trt.runtime.serve import ServeConfig
 from apet_trt.runtime.serve.payload import encode_part, handoff_fields
 from helpers.servers import data_url, running_server
-from helpers.vllm_plugin import install_plugin, save_vllm_checkpoint, vllm_python, vllm_server
+from helpers.vllm_plugin import (
+    chat,
+    grid_part,
+    install_plugin,
+    model_of,
+    random_images,
+    tiny_qwen_checkpoint,
+    transformers_ids,
+    vllm_ids,
+    vllm_python,
+    vllm_server,
+)
 
 pytestmark = pytest.mark.vllm
 
-PRESET = "tiny-qwen2.5-vl"
 KEEP = 24
 SIZES = [(300, 300), (420, 180), (160, 400)]  # (width, height): 121, 90, 84 rows uncompressed
-MAX_TOKENS = 12
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def conversation(text: str, images: int) -> str:
-    """The text vLLM's chat template renders for one user turn of `images` images then `text`."""
-    return (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-        + QWEN_IMAGE * images
-        + f"{text}<|im_end|>\n<|im_start|>assistant\n"
-    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """The tiny preset, its language model's attention sharpened (q and k x 6: at random init attention
-    is near uniform and positions would hardly change the greedy ids), saved as vLLM loads it."""
-    loaded = load_preset(PRESET)
-    with torch.no_grad():
-        for layer in loaded.model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return save_vllm_checkpoint(loaded, tmp_path_factory.mktemp("qwen-vllm") / "checkpoint")
+    return tiny_qwen_checkpoint(tmp_path_factory.mktemp("qwen-vllm") / "checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -92,49 +80,7 @@ def pipes(engines):
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(24)
-    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()) for w, h in SIZES]
-
-
-# -- the two sides ----------------------------------------------------------------------------------
-def transformers_ids(pipe, rows: list[VisualRows], text: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy ids up to the first end of turn) of the Transformers decoder fed `rows` in a
-    prompt of one user turn, with the family's position ids (the uncompressed prompt's, gathered)."""
-    prompt = pipe.assemble(conversation(text, len(rows)), rows)
-    visual = [[rows[i].embeddings for i in prompt.items]]
-    out = pipe.decoder.generate([prompt], visual, SamplingConfig(max_new_tokens=MAX_TOKENS))
-    return prompt.input_ids.tolist(), _until_eos(list(out.ids[0]), pipe)
-
-
-def _until_eos(ids: list[int], pipe) -> list[int]:
-    eos = pipe.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
-
-
-def chat(base: str, model: str, parts: list[dict], text: str) -> httpx.Response:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}],
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "return_token_ids": True,  # vLLM's extension: the prompt's and the answer's token ids
-    }
-    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
-
-
-def vllm_ids(resp: httpx.Response, pipe) -> tuple[list[int], list[int]]:
-    assert resp.status_code == 200, resp.text
-    data = resp.json()
-    return data["prompt_token_ids"], _until_eos(data["choices"][0]["token_ids"], pipe)
-
-
-def model_of(base: str) -> str:
-    return httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-
-
-def grid_part(rows: VisualRows, grid: tuple[int, int, int]) -> dict:
-    """vLLM's own Qwen2.5-VL payload: the rows and a grid they fill."""
-    return encode_part({"image_embeds": rows.embeddings, "image_grid_thw": torch.tensor(grid)}, "vllm")
+    return random_images(SIZES, seed=24)
 
 
 def compact_grid_rows(rows: VisualRows) -> VisualRows:
