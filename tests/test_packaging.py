@@ -118,3 +118,18 @@ def test_installed_from_outside_the_repository(wheel, tmp_path):
         [sys.executable, "-m", "apet_trt.scripts.cli", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert help_text.returncode == 0 and "build" in help_text.stdout and "run" in help_text.stdout
+
+
+def test_the_vllm_plugin_entry_point_imports_only_the_standard_library():
+    """vLLM imports `apet_trt.vllm_plugin` in each of its processes (its entry point): that module must
+    load without torch, vLLM or the rest of apet-trt (the model class loads only when vLLM builds it)."""
+    code = (
+        "import sys\n"
+        "import apet_trt.vllm_plugin as p\n"
+        "assert callable(p.register) and p.ARCHITECTURE.endswith('ForConditionalGeneration')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'numpy', 'transformers')\n"
+        "               or (m.startswith('apet_trt.') and not m.startswith('apet_trt.vllm_plugin')))\n"
+        "assert heavy == [], heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
