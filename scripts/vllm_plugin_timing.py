@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"vLLM answered {resp.status_code}: {resp.text[:400]}")
         return elapsed, resp.json()["choices"][0]["token_ids"]
 
-    per_image, all_plugin, all_own = [], [], []
+    per_image, all_plugin, all_own, all_paired = [], [], [], []
     for image in images:
         [rows] = pipe.encode(image)
         t, h, w = rows.extras["grid_thw"]
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             ask(plugin), ask(own)
         times = {"plugin": [], "own": []}
         answers = {}
-        for _ in range(args.repeats):
-            for name, part in (("plugin", plugin), ("own", own)):
+        for k in range(args.repeats):  # pairs, their order alternating: neither payload always goes first
+            pair = (("plugin", plugin), ("own", own))
+            for name, part in pair if k % 2 == 0 else pair[::-1]:
                 ms, ids = ask(part)
                 times[name].append(ms)
                 answers[name] = ids
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"image {image.size}: nothing dropped, yet the plugin answered differently from vLLM")
         all_plugin += times["plugin"]
         all_own += times["own"]
+        paired = [a / b for a, b in zip(times["plugin"], times["own"])]
+        all_paired += paired
         per_image.append(
             {
                 "size": list(image.size),
@@ -105,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 "own_grid": list(grid),
                 "plugin_ms_median": statistics.median(times["plugin"]),
                 "own_ms_median": statistics.median(times["own"]),
+                "plugin_ms_quartiles": _quartiles(times["plugin"]),
+                "own_ms_quartiles": _quartiles(times["own"]),
                 "ratio": statistics.median(times["plugin"]) / statistics.median(times["own"]),
+                "paired_ratio_median": statistics.median(paired),
                 "same_answer": answers["plugin"] == answers["own"],
             }
         )
@@ -122,14 +128,32 @@ def main(argv: list[str] | None = None) -> int:
         "plugin_ms_median": statistics.median(all_plugin),
         "own_ms_median": statistics.median(all_own),
         "ratio": statistics.median(all_plugin) / statistics.median(all_own),
+        # each request's time over its pair partner's (sent right before or after): robust to slow drift
+        "paired_ratio_median": statistics.median(all_paired),
+        "paired_ratio_quartiles": _quartiles(all_paired),
+        "load_average_1min": _load(),
     }
     print(json.dumps(result, indent=2))
-    print(f"plugin / vLLM's own path, median time per request: {result['ratio']:.3f}")
+    print(
+        f"plugin / vLLM's own path, time per request: ratio of medians {result['ratio']:.3f}, median of paired "
+        f"ratios {result['paired_ratio_median']:.3f} (quartiles {result['paired_ratio_quartiles']})"
+    )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    return [round(float(q), 4) for q in np.quantile(values, [0.25, 0.5, 0.75])]
+
+
+def _load() -> float | None:
+    try:
+        return round(float(Path("/proc/loadavg").read_text().split()[0]), 2)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 if __name__ == "__main__":
