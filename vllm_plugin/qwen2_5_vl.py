@@ -63,18 +63,22 @@ def fields_config(hf_inputs: Mapping[str, torch.Tensor], base: Mapping[str, Mult
     }
 
 
-def check_request(data: Mapping[str, torch.Tensor], merge: int, hidden_size: int | None) -> None:
-    """Refuse (ValueError, which vLLM answers with a 400) ApET image fields that do not fit together:
-    the images' fields arrive merged (rows and ids concatenated, grids and counts stacked)."""
-    if set(data) != set(FIELDS):
+def check_request(data: Mapping[str, torch.Tensor], merge: int, hidden_size: int | None) -> dict:
+    """The ApET image fields of a request, rows and ids flat; refused (ValueError, which vLLM answers
+    with a 400) when they do not fit together. The images' fields arrive merged: rows and ids
+    concatenated (or stacked, [B, R, ...], when every image has the same R), grids and counts stacked."""
+    if set(data) != set(FIELDS) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(
-            f"an ApET image part holds exactly the fields {sorted(FIELDS)}, got {sorted(data)} "
-            "(apet_trt.vllm_plugin; `apet encode` writes it)"
+            f"an ApET image part holds exactly the tensors {sorted(FIELDS)}, got {sorted(data)} "
+            "(apet_trt.vllm_plugin; `apet encode --format vllm-apet` writes it)"
         )
-    rows, ids = data["image_embeds"], data[POSITIONS]
-    grid, counts = torch.as_tensor(data[GRID]).reshape(-1, 3), torch.as_tensor(data[NUM_ROWS]).reshape(-1)
-    if rows.dim() == 3:  # images of equal R, stacked before the processor's field config flattened them
-        rows, ids = rows.flatten(0, 1), ids.flatten(0, 1)
+    data = dict(data)
+    if data["image_embeds"].dim() == 3 and data[POSITIONS].dim() == 3:
+        data["image_embeds"], data[POSITIONS] = data["image_embeds"].flatten(0, 1), data[POSITIONS].flatten(0, 1)
+    rows, ids, grid, counts = data["image_embeds"], data[POSITIONS], data[GRID], data[NUM_ROWS].reshape(-1)
+    if grid.shape[-1:] != (3,) or grid.dim() > 2:
+        raise ValueError(f"{GRID} must be [3] (t, h, w) per image, got {list(grid.shape)}")
+    grid = grid.reshape(-1, 3)
     if not rows.is_floating_point() or rows.dim() != 2:
         raise ValueError(f"image_embeds must be float [R, H], got {rows.dtype} {list(rows.shape)}")
     if hidden_size is not None and rows.shape[-1] != hidden_size:
@@ -86,6 +90,8 @@ def check_request(data: Mapping[str, torch.Tensor], merge: int, hidden_size: int
         raise ValueError(f"{POSITIONS} must be [R, 3] (t, row, column), got {list(ids.shape)}")
     if len(grid) != len(counts):
         raise ValueError(f"{len(grid)} {GRID} for {len(counts)} {NUM_ROWS}")
+    if len(counts) == 0 or bool((counts < 1).any()):
+        raise ValueError(f"{NUM_ROWS} must be at least 1 per image, got {counts.tolist()}")
     total = int(counts.sum())
     if rows.shape[0] != total or ids.shape[0] != total:
         raise ValueError(
@@ -99,13 +105,14 @@ def check_request(data: Mapping[str, torch.Tensor], merge: int, hidden_size: int
             raise ValueError(f"{NUM_ROWS}={n} for a grid of {int(extent.prod())} rows")
         if bool(((own < 0) | (own >= extent)).any()):
             raise ValueError(f"{POSITIONS} outside the grid {[t, h, w]} (ids are (t, row, column) of its rows)")
+    return data
 
 
 class ApetDataParser(Qwen2VLMultiModalDataParser):
     def _parse_image_data(self, data):
         if not (isinstance(data, dict) and is_apet(data)):
             return super()._parse_image_data(data)
-        check_request(data, self._spatial_merge_size, self.expected_hidden_size)
+        data = check_request(data, self._spatial_merge_size, self.expected_hidden_size)
         base = _create_qwen2vl_field_factory(self._spatial_merge_size)  # vLLM's own, for the other fields
         return DictEmbeddingItems(
             data,
