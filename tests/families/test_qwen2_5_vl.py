@@ -231,6 +231,43 @@ def test_vllm_plugin_fields_are_the_image_columns_of_the_prompt_ids(pipes, image
         assert after == start + max(h, w) // 2  # the text continues past the uncompressed grid
 
 
+def test_apet_encode_writes_the_vllm_plugin_part(engines, pipes, images, tmp_path):
+    """`apet encode --format vllm-apet`: vLLM's dict-form part holding the family's plugin fields."""
+    import base64
+    import io
+    import json
+
+    from apet_trt.scripts.cli import main
+
+    path = tmp_path / "image.png"
+    images[1].save(path)
+    out = tmp_path / "part.json"
+    assert (
+        main(
+            [
+                "encode",
+                "--engine",
+                str(engines["ratio"]),
+                "--image",
+                str(path),
+                "--out",
+                str(out),
+                "--format",
+                "vllm-apet",
+            ]
+        )
+        == 0
+    )
+    part = json.loads(out.read_text())
+    assert part["type"] == "image_embeds"
+    got = {k: torch.load(io.BytesIO(base64.b64decode(v)), weights_only=True) for k, v in part["image_embeds"].items()}
+    [rows] = pipes["ratio"].encode(Image.open(path).convert("RGB"))
+    want = pipes["ratio"].family.vllm_plugin_fields(rows)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
 def test_mrope_ids_match_get_rope_index_for_random_grids(hf, rng):
     image_id = hf.config.image_token_id
     for _ in range(5):
