@@ -11,6 +11,7 @@ decoders, the pipeline, the CLI - speaks only this interface:
     family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
     family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
     family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
+    family.vllm_plugin_fields(rows)              # the rows with their own positions, for apet_trt.vllm_plugin
     family.llm_stage_rows(num_rows)              # the rows ApET's stage inside the LLM prunes (llm_stage)
 
 Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
@@ -96,6 +97,9 @@ class RuntimeFamily(ABC):
     # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
     # parts (apet serve --upstream); False: no such server registers the model
     upstream_image_embeds: bool = True
+    # apet-trt's vLLM plugin (apet_trt.vllm_plugin) takes this family's rows with their own positions
+    # (vllm_plugin_fields; apet serve --upstream-format vllm-apet)
+    vllm_plugin: bool = False
     # TensorRT-LLM's LLM API (PyTorch backend) takes this family's rows as `multi_modal_embeddings`
     # (its input processor implements attach_multimodal_embeddings)
     tensorrt_llm_api: bool = False
@@ -166,6 +170,14 @@ class RuntimeFamily(ABC):
             raise ValueError(f"the {self.name} family takes image_embeds alone, not {extra}")
         emb = fields["image_embeds"]
         return VisualRows(emb, torch.arange(emb.shape[0], dtype=torch.int64), int(emb.shape[0]))
+
+    def vllm_plugin_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+        """One image's rows as apet_trt.vllm_plugin takes them (families with `vllm_plugin`): the
+        fields of vLLM's dict-form `image_embeds` part, the rows' positions among them."""
+        raise ValueError(
+            f"apet-trt's vLLM plugin takes Qwen2.5-VL rows; the {self.name} family's rows go to vLLM as plain "
+            "image_embeds parts (--upstream-format vllm)"
+        )
 
     # -- pictures -----------------------------------------------------------------------------
     @abstractmethod

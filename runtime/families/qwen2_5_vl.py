@@ -93,6 +93,18 @@ def engine_layout(grids: Sequence[tuple[int, int, int]], merge: int, window_bloc
 
 
 # -- 3-D M-RoPE ------------------------------------------------------------------------------------
+def image_mrope_ids(grid: tuple[int, int, int], kept: torch.Tensor, merge: int) -> torch.Tensor:
+    """The M-RoPE ids [3, R] of an image's rows `kept` (indices among its t*h*w/merge^2 uncompressed
+    rows), relative to the image's start: (t, row, column) of each row's merge block, as Transformers'
+    get_rope_index lays out the uncompressed image."""
+    t, h, w = grid
+    if t != 1:
+        raise ValueError(f"an image grid has t={t}; images have one temporal patch (videos are not supported)")
+    gw = w // merge
+    kept = kept.to(torch.int64)
+    return torch.stack([torch.zeros_like(kept), kept // gw, kept % gw])
+
+
 def mrope_position_ids(
     length: int, image_runs: Sequence[tuple[int, tuple[int, int, int], torch.Tensor]], merge: int
 ) -> torch.Tensor:
@@ -104,16 +116,11 @@ def mrope_position_ids(
     current = 0  # the next id, as get_rope_index counts on the uncompressed prompt
     done = 0  # prompt index up to which ids are written
     for start, (t, h, w), kept in image_runs:
-        if t != 1:
-            raise ValueError(f"an image grid has t={t}; images have one temporal patch (videos are not supported)")
         text = start - done
         out[:, done:start] = torch.arange(current, current + text)
         current += text
-        gh, gw = h // merge, w // merge
-        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        full = torch.stack([torch.zeros(gh * gw, dtype=torch.int64), rows.reshape(-1), cols.reshape(-1)]) + current
-        out[:, start : start + kept.numel()] = full[:, kept]
-        current += max(gh, gw)
+        out[:, start : start + kept.numel()] = image_mrope_ids((t, h, w), kept, merge) + current
+        current += max(h // merge, w // merge)
         done = start + kept.numel()
     out[:, done:] = torch.arange(current, current + length - done)
     return out
@@ -122,6 +129,7 @@ def mrope_position_ids(
 class Qwen25VLFamily(RuntimeFamily):
     name = "qwen2_5_vl"
     hf_model_class = "Qwen2_5_VLForConditionalGeneration"
+    vllm_plugin = True  # apet_trt.vllm_plugin takes its rows with their M-RoPE ids (vllm_plugin_fields)
 
     def __init__(self, manifest):
         super().__init__(manifest)
@@ -238,6 +246,22 @@ class Qwen25VLFamily(RuntimeFamily):
             runs.append((int(image_slots[offset]), tuple(r.extras["grid_thw"]), r.positions))
             offset += r.num_rows
         return mrope_position_ids(int(input_ids.numel()), runs, self.merge)
+
+    # -- the handoff to vLLM with apet-trt's plugin ---------------------------------------------
+    def vllm_plugin_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+        """One image's rows as apet_trt.vllm_plugin takes them (`--upstream-format vllm-apet`): the
+        rows, each row's M-RoPE id relative to the image's start [R, 3], the uncompressed patch grid
+        and R. vLLM then places every kept row where it sat in the uncompressed prompt, as the
+        Transformers decoder does (mrope_position_ids)."""
+        from apet_trt.vllm_plugin import GRID, NUM_ROWS, POSITIONS  # the field names (standard library only)
+
+        grid = tuple(int(x) for x in rows.extras["grid_thw"])
+        return {
+            "image_embeds": rows.embeddings,
+            POSITIONS: image_mrope_ids(grid, rows.positions, self.merge).T.contiguous(),
+            GRID: torch.tensor(grid, dtype=torch.int64),
+            NUM_ROWS: torch.tensor(rows.num_rows, dtype=torch.int64),
+        }
 
     # -- pictures -----------------------------------------------------------------------------
     def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:

@@ -43,7 +43,7 @@ from .errors import APIError, bad_request
 from .limits import DecodeBudget, check_json
 from .media import load_image_url
 from .metrics import Metrics
-from .payload import EmbedsLimits, decode_part, encode_part, torch_dtype
+from .payload import EmbedsLimits, decode_part, encode_part, handoff_fields, torch_dtype
 
 log = logging.getLogger("apet.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -82,6 +82,11 @@ def load_pipeline(cfg: ServeConfig):
             f"--upstream: no OpenAI-compatible server takes the {pipe.family.name} family's rows as image_embeds "
             "parts (vLLM and SGLang register no such model); serve it locally, or feed its language model prompt "
             "embeddings (README, 'Video-LLaVA')"
+        )
+    if cfg.upstream_format == "vllm-apet" and not pipe.family.vllm_plugin:
+        raise ValueError(
+            f"--upstream-format vllm-apet: apet-trt's vLLM plugin takes Qwen2.5-VL rows with their M-RoPE ids; "
+            f"the {pipe.family.name} family's positions are 1-D and survive vLLM's own path: use --upstream-format vllm"
         )
     return pipe
 
@@ -586,7 +591,8 @@ async def _forward(
         dtype = torch_dtype(cfg.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
 
         def encode_all():
-            return [encode_part(pipe.family.handoff_fields(r), cfg.upstream_format, dtype) for r in rows]
+            fmt = cfg.upstream_format
+            return [encode_part(handoff_fields(pipe.family, r, fmt), fmt, dtype) for r in rows]
 
         for part, new in zip(parts, await anyio.to_thread.run_sync(encode_all)):
             body["messages"][part.message]["content"][part.part] = new

@@ -74,7 +74,13 @@ def register(subparsers) -> None:
     )
     g.add_argument("--upstream-model", default=None, help="its model name (default: the first of its /v1/models)")
     g.add_argument("--upstream-api-key", default=None, help="bearer token for the upstream")
-    g.add_argument("--upstream-format", default="vllm", choices=["vllm", "trtllm"], help="image_embeds part format")
+    g.add_argument(
+        "--upstream-format",
+        default="vllm",
+        choices=["vllm", "vllm-apet", "trtllm"],
+        help="image_embeds part format: vllm, trtllm-serve, or vllm-apet: vLLM with apet-trt's plugin, Qwen2.5-VL's "
+        "rows with their true M-RoPE ids (docs/VLLM_PLUGIN.md)",
+    )
     g.add_argument(
         "--embeds-dtype",
         default=None,
@@ -99,7 +105,12 @@ def register(subparsers) -> None:
     e.add_argument("--engine", required=True, help="engine directory")
     e.add_argument("--image", required=True, help="image file")
     e.add_argument("--out", required=True, help="OUT.json (the content part) or OUT.pt (the tensor / dict)")
-    e.add_argument("--format", default="vllm", choices=["vllm", "trtllm"], help="content part format (vllm)")
+    e.add_argument(
+        "--format",
+        default="vllm",
+        choices=["vllm", "vllm-apet", "trtllm"],
+        help="content part format (vllm); vllm-apet: for vLLM with apet-trt's plugin (Qwen2.5-VL, docs/VLLM_PLUGIN.md)",
+    )
     e.add_argument(
         "--embeds-dtype",
         default=None,
@@ -154,7 +165,7 @@ def encode_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load
-    from .payload import encode_part, torch_dtype
+    from .payload import encode_part, handoff_fields, torch_dtype
     from .vision_only import VisionOnlyDecoder
 
     out = Path(args.out)
@@ -165,7 +176,7 @@ def encode_command(args: argparse.Namespace) -> int:
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=VisionOnlyDecoder.for_manifest)
     [rows] = pipe.encode(args.image)
     dtype = torch_dtype(args.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
-    fields = pipe.family.handoff_fields(rows)
+    fields = handoff_fields(pipe.family, rows, args.format)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         out.write_text(json.dumps(encode_part(fields, args.format, dtype)))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-EMBED_FORMATS = ("vllm", "trtllm")
+EMBED_FORMATS = ("vllm", "vllm-apet", "trtllm")
 EMBED_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -46,7 +46,9 @@ class ServeConfig:
     upstream: str | None = None  # base URL, e.g. http://127.0.0.1:8001 (its /v1/chat/completions)
     upstream_model: str | None = None  # the model name upstream; None: the first of its /v1/models
     upstream_api_key: str | None = None
-    upstream_format: str = "vllm"  # how image_embeds parts are written: "vllm" | "trtllm"
+    # how image_embeds parts are written: "vllm" | "trtllm" | "vllm-apet" (vLLM with apet_trt.vllm_plugin:
+    # Qwen2.5-VL rows with their own M-RoPE ids, docs/VLLM_PLUGIN.md)
+    upstream_format: str = "vllm"
     embeds_dtype: str | None = None  # dtype of the rows sent upstream; None: the manifest's llm.dtype
     max_upstream_response_bytes: int = 16 << 20  # a non-streamed upstream answer (or error) larger: 502
     graceful_shutdown_s: float = 30.0  # in-flight requests get this long after SIGTERM

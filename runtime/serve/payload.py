@@ -9,6 +9,9 @@ The formats, read from the servers' source:
   placeholders. Models that need more per image (Qwen2.5-VL) take the dict form
   `{"image_embeds": <b64>, "image_grid_thw": <b64>}`, split by grid size. The server must run with
   `--enable-mm-embeds`.
+- vLLM with apet-trt's plugin (apet_trt.vllm_plugin, docs/VLLM_PLUGIN.md), format "vllm-apet": vLLM's
+  dict form holding the family's `vllm_plugin_fields` (Qwen2.5-VL: the rows, each row's M-RoPE id, the
+  uncompressed grid, the row count). vLLM's own Qwen2.5-VL refuses it (no `image_grid_thw`) with a 400.
 - trtllm-serve (tensorrt_llm/serve/chat_utils.py): `{"type": "image_embeds", "image_embeds":
   {"data": <b64>}}`, the same torch.save'd tensor (`torch.load(weights_only=True)`).
 
@@ -71,16 +74,22 @@ def tensor_to_base64(tensor: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def handoff_fields(family, rows, fmt: str = "vllm") -> dict[str, torch.Tensor]:
+    """One image's rows as the tensors the format `fmt` sends: the family's plugin fields for
+    "vllm-apet", its handoff fields otherwise."""
+    return family.vllm_plugin_fields(rows) if fmt == "vllm-apet" else family.handoff_fields(rows)
+
+
 def encode_part(fields: dict[str, torch.Tensor], fmt: str = "vllm", dtype: torch.dtype = torch.float32) -> dict:
-    """One image's handoff fields (RuntimeFamily.handoff_fields) -> the content part. The rows go in
-    `dtype` (the serving engine's: a float32 payload is twice a float16 one)."""
+    """One image's handoff fields (`handoff_fields`) -> the content part. The rows go in `dtype` (the
+    serving engine's: a float32 payload is twice a float16 one)."""
     fields = {k: (v.to(dtype) if k == "image_embeds" else v) for k, v in fields.items()}
     if fmt == "trtllm":
         if set(fields) != {"image_embeds"}:
             raise ValueError(f"trtllm-serve's image_embeds part holds one tensor; this family sends {sorted(fields)}")
         return {"type": "image_embeds", "image_embeds": {"data": tensor_to_base64(fields["image_embeds"])}}
-    if fmt != "vllm":
-        raise ValueError(f"unknown image_embeds format {fmt!r} (vllm, trtllm)")
+    if fmt not in ("vllm", "vllm-apet"):
+        raise ValueError(f"unknown image_embeds format {fmt!r} (vllm, vllm-apet, trtllm)")
     if set(fields) == {"image_embeds"}:
         return {"type": "image_embeds", "image_embeds": tensor_to_base64(fields["image_embeds"])}
     return {"type": "image_embeds", "image_embeds": {k: tensor_to_base64(v) for k, v in fields.items()}}
