@@ -115,3 +115,39 @@ def test_installed_from_outside_the_repository(wheel, tmp_path):
         [sys.executable, "-m", "apet_trt.scripts.cli", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert help_text.returncode == 0 and "build" in help_text.stdout and "run" in help_text.stdout
+
+
+def _imported_packages(folder: str) -> set[str]:
+    """The apet_trt packages that the modules under `folder` import (absolute or relative)."""
+    found = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        package = ".".join(path.relative_to(ROOT).parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    name = ".".join([*base, node.module] if node.module else base)
+                else:
+                    name = node.module or ""
+                    if not name.startswith("apet_trt."):
+                        continue
+                    name = name[len("apet_trt.") :]
+                found.add(name.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("apet_trt.")}
+    return found
+
+
+@pytest.mark.parametrize(
+    "folder, never",
+    [
+        ("apet_ops", {"engine_format", "export", "runtime", "scripts"}),
+        ("engine_format", {"export", "runtime", "scripts"}),
+        ("export", {"runtime", "scripts"}),
+        ("runtime", {"export", "scripts"}),
+    ],
+)
+def test_data_flows_one_way(folder, never):
+    """apet_ops knows nothing of models; the engine-directory format is the ground floor both sides
+    read; export and runtime never import each other (they meet in the engine directory)."""
+    assert _imported_packages(folder) & never == set()

@@ -64,6 +64,7 @@ class EngineBatch:
     feeds: dict[str, np.ndarray]
     items: list[dict[str, Any]]
     images: list[Any] = field(default_factory=list, repr=False)  # the PIL images (and Videos), for overlays
+    preprocess_ms: float = 0.0  # how long making it took (Pipeline.preprocess sets it)
 
 
 @dataclass(frozen=True)

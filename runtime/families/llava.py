@@ -45,7 +45,7 @@ class LlavaFamily(RuntimeFamily):
         self.batch_max = manifest.batch_max
         self.preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=self.image_size)
         self.pad = manifest.image_aspect == "pad"
-        self.feeds_start = START in [i["name"] for i in manifest.data["io"]["inputs"]]
+        self.feeds_start = START in manifest.io.input_names
 
     @property
     def fixed_rows(self) -> int:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..choice import BACKENDS, DECODERS
+
 
 def register(subparsers) -> None:
     s = subparsers.add_parser(
@@ -39,8 +41,8 @@ def register(subparsers) -> None:
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="accept file:// images below DIR")
     g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs (off by default)")
     g = s.add_argument_group("runtime")
-    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    g.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
+    g.add_argument("--backend", default="auto", choices=BACKENDS)
+    g.add_argument("--decoder", default="auto", choices=DECODERS)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g = s.add_argument_group("upstream mode")
     g.add_argument(
@@ -77,7 +79,7 @@ def register(subparsers) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the rows (default: the engine's llm.dtype)",
     )
-    e.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    e.add_argument("--backend", default="auto", choices=BACKENDS)
     e.add_argument("--device", default=None)
     e.set_defaults(func=encode_command)
 

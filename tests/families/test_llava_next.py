@@ -508,13 +508,15 @@ def test_prompt_table_takes_llava_next_row_counts(pipes, hf_model, rng):
 
 
 def test_auto_decoder_takes_the_llm_api_for_llava_next_where_tensorrt_llm_imports(pipes, monkeypatch):
-    from apet_trt.runtime import pipeline
+    from apet_trt.runtime.decoders import choice
 
-    monkeypatch.setattr(pipeline, "tensorrt_llm_available", lambda: (True, ""))
+    monkeypatch.setattr(choice, "tensorrt_llm_available", lambda: (True, ""))
     pipe = pipes["apet"]
-    assert pipeline._choose_decoder(pipe.manifest, "auto", pipe.family) == "tensorrt_llm_api"
-    monkeypatch.setattr(pipeline, "tensorrt_llm_available", lambda: (False, "not installed"))
-    assert pipeline._choose_decoder(pipe.manifest, "auto", pipe.family) == "transformers"
+    picked = choice.choose_decoder(pipe.manifest, "auto", pipe.family)
+    assert (picked.name, picked.fallback) == ("tensorrt_llm_api", False)
+    monkeypatch.setattr(choice, "tensorrt_llm_available", lambda: (False, "not installed"))
+    picked = choice.choose_decoder(pipe.manifest, "auto", pipe.family)
+    assert (picked.name, picked.fallback) == ("transformers", False) and "not installed" in picked.reason
 
 
 def test_tensorrt_llm_llm_api_names_exist_where_it_imports():

@@ -227,3 +227,23 @@ def test_check_fields_on_fresh_random_values(rng):
             assert ok, (n, x)
         except ManifestError:
             assert not ok, (n, x)
+
+
+def test_the_typed_views_are_the_json_and_frozen(engine):
+    """Manifest.model / io / batch / decoders / precision / plans against the file read with json."""
+    import dataclasses
+
+    raw = json.loads((engine / "manifest.json").read_text())
+    m = read_manifest(engine)
+    assert dataclasses.asdict(m.model) == raw["model"]
+    assert [(t.name, t.dtype, list(t.shape)) for t in m.io.inputs] == [
+        (t["name"], t["dtype"], t["shape"]) for t in raw["io"]["inputs"]
+    ]
+    assert [t.name for t in m.io.outputs] == ["embeddings", "positions"] and m.io.input_names == ["pixel_values"]
+    assert dataclasses.asdict(m.batch) == raw["batch"] and m.batch_max == raw["batch"]["max"]
+    assert dataclasses.asdict(m.precision) == raw["precision"]
+    hf = m.decoders.transformers
+    assert (hf.checkpoint, hf.weights, hf.seed, hf.config) == ("hf", "saved", None, None)
+    assert m.decoders.tensorrt_llm is None and m.plans == {} and m.engines == raw["engines"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.model.family = "qwen2_5_vl"
