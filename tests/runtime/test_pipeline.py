@@ -223,3 +223,23 @@ def test_auto_decoder_falls_back_from_a_tensorrt_llm_engine_and_says_so(tmp_path
     with caplog.at_level(logging.INFO, logger="apet.runtime"):
         runtime.load(root, backend="onnxruntime", decoder="transformers")
     assert [r.levelno for r in caplog.records if "decoder" in r.getMessage()] == [logging.INFO]
+
+
+def test_a_preprocessed_batch_and_a_sampling_config_give_what_the_keywords_give(pipe, rng):
+    """apet run's path: preprocess once (the grid and the overlay draw from the same batch), pass the
+    batch and a SamplingConfig; the result equals generate() from the file with the keywords."""
+    from apet_trt.runtime.decoders import SamplingConfig
+
+    images = [PHOTO, _image(rng)]
+    prompts = ["What is it?", "And this?"]
+    plain = pipe.generate(images, prompts, max_new_tokens=4, do_sample=True, top_k=5, seed=3)
+    batch = pipe.preprocess(images)
+    assert batch.preprocess_ms > 0
+    sampling = SamplingConfig(max_new_tokens=4, do_sample=True, top_k=5, seed=3)
+    given = pipe.generate(images, prompts, sampling=sampling, batch=batch)
+    assert [(r.ids, r.positions, r.text) for r in given] == [(r.ids, r.positions, r.text) for r in plain]
+    assert given[0].timings["preprocess_ms"] == pytest.approx(batch.preprocess_ms)
+    with pytest.raises(ValueError, match="not both"):
+        pipe.generate(images, prompts, sampling=sampling, max_new_tokens=8)
+    with pytest.raises(ValueError, match="batch holds 2 item"):
+        pipe.generate(PHOTO, "What is it?", batch=batch)
