@@ -235,8 +235,56 @@ def _export_part(part: EnginePart, work: Path, fp16: bool, batches: list[int]) -
     return {"io": io, "engines": {"onnx": path.name, "tensorrt": None}}
 
 
+@dataclass
+class _Job:
+    """One build, resolved before any weights are read: the options checked, the family adapter on
+    its config and processor, ApET's config (computed once, with the family's defaults and variant)
+    and the --out writer."""
+
+    config: BuildConfig
+    options: parity.Plan
+    source: str  # "preset" | "path"
+    family: ExportFamily
+    apet: ApetConfig | None
+    writer: EngineDirWriter
+    items: int  # engine items per call
+    batches: list[int]  # the batch sizes the engines are compared at
+    checkpoint: Path | None  # a checkpoint built by path (never copied)
+    paper_line: str | None = None  # no budget given: the line naming the family's paper setting
+
+    @property
+    def budget(self) -> str:
+        return self.family.budget_text(self.apet)
+
+
 def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     """Build the engine directory; returns its manifest."""
+    job = _plan(config, quiet)
+    steps = Steps(7, quiet)
+    steps(f"loading {config.model} (family {job.family.name})")
+    loaded = _load(config.model, job.source, job.family)
+    engine = _vision_engine(job, loaded.model)
+    with job.writer as work:  # locked; removed again, with the parents it made, if the build fails
+        onnx_path, dtypes = _export_onnx(job, engine, work, steps)
+        _compare_with_torch(job, engine, onnx_path, steps)
+        parts = _export_parts(job, loaded.model, work, steps)
+        decoder = _save_checkpoint(job, loaded, work, steps)
+        plans = _tensorrt_plans(job, onnx_path, parts, work, steps)
+        llm_dtype = _llm_dtype(loaded.config, job.source, loaded)
+        trtllm = _tensorrt_llm_engine(job, decoder, llm_dtype, plans, work, steps)
+        steps("manifest")
+        fields = _manifest_fields(job, loaded, llm_dtype, dtypes, parts, plans, decoder, trtllm)
+        data = manifest_writer.write_manifest(work, fields)  # checked with the runtime's schema first
+        steps.done()
+        job.writer.commit()
+    if not quiet:
+        _print_summary(job, data)
+    return data
+
+
+def _plan(config: BuildConfig, quiet: bool = False) -> _Job:
+    """Every option checked and the model's family resolved, before any weights are built: batch
+    range, ApET options, the family's limits and the parity options; --out checked."""
     if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
         raise ValueError(f"--max-batch must be an integer >= 1, got max_batch={config.max_batch!r}")
     if (
@@ -247,21 +295,21 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         raise ValueError(
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
-    config, default_line = with_paper_budget(config)
-    if default_line and not quiet:
-        print(default_line, flush=True)
-    apet = config.apet()  # keep / basis / start / ridge checked here
+    config, paper_line = with_paper_budget(config)
+    if paper_line and not quiet:
+        print(paper_line, flush=True)
     options = parity.resolve(config)
     pixels = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None}
     source, family = _resolve(config.model, pixels)
-    checkpoint = [Path(config.model).expanduser()] if source == "path" else []
-    writer = EngineDirWriter(config.out, force=config.force, inputs=checkpoint)  # --out checked before the build
-    # the family's defaults for what the build left unset (seed_blend), then its variant (e.g. the video layout)
+    # keep / basis / start / ridge checked; the family's defaults for what the build left unset
+    # (seed_blend), then its variant (e.g. the video layout)
     apet = family.apet_config(config.apet(family.apet_defaults))
+    checkpoint = Path(config.model).expanduser() if source == "path" else None
+    writer = EngineDirWriter(config.out, force=config.force, inputs=[checkpoint] if checkpoint else [])
     try:
         family.check_apet(apet)  # keep <= N, start < N: before any weights are built
     except ValueError as exc:
-        if default_line is None:
+        if paper_line is None:
             raise
         raise ValueError(
             f"no budget given, and the {family.name} family's paper setting does not fit this model ({exc}); "
@@ -270,183 +318,213 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     family.configure_frames(config.frame_sampling)  # video families: how the runtime samples frames
     parity.check_family(options, family, apet, config)
     family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"
-    budget = family.budget_text(apet)
-    items = family.max_items(apet, config.max_batch)  # engine items per call
-    steps = Steps(7, quiet)
+    items = family.max_items(apet, config.max_batch)
+    batches = sorted({1, min(3, items)})
+    return _Job(config, options, source, family, apet, writer, items, batches, checkpoint, paper_line)
 
-    steps(f"loading {config.model} (family {family.name})")
-    loaded = _load(config.model, source, family)
-    model, hf_config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
-    processor = family.processor  # the checkpoint's or preset's, with the build's pixel range
-    engine = family.vision_module(model, apet)
-    # precision is the graph's (export/precision.py): tower and projector in the build's dtype, the
-    # compressor casts to float32 inside; a float16 copy, so that the cast never reaches the model
-    # whose weights are saved as the decoder checkpoint below
-    engine = (copy.deepcopy(engine).half() if config.fp16 else engine.float()).eval()
+
+def _vision_engine(job: _Job, model: torch.nn.Module) -> torch.nn.Module:
+    """The vision engine module in the build's precision. Precision is the graph's
+    (export/precision.py): tower and projector in the build's dtype, the compressor casts to float32
+    inside; a float16 copy, so that the cast never reaches the model whose weights are saved as the
+    decoder checkpoint."""
+    engine = job.family.vision_module(model, job.apet)
+    return (copy.deepcopy(engine).half() if job.config.fp16 else engine.float()).eval()
+
+
+def _export_onnx(job: _Job, engine: torch.nn.Module, work: Path, steps: Steps) -> tuple[Path, dict]:
+    """vision.onnx (validated by export_vision_onnx), its compressor checked to compute in float32;
+    -> (its path, each part's dtype)."""
+    family, apet = job.family, job.apet
+    steps(f"exporting vision tower + {'ApET' if apet else 'no compression'} + projector to ONNX ({job.budget})")
     io = family.io(apet)
-    output_names = [o["name"] for o in io["outputs"]]
+    onnx_path = export_vision_onnx(
+        engine,
+        work / "vision.onnx",
+        # batch 2 (where the graph takes it): the batch axis stays symbolic
+        inputs=family.example_inputs(min(2, job.items), torch.Generator().manual_seed(0)),
+        output_names=[o["name"] for o in io["outputs"]],
+        dynamic_axes=family.dynamic_axes(apet),
+    )
+    steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
+    if wrong := compressor_not_fp32(onnx_path):
+        raise RuntimeError(f"the exported compressor computes outside float32: {', '.join(wrong[:5])}")
+    dtypes = part_dtypes(onnx_path)
+    steps.note("dtypes: " + ", ".join(f"{part} {dt}" for part, dt in dtypes.items() if dt))
+    return onnx_path, dtypes
 
-    with writer as work:  # locked; removed again, with the parents it made, if the build fails
-        what = "ApET" if apet else "no compression"
-        steps(f"exporting vision tower + {what} + projector to ONNX ({budget})")
-        onnx_path = export_vision_onnx(
-            engine,
-            work / "vision.onnx",
-            # batch 2 (where the graph takes it): the batch axis stays symbolic
-            inputs=family.example_inputs(min(2, items), torch.Generator().manual_seed(0)),
-            output_names=output_names,
-            dynamic_axes=family.dynamic_axes(apet),
+
+def _compare_with_torch(job: _Job, engine: torch.nn.Module, onnx_path: Path, steps: Steps) -> None:
+    steps("ONNX Runtime vs PyTorch")
+    for c in compare_with_torch(engine, onnx_path, job.family.example_inputs, batches=job.batches):
+        steps.note(f"batch {c.batch}: {c.agreement}")
+        if not c.agreement.passed(reduced_precision=job.config.fp16):
+            raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c.agreement}")
+
+
+def _export_parts(job: _Job, model: torch.nn.Module, work: Path, steps: Steps) -> dict:
+    """The vision engines beside the main one (export/models/base.py, EnginePart) -> manifest `parts`."""
+    parts = {}
+    for part in job.family.extra_parts(model, job.apet):
+        steps.note(f"engine part {part.name!r}: exporting {part.name}.onnx and comparing with PyTorch")
+        parts[part.name] = _export_part(part, work, job.config.fp16, job.batches)
+    return parts
+
+
+def _save_checkpoint(job: _Job, loaded: LoadedModel, work: Path, steps: Steps) -> dict:
+    """processor/, tokenizer/, the family's own files and the decoder checkpoint -> the manifest's
+    decoder.transformers entry."""
+    steps("saving processor, tokenizer and decoder checkpoint")
+    model, processor, tokenizer = loaded.model, job.family.processor, loaded.tokenizer
+    processor.save_pretrained(str(work / "processor"))  # the checkpoint's or preset's, with the pixel range
+    tokenizer.save_pretrained(str(work / "tokenizer"))
+    job.family.save_files(model, work)  # what the family's runtime adapter reads besides the engine
+    if job.source == "preset" and loaded.language_model_saved:
+        # a whole checkpoint, as one from the hub: weights, processor and tokenizer (TensorRT-LLM's
+        # LLM API loads all three from one directory)
+        for part in (model, processor, tokenizer):
+            part.save_pretrained(str(work / "hf"))
+        return {"checkpoint": "hf", "weights": "saved"}
+    if job.source == "preset":
+        loaded.config.save_pretrained(str(work / "hf"))
+        seed = get_preset(job.config.model).seed
+        return {"checkpoint": "hf", "weights": "random-seeded", "seed": seed, "config": "hf/config.json"}
+    return {"checkpoint": None, "weights": "saved"}  # null: the external checkpoint
+
+
+def _tensorrt_plans(job: _Job, onnx_path: Path, parts: dict, work: Path, steps: Steps) -> dict:
+    """vision.plan (and each part's plan) where TensorRT imports, each checked against ONNX Runtime;
+    -> engine kind -> what built its plan (the manifest's `plans`)."""
+    steps("TensorRT engine")
+    config, family, items = job.config, job.family, job.items
+    if not config.tensorrt:
+        steps.note("skipped (--no-tensorrt)")
+        return {}
+    if tensorrt_version() is None:
+        steps.note(f"TensorRT is not importable: wrote the ONNX engine only ({TRT_HINT})")
+        return {}
+    g = torch.Generator().manual_seed(1)
+    result = build_tensorrt(
+        onnx_path,
+        work / "vision.plan",
+        profile=family.tensorrt_profile(job.apet, min(config.opt_batch, items), items),
+        feeds=[{k: v.numpy() for k, v in family.example_inputs(b, g).items()} for b in job.batches],
+    )
+    for name, entry in parts.items():
+        part_shapes = [_profile_shapes(entry["io"], b) for b in (1, config.opt_batch, config.max_batch)]
+        part_result = build_tensorrt(
+            work / entry["engines"]["onnx"],
+            work / f"{name}.plan",
+            profile={k: tuple(s[k] for s in part_shapes) for k in part_shapes[0]},
         )
-        steps.note("onnx.checker, shape inference and the TensorRT op allowlist: passed")
-        if wrong := compressor_not_fp32(onnx_path):
-            raise RuntimeError(f"the exported compressor computes outside float32: {', '.join(wrong[:5])}")
-        dtypes = part_dtypes(onnx_path)
-        steps.note("dtypes: " + ", ".join(f"{part} {dt}" for part, dt in dtypes.items() if dt))
+        entry["engines"]["tensorrt"] = f"{name}.plan"
+        steps.note(f"saved {name}.plan; TensorRT vs ONNX Runtime: {part_result.agreement}")
+        if not part_result.agreement.passed(reduced_precision=True):
+            raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on {name}.onnx: {part_result.agreement}")
+    steps.note(
+        f"saved vision.plan (TensorRT {result.record['tensorrt']}, {result.record['gpu']}, compute "
+        f"capability {result.record['compute_capability']}, strongly typed)"
+    )
+    steps.note(f"TensorRT vs ONNX Runtime: {result.agreement}")
+    if not result.agreement.passed(reduced_precision=True):
+        raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on the same graph: {result.agreement}")
+    return {"tensorrt": result.record}
 
-        steps("ONNX Runtime vs PyTorch")
-        batches = sorted({1, min(3, items)})
-        for c in compare_with_torch(engine, onnx_path, family.example_inputs, batches=batches):
-            steps.note(f"batch {c.batch}: {c.agreement}")
-            if not c.agreement.passed(reduced_precision=config.fp16):
-                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {c.batch}: {c.agreement}")
 
-        parts = {}  # vision engines beside the main one (export/models/base.py, EnginePart)
-        for part in family.extra_parts(model, apet):
-            steps.note(f"engine part {part.name!r}: exporting {part.name}.onnx and comparing with PyTorch")
-            parts[part.name] = _export_part(part, work, config.fp16, batches)
+def _tensorrt_llm_engine(
+    job: _Job, decoder: dict, llm_dtype: str, plans: dict, work: Path, steps: Steps
+) -> dict | None:
+    """The TensorRT-LLM decoder engine (llm/) where tensorrt_llm imports and the family has a route;
+    -> the manifest's decoder.tensorrt_llm (and its plan record added to `plans`), or None."""
+    steps("TensorRT-LLM decoder engine")
+    config, family = job.config, job.family
+    if not config.tensorrt_llm:
+        steps.note("skipped (--no-tensorrt-llm)")
+    elif tensorrt_llm_version() is None:
+        steps.note(f"tensorrt_llm is not importable: the decoder is the Transformers checkpoint ({TRTLLM_HINT})")
+    elif decoder["weights"] != "saved":
+        steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
+    elif family.trtllm_model_class is None:
+        steps.note(f"TensorRT-LLM's engine flow has no route for the {family.name} family: no engine")
+    elif job.options.llm_stage is not None:
+        steps.note(
+            "--llm-stage runs in the Transformers decoder only (TensorRT-LLM cannot prune in the LLM): no engine"
+        )
+    else:
+        # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
+        # TensorRT-LLM rejects a table whose dtype differs from the engine's
+        cfg = TrtllmBuildConfig(
+            max_batch_size=config.max_batch,
+            num_visual_tokens=family.max_rows_per_image(job.apet),  # rows per request, at most
+            dtype=llm_dtype,
+            model_class=family.trtllm_model_class,
+        )
+        hf_dir = job.checkpoint if job.checkpoint is not None else work / "hf"
+        lm_dir = family.trtllm_checkpoint(hf_dir, work / ".trtllm_hf")  # what the converter reads
+        trtllm = build_trtllm(lm_dir, work / "llm", cfg, work)
+        shutil.rmtree(work / ".trtllm_hf", ignore_errors=True)
+        trtllm["engine_dir"] = "llm"
+        plans["tensorrt_llm"] = llm_plan_record(
+            work / "llm", dtype=llm_dtype, tensorrt_llm_version=tensorrt_llm_version()
+        )
+        return trtllm
+    return None
 
-        steps("saving processor, tokenizer and decoder checkpoint")
-        processor.save_pretrained(str(work / "processor"))
-        tokenizer.save_pretrained(str(work / "tokenizer"))
-        family.save_files(model, work)  # what the family's runtime adapter reads besides the engine
-        if source == "preset" and loaded.language_model_saved:
-            # a whole checkpoint, as one from the hub: weights, processor and tokenizer (TensorRT-LLM's
-            # LLM API loads all three from one directory)
-            model.save_pretrained(str(work / "hf"))
-            processor.save_pretrained(str(work / "hf"))
-            tokenizer.save_pretrained(str(work / "hf"))
-            decoder = {"checkpoint": "hf", "weights": "saved"}
-        elif source == "preset":
-            hf_config.save_pretrained(str(work / "hf"))
-            seed = get_preset(config.model).seed
-            decoder = {"checkpoint": "hf", "weights": "random-seeded", "seed": seed, "config": "hf/config.json"}
-        else:
-            decoder = {"checkpoint": None, "weights": "saved"}  # null: the external checkpoint
-        del model
 
-        steps("TensorRT engine")
-        plan = None
-        plans = {}  # engine kind -> what built its plan (tensorrt_build.plan_record)
-        if not config.tensorrt:
-            steps.note("skipped (--no-tensorrt)")
-        elif tensorrt_version() is None:
-            steps.note(f"TensorRT is not importable: wrote the ONNX engine only ({TRT_HINT})")
-        else:
-            g = torch.Generator().manual_seed(1)
-            result = build_tensorrt(
-                onnx_path,
-                work / "vision.plan",
-                profile=family.tensorrt_profile(apet, min(config.opt_batch, items), items),
-                feeds=[{k: v.numpy() for k, v in family.example_inputs(b, g).items()} for b in batches],
-            )
-            plan = "vision.plan"
-            plans["tensorrt"] = result.record
-            for name, entry in parts.items():
-                part_shapes = [_profile_shapes(entry["io"], b) for b in (1, config.opt_batch, config.max_batch)]
-                part_result = build_tensorrt(
-                    work / entry["engines"]["onnx"],
-                    work / f"{name}.plan",
-                    profile={k: tuple(s[k] for s in part_shapes) for k in part_shapes[0]},
-                )
-                entry["engines"]["tensorrt"] = f"{name}.plan"
-                steps.note(f"saved {name}.plan; TensorRT vs ONNX Runtime: {part_result.agreement}")
-                if not part_result.agreement.passed(reduced_precision=True):
-                    raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on {name}.onnx: {part_result.agreement}")
-            steps.note(
-                f"saved vision.plan (TensorRT {result.record['tensorrt']}, {result.record['gpu']}, compute "
-                f"capability {result.record['compute_capability']}, strongly typed)"
-            )
-            steps.note(f"TensorRT vs ONNX Runtime: {result.agreement}")
-            if not result.agreement.passed(reduced_precision=True):
-                raise RuntimeError(f"TensorRT disagrees with ONNX Runtime on the same graph: {result.agreement}")
+def _manifest_fields(
+    job: _Job,
+    loaded: LoadedModel,
+    llm_dtype: str,
+    dtypes: dict,
+    parts: dict,
+    plans: dict,
+    decoder: dict,
+    trtllm: dict | None,
+) -> dict:
+    """Everything the manifest records but format/version/created/files (export/manifest.py adds those)."""
+    config, family, apet, tokenizer = job.config, job.family, job.apet, loaded.tokenizer
+    items = job.items
+    return {
+        "model": {"id": config.model, "source": job.source, "family": family.name},
+        "external_checkpoint": manifest_writer.external_checkpoint(job.checkpoint) if job.checkpoint else None,
+        **family.manifest_fields(apet),
+        "apet": apet.to_dict() if apet else None,
+        **parity.manifest_fields(job.options, config),
+        "llm": {
+            **family.llm_fields(),
+            "dtype": llm_dtype,
+            "pad_token_id": tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else loaded.config.text_config.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        "prompt_template": family.prompt_template,
+        "image_token": family.image_token,
+        "io": family.io(apet),
+        "batch": {"min": 1, "opt": min(config.opt_batch, items), "max": items},
+        "precision": {"vision": dtypes["vision_tower"], "compressor": dtypes["compressor"]},
+        "processor": family.processor.to_dict(),
+        "engines": {"onnx": "vision.onnx", "tensorrt": "vision.plan" if "tensorrt" in plans else None},
+        **({"parts": parts} if parts else {}),
+        "plans": plans,
+        "decoder": {"transformers": decoder, "tensorrt_llm": trtllm},
+        "versions": _versions(),
+        "build": {
+            **{k: v for k, v in asdict(job.config).items() if k not in ("out", "force")},
+            "paper_budget": job.paper_line is not None,  # no budget given: the family's paper setting
+        },
+    }
 
-        steps("TensorRT-LLM decoder engine")
-        trtllm = None
-        llm_dtype = _llm_dtype(hf_config, source, loaded)
-        if not config.tensorrt_llm:
-            steps.note("skipped (--no-tensorrt-llm)")
-        elif tensorrt_llm_version() is None:
-            steps.note(f"tensorrt_llm is not importable: the decoder is the Transformers checkpoint ({TRTLLM_HINT})")
-        elif decoder["weights"] != "saved":
-            steps.note("the preset's language model has no saved weights: no TensorRT-LLM engine")
-        elif family.trtllm_model_class is None:
-            steps.note(f"TensorRT-LLM's engine flow has no route for the {family.name} family: no engine")
-        elif options.llm_stage is not None:
-            steps.note(
-                "--llm-stage runs in the Transformers decoder only (TensorRT-LLM cannot prune in the LLM): no engine"
-            )
-        else:
-            # the engine runs in llm.dtype: the runtime builds the prompt table in that dtype and
-            # TensorRT-LLM rejects a table whose dtype differs from the engine's
-            cfg = TrtllmBuildConfig(
-                max_batch_size=config.max_batch,
-                num_visual_tokens=family.max_rows_per_image(apet),  # rows per request, at most
-                dtype=llm_dtype,
-                model_class=family.trtllm_model_class,
-            )
-            hf_dir = checkpoint[0] if source == "path" else work / "hf"
-            lm_dir = family.trtllm_checkpoint(hf_dir, work / ".trtllm_hf")  # what the converter reads
-            trtllm = build_trtllm(lm_dir, work / "llm", cfg, work)
-            shutil.rmtree(work / ".trtllm_hf", ignore_errors=True)
-            trtllm["engine_dir"] = "llm"
-            plans["tensorrt_llm"] = llm_plan_record(
-                work / "llm", dtype=llm_dtype, tensorrt_llm_version=tensorrt_llm_version()
-            )
 
-        steps("manifest")
-        text = hf_config.text_config
-        fields = {
-            "model": {"id": config.model, "source": source, "family": family.name},
-            "external_checkpoint": manifest_writer.external_checkpoint(checkpoint[0]) if checkpoint else None,
-            **family.manifest_fields(apet),
-            "apet": apet.to_dict() if apet else None,
-            **parity.manifest_fields(options, config),
-            "llm": {
-                **family.llm_fields(),
-                "dtype": llm_dtype,
-                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "bos_token_id": tokenizer.bos_token_id,
-            },
-            "prompt_template": family.prompt_template,
-            "image_token": family.image_token,
-            "io": io,
-            "batch": {"min": 1, "opt": min(config.opt_batch, items), "max": items},
-            "precision": {"vision": dtypes["vision_tower"], "compressor": dtypes["compressor"]},
-            "processor": processor.to_dict(),
-            "engines": {"onnx": "vision.onnx", "tensorrt": plan},
-            **({"parts": parts} if parts else {}),
-            "plans": plans,
-            "decoder": {"transformers": decoder, "tensorrt_llm": trtllm},
-            "versions": _versions(),
-            "build": {
-                **{k: v for k, v in asdict(config).items() if k not in ("out", "force")},
-                "paper_budget": default_line is not None,  # no budget given: the family's paper setting
-            },
-        }
-        data = manifest_writer.write_manifest(work, fields)
-        steps.done()
-        writer.commit()
-
-    if not quiet:
-        paper = ", the paper's setting" if default_line else ""
-        print(f"\nengine directory {writer.out}  ({budget} visual tokens per {family.item}{paper})")
-        if options.llm_stage is not None:
-            stage = options.llm_stage
-            print(f"  then ApET after LLM layer {stage.layer}: -> {stage.keep} rows (the Transformers decoder runs it)")
-        for rel, entry in data["files"].items():
-            if entry["bytes"] >= 1 << 20 or "/" not in rel:
-                print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")
-        total = sum(e["bytes"] for e in data["files"].values())
-        print(f"  {len(data['files'])} files, {total / 2**20:.1f} MiB in all")
-    return data
+def _print_summary(job: _Job, data: dict) -> None:
+    paper = ", the paper's setting" if job.paper_line else ""
+    print(f"\nengine directory {job.writer.out}  ({job.budget} visual tokens per {job.family.item}{paper})")
+    if job.options.llm_stage is not None:
+        stage = job.options.llm_stage
+        print(f"  then ApET after LLM layer {stage.layer}: -> {stage.keep} rows (the Transformers decoder runs it)")
+    for rel, entry in data["files"].items():
+        if entry["bytes"] >= 1 << 20 or "/" not in rel:
+            print(f"  {rel:40s} {entry['bytes'] / 2**20:9.2f} MiB")
+    total = sum(e["bytes"] for e in data["files"].values())
+    print(f"  {len(data['files'])} files, {total / 2**20:.1f} MiB in all")

@@ -32,12 +32,12 @@ def load_transformers_model(
     (the family's, runtime/families/), in eval mode."""
     import transformers
 
-    entry = (manifest.data.get("decoder") or {}).get("transformers")
-    if not entry:
+    entry = manifest.decoders.transformers
+    if entry is None:
         raise RuntimeError(f"{manifest.root}: the manifest names no Transformers checkpoint (decoder.transformers)")
     dtype = dtype or llm_dtype(manifest)
     cls = getattr(transformers, model_class)
-    weights = entry.get("weights", "saved")
+    weights = entry.weights
     if weights == "saved":
         path = manifest.transformers_checkpoint()
         if not path.is_dir():
@@ -50,7 +50,7 @@ def load_transformers_model(
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: the config for the seeded random weights does not exist")
         config = AutoConfig.from_pretrained(str(config_path.parent))
-        torch.manual_seed(int(entry["seed"]))
+        torch.manual_seed(int(entry.seed))
         model = cls(config) if cls.__name__ != "AutoModelForImageTextToText" else cls.from_config(config)
         model = model.to(dtype)
     else:

@@ -59,7 +59,7 @@ def ort_io(session) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def check_engine_dtypes(source, manifest, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
     """At load: every tensor the engine declares has the manifest's dtype."""
     for side, got in (("inputs", inputs), ("outputs", outputs)):
-        want = {t["name"]: t["dtype"] for t in manifest.data["io"][side]}
+        want = {t.name: t.dtype for t in getattr(manifest.io, side)}
         for t in got:
             if t.name in want and t.dtype is not None and t.dtype != want[t.name]:
                 raise RuntimeError(

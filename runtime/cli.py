@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .choice import BACKENDS, DECODERS
+
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows the default of every option that has one (not of required ones, flags or None)."""
@@ -44,13 +46,13 @@ def register(subparsers) -> None:
     run.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        choices=BACKENDS,
         help="vision backend; auto: TensorRT where the plan, tensorrt and a GPU are present, else ONNX Runtime",
     )
     run.add_argument(
         "--decoder",
         default="auto",
-        choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"],
+        choices=DECODERS,
         help="decoder; auto: TensorRT-LLM where the engine has one and it imports, else Transformers",
     )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -92,6 +94,7 @@ def run_command(args: argparse.Namespace) -> int:
     from . import load
     from .decoders import SamplingConfig
     from .images import check_image_file, check_local_file
+    from .manifest import describe_budget
     from .overlay import overlay_target
 
     # every argument checked before a model is loaded
@@ -111,19 +114,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.overlay:
         overlay_target(args.overlay, image=args.image or args.video, engine_dir=args.engine, force=args.force_overlay)
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=args.decoder, keep=args.keep)
-    [result] = pipe.generate(
-        prompts=args.prompt,
-        **media,
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=sampling.do_sample,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        seed=sampling.seed,
-    )
+    batch = pipe.preprocess(media["images"], videos=media["videos"])  # once: the engine's, --grid's, --overlay's
+    [result] = pipe.generate(prompts=args.prompt, **media, sampling=sampling, batch=batch)
     overlay_path = None
     if args.overlay:
-        overlay_path = write_overlay(pipe, media, result.positions, args.overlay, force=args.force_overlay)
+        overlay_path = write_overlay(pipe, batch, media, result.positions, args.overlay, force=args.force_overlay)
     if args.json:
         payload = {
             "text": result.text,
@@ -141,12 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     t = result.timings
     apet = pipe.manifest.apet
-    budget = (
-        f"keep={apet['keep']}"
-        if apet and apet.get("keep") is not None
-        else f"keep_ratio={(apet or {}).get('keep_ratio')}"
-    )
-    how = f"ApET {budget} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression"
+    how = f"ApET {describe_budget(apet)} basis={apet['basis']} merge={apet['merge']}" if apet else "no compression"
     print(f"engine   {args.engine}  (vision: {pipe.backend} [{pipe.backend_reason}], decoder: {pipe.decoder.name})")
     print(f"tokens   {result.num_patches} -> {result.num_kept} visual tokens kept ({how})")
     print(f"kept     patches {', '.join(map(str, result.positions))}")
@@ -157,7 +147,7 @@ def run_command(args: argparse.Namespace) -> int:
             f"patches {', '.join(map(str, result.llm_positions))}"
         )
     if args.grid:
-        print(patch_grid(pipe, media, result.positions))
+        print(patch_grid(pipe, batch, result.positions))
     print(f"text     {result.text!r}")
     print(
         f"timings  preprocess {t['preprocess_ms']:.1f} ms | vision {t['vision_ms']:.1f} ms | "
@@ -169,19 +159,20 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def patch_grid(pipe, media: dict, positions) -> str:
-    """The image's (or each sampled frame's) patch grid(s) as text, '#' where a patch was kept.
-    `media`: {"images": path or None, "videos": path or None}, one of them."""
+def patch_grid(pipe, batch, positions) -> str:
+    """The image's (or each sampled frame's) patch grid(s) as text, '#' where a patch was kept;
+    `batch`: the preprocessed image or video (pipe.preprocess)."""
     from .overlay import grid_text
 
-    return grid_text(pipe.family.patch_map(pipe.preprocess(media["images"], videos=media["videos"]), 0), positions)
+    return grid_text(pipe.family.patch_map(batch, 0), positions)
 
 
-def write_overlay(pipe, media: dict, positions, out, *, force: bool = False) -> Path:
+def write_overlay(pipe, batch, media: dict, positions, out, *, force: bool = False) -> Path:
+    """The kept patches over what the engine saw (`batch`), to `out`; `media`: {"images": path or None,
+    "videos": path or None}, the source the target must not be."""
     from .overlay import draw_patch_map, overlay_target, save_overlay
 
     source = media["images"] or media["videos"]
     target = overlay_target(out, image=source, engine_dir=pipe.manifest.root, force=force)
-    batch = pipe.preprocess(media["images"], videos=media["videos"])
     picture = draw_patch_map(pipe.family.patch_map(batch, 0), positions)
     return save_overlay(picture, target, force=force)

@@ -4,9 +4,9 @@ The runtime trusts nothing in an engine directory that the manifest does not des
 checksum, and follows no path out of it:
 
 - `read_manifest` reads manifest.json (a regular file of at most MAX_MANIFEST_BYTES, JSON nested at
-  most MAX_DEPTH deep, no duplicate keys, no NaN) and checks it against SCHEMA (one table: field ->
-  type, range, choices, path kind) and RULES (facts across fields) before anything else reads it.
-  Every error is a ManifestError that names the field.
+  most MAX_DEPTH deep, no duplicate keys, no NaN) and checks it with apet_trt.engine_format's
+  `validate` (the common table, the family's own facts, the rules across fields) before anything
+  else reads it. Every error is a ManifestError that names the field.
 - `verify_files` walks the directory without following links: regular files and folders only (a
   symbolic link, a FIFO or a hard-linked file anywhere is refused), every file listed in `files`
   with its size and sha256, nothing unlisted, JSON files naming other files name them inside the
@@ -14,9 +14,9 @@ checksum, and follows no path out of it:
 - `Manifest` hands out paths only through accessors that confine them (`file`, `folder`,
   `engine_path`, `transformers_checkpoint`, ...): no caller joins a manifest string to a path.
 
-Extending the schema (a new field, a family's own facts) is one line in SCHEMA per field; a family
-adapter checks its own object with `Manifest.section(key, schema)` against a table of the same form.
-This module never imports `export` (the writer); a test round-trips the two.
+The schema lives in apet_trt.engine_format (the writer, `apet build`, validates with the same
+before it commits a directory); a family's fields are its engine_format/families/<family>.py, read
+here through `Manifest.section()` and the typed views. This module never imports `export`.
 """
 
 from __future__ import annotations
@@ -27,29 +27,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine_files import (
-    check_external_checkpoint,
-    check_file_references,
-    parse_json,
-    read_regular,
-    sha256_file,
-    walk,
-)
-from .manifest_schema import (
+from apet_trt.engine_format import (
     FORMAT,
     MANIFEST_NAME,
+    MANIFEST_VERSION,
+    MAX_MANIFEST_BYTES,
     SCHEMA,
-    SUPPORTED_MANIFEST_VERSION,
     Field,
     ManifestError,
-    check_fields,
     check_relative_path,
+    family_facts,
     lists_folder,
+    sha256,
     transformers_folders,
     validate,
 )
+from apet_trt.engine_format.views import (
+    BatchRange,
+    Decoders,
+    EngineIO,
+    ModelInfo,
+    PlanRecord,
+    Precision,
+    batch_range,
+    model_info,
+    plan_records,
+    precision,
+)
 
-MAX_MANIFEST_BYTES = 4 << 20  # the processor config and a few hundred file entries take < 100 KiB
+from .engine_files import check_external_checkpoint, check_file_references, parse_json, read_regular, walk
 
 __all__ = [
     "FORMAT",
@@ -61,8 +67,15 @@ __all__ = [
     "load_manifest",
     "read_manifest",
     "verify_files",
-    "sha256_file",
 ]
+
+
+def describe_budget(apet: Mapping[str, Any] | None) -> str:
+    """The manifest's `apet` budget in a few characters: "keep=64" or "keep_ratio=0.3" (what
+    `apet inspect`, `apet run` and `apet serve` print)."""
+    if apet and apet.get("keep") is not None:
+        return f"keep={apet['keep']}"
+    return f"keep_ratio={(apet or {}).get('keep_ratio')}"
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -95,15 +108,15 @@ def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
     version = data.get("manifest_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ManifestError(f"{path}: manifest_version must be a positive integer, got {version!r}")
-    if version > SUPPORTED_MANIFEST_VERSION:
+    if version > MANIFEST_VERSION:
         raise ManifestError(
             f"{path}: manifest_version {version} is newer than this runtime supports "
-            f"({SUPPORTED_MANIFEST_VERSION}); upgrade apet-trt or rebuild the engine directory"
+            f"({MANIFEST_VERSION}); upgrade apet-trt or rebuild the engine directory"
         )
-    if version < SUPPORTED_MANIFEST_VERSION:
+    if version < MANIFEST_VERSION:
         raise ManifestError(
             f"{path}: manifest_version {version} is older than this runtime reads "
-            f"({SUPPORTED_MANIFEST_VERSION}: paths confined, checkpoint fingerprinted); rebuild it with `apet build`"
+            f"({MANIFEST_VERSION}: paths confined, checkpoint fingerprinted); rebuild it with `apet build`"
         )
     try:
         validate(data)
@@ -149,8 +162,12 @@ class Manifest:
         return self.data["vision"]
 
     @property
+    def batch(self) -> BatchRange:
+        return batch_range(self.data["batch"])
+
+    @property
     def batch_max(self) -> int:
-        return int(self.data["batch"]["max"])
+        return self.batch.max
 
     @property
     def image_token(self) -> str:
@@ -162,7 +179,44 @@ class Manifest:
 
     @property
     def family(self) -> str:
-        return self.data["model"]["family"]
+        return self.model.family
+
+    # -- typed views of the common sections (apet_trt.engine_format.views) ------------------------
+    @property
+    def model(self) -> ModelInfo:
+        return model_info(self.data["model"])
+
+    @property
+    def io(self) -> EngineIO:
+        """The engine's named inputs and outputs (a part's, on `part(name)`)."""
+        return EngineIO.of(self.data["io"])
+
+    @property
+    def decoders(self) -> Decoders:
+        return Decoders.of(self.data["decoder"])
+
+    @property
+    def precision(self) -> Precision:
+        return precision(self.data["precision"])
+
+    @property
+    def plans(self) -> dict[str, PlanRecord]:
+        """Engine kind ("tensorrt", "tensorrt_llm") -> what built its plan; empty when none."""
+        return plan_records(self.data.get("plans"))
+
+    @property
+    def engines(self) -> dict[str, str | None]:
+        """Engine kind ("onnx", "tensorrt") -> its file in the directory (None: not built)."""
+        return dict(self.data["engines"])
+
+    @property
+    def build_options(self) -> dict[str, Any]:
+        """The options `apet build` was given (informational; empty when not recorded)."""
+        return dict(self.data.get("build") or {})
+
+    @property
+    def video_token(self) -> str | None:
+        return self.data.get("video_token")
 
     # -- paper parity (docs/ENGINE_DIR.md; absent in directories built before them) ----------
     @property
@@ -192,15 +246,12 @@ class Manifest:
             raise ManifestError(f"{self.root / MANIFEST_NAME}: no engine part {name!r} with io and engines")
         return Manifest(root=self.root, data={**self.data, "io": entry["io"], "engines": entry["engines"]})
 
-    def section(self, key: str, schema: Mapping[str, Field]) -> Any:
-        """A family adapter's own object, `data[key]`, checked against the adapter's schema table
-        (the SCHEMA form, names relative to the object); errors name `key.field`."""
-        if key not in self.data:
-            raise ManifestError(f"{self.root / MANIFEST_NAME}: {key}: missing")
-        try:
-            check_fields(self.data[key], schema, key)
-        except ManifestError as exc:
-            raise ManifestError(f"{self.root / MANIFEST_NAME}: {exc}") from None
+    def section(self) -> dict[str, Any]:
+        """The family's own object (engine_format/families/<family>.py names it and its fields; read_manifest
+        checked it against them)."""
+        key = family_facts(self.family).section
+        if key is None:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: the {self.family} family has no section of its own")
         return self.data[key]
 
     # -- confined paths ----------------------------------------------------------------------
@@ -232,7 +283,7 @@ class Manifest:
         return self.file(rel) if rel in self.data["files"] else self.folder(rel)
 
     def engine_path(self, kind: str) -> Path | None:
-        name = self.data["engines"].get(kind)
+        name = self.engines.get(kind)
         return None if name is None else self.file(name)
 
     @property
@@ -252,29 +303,28 @@ class Manifest:
     def transformers_checkpoint(self) -> Path:
         """The decoder's Transformers checkpoint: a folder of the engine directory, or the external
         checkpoint (verified by verify_files)."""
-        entry = self.data["decoder"]["transformers"]
+        entry = self.decoders.transformers
         if entry is None:
             raise RuntimeError(f"{self.root}: the manifest names no Transformers checkpoint (decoder.transformers)")
-        if entry["checkpoint"] is None:
+        if entry.checkpoint is None:
             return self.external_checkpoint
-        return self.folder(entry["checkpoint"])
+        return self.folder(entry.checkpoint)
 
     def transformers_config(self) -> Path | None:
         """The config file of seeded random weights (decoder.transformers.config), if any."""
-        entry = self.data["decoder"]["transformers"] or {}
-        return self.file(entry["config"]) if entry.get("config") else None
+        entry = self.decoders.transformers
+        return self.file(entry.config) if entry is not None and entry.config else None
 
     def tensorrt_llm_dir(self) -> Path | None:
-        entry = self.data["decoder"]["tensorrt_llm"]
-        return None if entry is None else self.folder(entry["engine_dir"])
+        entry = self.decoders.tensorrt_llm
+        return None if entry is None else self.folder(entry.engine_dir)
 
     def summary(self) -> str:
         """A few human-readable lines (what `apet inspect` prints)."""
         d, v, llm = self.data, self.vision, self.llm
         apet = self.apet
         if apet:
-            budget = f"keep={apet['keep']}" if apet.get("keep") is not None else f"keep_ratio={apet.get('keep_ratio')}"
-            comp = f"ApET {budget} basis={apet['basis']} merge={apet['merge']} start={apet['start']}"
+            comp = f"ApET {describe_budget(apet)} basis={apet['basis']} merge={apet['merge']} start={apet['start']}"
             if apet.get("seed_blend", 1.0) != 1.0:
                 comp += f" seed_blend={apet['seed_blend']}"
         else:
@@ -284,9 +334,8 @@ class Manifest:
         if t is None:  # N and T vary per image (dynamic resolution)
             t = f"floor({apet['keep_ratio']} N)" if apet and apet.get("keep_ratio") else "N"
             per = " per image"
-        dec = d["decoder"]
-        hf = dec["transformers"]
-        hf_where = hf and (hf["checkpoint"] or "external checkpoint")
+        hf, trt = self.decoders.transformers, self.decoders.tensorrt_llm
+        hf_where = hf and (hf.checkpoint or "external checkpoint")
         ext = d["external_checkpoint"]
         outside = (
             f"{ext['path']} (outside the directory, never copied; {len(ext['fingerprint'])} files fingerprinted)"
@@ -295,18 +344,17 @@ class Manifest:
         )
         lines = [
             f"engine dir   {self.root}",
-            f"model        {d['model']['id']} ({d['model']['source']}, family {self.family})",
+            f"model        {self.model.id} ({self.model.source}, family {self.family})",
             f"checkpoint   {outside}",
             f"vision       {', '.join(f'{k} {x}' for k, x in v.items() if x is not None)}",
             f"compression  {comp}: {n} -> {t} tokens{per}",
             *self._parity_lines(),
             f"llm          hidden {llm['hidden_size']}, vocab {llm['vocab_size']}, image token "
             f"{llm['image_token_id']}, dtype {llm['dtype']}",
-            f"batch        {d['batch']['min']}..{d['batch']['max']} (opt {d['batch']['opt']})",
-            f"engines      onnx={d['engines']['onnx']} tensorrt={d['engines']['tensorrt']}",
+            f"batch        {self.batch.min}..{self.batch.max} (opt {self.batch.opt})",
+            f"engines      onnx={self.engines['onnx']} tensorrt={self.engines['tensorrt']}",
             *self._precision_lines(),
-            f"decoder      transformers={hf_where} ({hf and hf['weights']}), "
-            f"tensorrt_llm={(dec['tensorrt_llm'] or {}).get('engine_dir')}",
+            f"decoder      transformers={hf_where} ({hf and hf.weights}), tensorrt_llm={trt and trt.engine_dir}",
             f"files        {len(d['files'])} checksummed",
         ]
         return "\n".join(lines)
@@ -314,16 +362,15 @@ class Manifest:
     def _precision_lines(self) -> list[str]:
         """What the graph computes in, and what built each TensorRT plan (the runtime refuses a plan
         of another TensorRT major.minor or compute capability)."""
-        p = self.data.get("precision") or {}
-        lines = [f"precision    vision {p.get('vision')}, compressor {p.get('compressor')}"] if p else []
-        plans = self.data.get("plans") or {}
-        if not plans:
+        p = self.precision
+        lines = [f"precision    vision {p.vision}, compressor {p.compressor}"]
+        if not self.plans:
             return [*lines, "plans        none (no TensorRT plan in this directory)"]
-        for kind, r in sorted(plans.items()):
-            typed = "strongly typed" if r.get("strongly_typed") else "weakly typed"
+        for kind, r in sorted(self.plans.items()):
+            typed = "strongly typed" if r.strongly_typed else "weakly typed"
             lines.append(
-                f"plans        {kind}: TensorRT {r.get('tensorrt')} on {r.get('gpu')} (compute capability "
-                f"{r.get('compute_capability')}), {typed}"
+                f"plans        {kind}: TensorRT {r.tensorrt} on {r.gpu} (compute capability "
+                f"{r.compute_capability}), {typed}"
             )
         return lines
 
@@ -376,7 +423,7 @@ def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
                 f"{path}: size {on_disk[rel]} bytes differs from the manifest's {entry['bytes']} "
                 "(truncated or replaced)"
             )
-        if sha256_file(path) != entry["sha256"]:
+        if sha256(path) != entry["sha256"]:
             raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt or modified)")
     check_file_references(root, manifest.data["files"], transformers_folders(manifest.data))
     check_external_checkpoint(root, manifest.data["external_checkpoint"])

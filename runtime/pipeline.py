@@ -25,21 +25,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from apet_trt.apet_ops.probes import tensorrt_llm_available
-
 from . import checks
 from .backends import PartsBackend, VisionBackend, choose_backend, create_backend
-from .checkpoint import dtype_named, llm_dtype, load_transformers_model
+from .checkpoint import load_transformers_model
 from .decoders import Decoder, SamplingConfig
+from .decoders.choice import choose_decoder, create_decoder, llm_stage_refusal
 from .families import EngineBatch, RuntimeFamily, VisualRows, family_for
 from .images import ImageLike, as_image_list, to_pil
 from .manifest import Manifest, load_manifest
-from .plans import plan_mismatch, this_machine
 from .prompt import AssembledPrompt, PromptAssembler, engine_prompting
 from .videos import VideoLike, as_video_list, read_video
 
 log = logging.getLogger("apet.runtime")
-DECODERS = ("auto", "transformers", "tensorrt_llm", "tensorrt_llm_api")
 
 
 @dataclass
@@ -104,8 +101,12 @@ class Pipeline:
     def preprocess(
         self, images: ImageLike | Sequence[ImageLike] | None = None, *, videos: VideoLike | None = None
     ) -> EngineBatch:
-        """images (and videos) -> the engine's named inputs (the checkpoint's own image processor)."""
-        return self.family.preprocess(self._media(images, videos))
+        """images (and videos) -> the engine's named inputs (the checkpoint's own image processor),
+        with the time it took; `generate(batch=...)` takes it, and so do the family's patch maps."""
+        t0 = time.perf_counter()
+        batch = self.family.preprocess(self._media(images, videos))
+        batch.preprocess_ms = (time.perf_counter() - t0) * 1e3
+        return batch
 
     def encode(
         self, images: ImageLike | Sequence[ImageLike] | None = None, *, videos: VideoLike | None = None
@@ -134,10 +135,16 @@ class Pipeline:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        sampling: SamplingConfig | None = None,
+        batch: EngineBatch | None = None,
     ) -> list[GenerationResult]:
         """One image per prompt, or one video per prompt (`videos=`, families that take videos), or
-        both; a single item and a single string make a batch of one."""
-        sampling = SamplingConfig(
+        both; a single item and a single string make a batch of one.
+
+        sampling  a SamplingConfig instead of the six keywords before it (which then stay at their defaults)
+        batch     `preprocess(images, videos=videos)` of these same media, made once by a caller that
+                  also draws their patch map (apet run --grid / --overlay); its time is the preprocess time"""
+        keywords = SamplingConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -145,6 +152,9 @@ class Pipeline:
             top_p=top_p,
             seed=seed,
         )
+        if sampling is not None and keywords != SamplingConfig():
+            raise ValueError("pass sampling=SamplingConfig(...) or the sampling keywords, not both")
+        sampling = sampling or keywords
         if prompts is None:
             raise ValueError("no prompts: pass one prompt per image (or video)")
         image_list = as_image_list(images) if images is not None else []
@@ -165,8 +175,15 @@ class Pipeline:
                 early = [self.assembler(p, fixed, i) for i, p in enumerate(prompt_list)]
                 self.decoder.check_lengths(early, sampling.max_new_tokens)
             t0 = time.perf_counter()
-            batch = self.family.preprocess(self._media(image_list or None, video_list or None))
-            t1 = time.perf_counter()
+            if batch is None:
+                batch = self.family.preprocess(self._media(image_list or None, video_list or None))
+                t1 = time.perf_counter()
+            elif len(batch.items) != len(image_list) + len(video_list):
+                raise ValueError(
+                    f"batch holds {len(batch.items)} item(s) for {len(image_list) + len(video_list)} media"
+                )
+            else:  # made by preprocess(): its time counts as this call's
+                t0, t1 = t0 - batch.preprocess_ms / 1e3, t0
             rows = self.family.encode(self.vision, batch)
             t2 = time.perf_counter()
             media = [[rows[i] for i in items] for items in per_prompt]
@@ -215,105 +232,6 @@ def _default_device(device: str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _choose_decoder(manifest: Manifest, requested: str, family: RuntimeFamily) -> str:
-    """auto: the TensorRT-LLM engine the directory holds; else TensorRT-LLM's LLM API for a family it
-    takes precomputed rows for (the checkpoint's weights saved); else Transformers."""
-    if requested not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if manifest.llm_stage:  # ApET inside the LLM: only the Transformers decoder runs it
-        return "transformers"
-    decoder = manifest.data.get("decoder") or {}
-    if decoder.get("tensorrt_llm"):
-        ok, why = tensorrt_llm_available()
-        if ok and (why := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is None:
-            return "tensorrt_llm"
-        log.warning("decoder auto: the engine directory has a TensorRT-LLM engine but %s; not using it", why)
-    if family.tensorrt_llm_api and (decoder.get("transformers") or {}).get("weights") == "saved":
-        ok, why = tensorrt_llm_available()
-        if ok:
-            return "tensorrt_llm_api"
-        log.info("decoder auto: TensorRT-LLM's LLM API not used (%s)", why)
-    return "transformers"
-
-
-def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_loader) -> Decoder:
-    """The decoder `kind` ("transformers" | "tensorrt_llm" | "tensorrt_llm_api") for the engine dir."""
-    llm = manifest.llm
-    common = dict(
-        image_token_id=llm["image_token_id"],
-        pad_token_id=llm.get("pad_token_id"),
-        eos_token_id=llm.get("eos_token_id"),
-        max_length=int(llm["max_position_embeddings"]),
-    )
-    if kind == "transformers" and manifest.llm_stage:
-        from .decoders.stage2 import stage2_decoder
-
-        return stage2_decoder(model_loader(), manifest, family, **common)
-    if kind == "transformers":
-        from .decoders import TransformersDecoder
-
-        return TransformersDecoder(model_loader(), **common)
-    if manifest.llm_stage:
-        raise RuntimeError(llm_stage_refusal(manifest, kind))
-    trt_entry = (manifest.data.get("decoder") or {}).get("tensorrt_llm")
-    if kind == "tensorrt_llm":
-        from .decoders import TensorRTLLMDecoder
-
-        if not trt_entry:
-            raise RuntimeError(
-                f"{manifest.root}: decoder='tensorrt_llm' but the engine directory has no TensorRT-LLM "
-                "engine (decoder.tensorrt_llm is null); build it with tensorrt_llm installed"
-            )
-        if (mismatch := plan_mismatch(manifest, "tensorrt_llm", this_machine())) is not None:
-            raise RuntimeError(mismatch)
-        pad = llm.get("pad_token_id")
-        return TensorRTLLMDecoder(
-            manifest.tensorrt_llm_dir(),
-            vocab_size=int(llm["vocab_size"]),
-            max_rows=family.fixed_rows,
-            eos_token_id=int(llm["eos_token_id"]),
-            pad_token_id=int(pad if pad is not None else llm["eos_token_id"]),
-            dtype=dtype_named(trt_entry["dtype"], f"{manifest.root}: decoder.tensorrt_llm.dtype")
-            if trt_entry.get("dtype")
-            else llm_dtype(manifest),
-        )  # the engine's: the table's
-    if kind == "tensorrt_llm_api":
-        from .decoders import TensorRTLLMAPIDecoder
-
-        if not family.tensorrt_llm_api:
-            raise RuntimeError(
-                f"decoder='tensorrt_llm_api': TensorRT-LLM's LLM API takes no precomputed rows for the "
-                f"{family.name} family (its input processor has no attach_multimodal_embeddings); use "
-                "'tensorrt_llm' (the engine flow) or 'transformers'"
-            )
-        hf = manifest.data["decoder"]["transformers"] or {}
-        if hf.get("weights") != "saved":
-            raise RuntimeError(
-                f"{manifest.root}: decoder='tensorrt_llm_api' loads the checkpoint's weights, but the manifest's "
-                f"decoder weights are {hf.get('weights')!r}; build from a checkpoint or a preset saved whole"
-            )
-        return TensorRTLLMAPIDecoder(
-            manifest.transformers_checkpoint(),
-            image_token=manifest.image_token,
-            max_length=int(llm["max_position_embeddings"]),
-            dtype=llm_dtype(manifest),
-            eos_token_id=llm.get("eos_token_id"),
-            pad_token_id=llm.get("pad_token_id"),
-        )
-    raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {kind!r}")
-
-
-def llm_stage_refusal(manifest: Manifest, decoder: str) -> str:
-    """The one line for a decoder that cannot run an engine's ApET stage inside the LLM."""
-    stage = manifest.llm_stage
-    return (
-        f"{manifest.root}: built with --llm-stage {stage.get('layer')}:{stage.get('keep')} (ApET inside the LLM), "
-        f"which the {decoder} decoder cannot run; use decoder='transformers', or build without --llm-stage/--budget"
-    )
 
 
 def check_keep(manifest: Manifest, keep: int | None) -> None:
@@ -376,13 +294,11 @@ def load(
         return model_cache["model"]
 
     if isinstance(backend, str):
-        name, reason = choose_backend(manifest, backend)
-        if reason.startswith("auto: fell back"):
-            log.warning("vision backend %s (%s)", name, reason)
-        else:
-            log.info("vision backend %s (%s)", name, reason)
+        choice = choose_backend(manifest, backend)
+        choice.log("vision backend")
+        reason = choice.reason
         engines = [
-            create_backend(name, m, device=device, torch_module=lambda: family.torch_module(model_loader()))
+            create_backend(choice.name, m, device=device, torch_module=lambda: family.torch_module(model_loader()))
             for m in [manifest, *(manifest.part(p) for p in manifest.parts)]
         ]  # the main engine, and the family's other towers (manifest parts)
         vision = engines[0] if len(engines) == 1 else PartsBackend(manifest, engines)
@@ -391,7 +307,9 @@ def load(
         reason = "given by the caller"
 
     if isinstance(decoder, str):
-        dec = build_decoder(_choose_decoder(manifest, decoder, family), manifest, family, model_loader)
+        choice = choose_decoder(manifest, decoder, family)
+        choice.log("decoder")
+        dec = create_decoder(choice.name, manifest, family, model_loader)
     else:
         dec = decoder if isinstance(decoder, Decoder) else decoder(manifest)
         if manifest.llm_stage and not dec.llm_stage:

@@ -45,8 +45,8 @@ def _major_minor(version: str | None) -> str | None:
 
 def rebuild_command(manifest: Manifest) -> str:
     """`apet build ...` with the options the manifest says the directory was built with."""
-    build = manifest.data.get("build") or {}
-    model = manifest.external_checkpoint or build.get("model") or manifest.data["model"].get("id")
+    build = manifest.build_options
+    model = manifest.external_checkpoint or build.get("model") or manifest.model.id
     parts = ["apet build", "--model", str(model)]
     skip = {"start_seed": build.get("start") != "random", "image_aspect": build.get("image_aspect") == "default"}
     for key in (
@@ -64,25 +64,26 @@ def plan_mismatch(manifest: Manifest, kind: str, machine: Machine) -> str | None
     """Why the plan of engine `kind` ("tensorrt") cannot run on `machine`, in one line; None when
     it can, or when the manifest has no record for it (a directory written before plans were
     recorded: deserialising is then the test)."""
-    record = (manifest.data.get("plans") or {}).get(kind)
-    if not record:
+    record = manifest.plans.get(kind)
+    if record is None:
         return None
-    built_trt, here_trt = _major_minor(record.get("tensorrt")), _major_minor(machine.tensorrt)
-    built_cc, here_cc = record.get("compute_capability"), machine.compute_capability
+    built_trt, here_trt = _major_minor(record.tensorrt), _major_minor(machine.tensorrt)
+    built_cc, here_cc = record.compute_capability, machine.compute_capability
     problems = []
     if built_trt and here_trt and built_trt != here_trt:
         problems.append(f"TensorRT {built_trt} built it, this machine has TensorRT {here_trt}")
     if built_cc and here_cc and built_cc != here_cc:
-        built_gpu = f" ({record['gpu']})" if record.get("gpu") else ""
+        built_gpu = f" ({record.gpu})" if record.gpu else ""
         here_gpu = f" ({machine.gpu})" if machine.gpu else ""
         problems.append(f"it was built for compute capability {built_cc}{built_gpu}, this GPU is {here_cc}{here_gpu}")
     if not problems:
         return None
     if kind == "tensorrt_llm":
-        plan = ((manifest.data.get("decoder") or {}).get("tensorrt_llm") or {}).get("engine_dir") or kind
+        trtllm = manifest.decoders.tensorrt_llm
+        plan = trtllm.engine_dir if trtllm is not None else kind
         instead = "decoder='transformers'"
     else:
-        plan = (manifest.data.get("engines") or {}).get(kind) or kind
+        plan = manifest.engines.get(kind) or kind
         instead = "backend='onnxruntime'"
     return (
         f"{manifest.root / plan}: {'; '.join(problems)}. A TensorRT plan runs only under the TensorRT "

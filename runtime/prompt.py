@@ -48,6 +48,14 @@ class AssembledPrompt:
     items: tuple[int, ...] = ()  # the media item (index into the rows given) of each run, in slot order
 
 
+def conversation(template: str, image_token: str, prompt: str, media: Sequence[str], video_token: str = "") -> str:
+    """The one conversation builder: `template`'s image slot holds one media token per item of `media`
+    ("image" / "video", one a line) and `{prompt}` the user's text. Each token expands to its item's
+    rows later (PromptAssembler)."""
+    tokens = {"image": image_token, "video": video_token}
+    return template.replace(image_token, "\n".join(tokens[kind] for kind in media)).format(prompt=prompt)
+
+
 class PromptAssembler:
     def __init__(self, fmt: PromptFormat, tokenizer):
         if "{prompt}" not in fmt.template:
@@ -69,9 +77,9 @@ class PromptAssembler:
             text = prompt
         else:
             # one slot for images alone (more images than slots is an error); with videos, one each
-            media = [self.fmt.image_token] * num_images + [tokens["video"][0]] * num_videos if num_videos else []
-            slot = "\n".join(media) if num_videos else self.fmt.image_token
-            text = self.fmt.template.replace(self.fmt.image_token, slot).format(prompt=prompt)
+            media = ["image"] * num_images + ["video"] * num_videos if num_videos else ["image"]
+            video = tokens["video"][0] if num_videos else ""
+            text = conversation(self.fmt.template, self.fmt.image_token, prompt, media, video)
         for kind, count in (("image", num_images), ("video", num_videos)):
             if kind not in tokens:
                 continue
@@ -140,7 +148,7 @@ def engine_prompting(manifest) -> tuple[object, PromptAssembler]:
         template=manifest.prompt_template,
         image_token=manifest.image_token,
         image_token_id=int(manifest.llm["image_token_id"]),
-        video_token=manifest.data.get("video_token"),
+        video_token=manifest.video_token,
         video_token_id=manifest.llm.get("video_token_id"),
     )
     return tokenizer, PromptAssembler(fmt, tokenizer)

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-# (module, description) - imported lazily so `apet --help` stays fast and a missing optional
+# the modules that register subcommands - imported lazily so `apet --help` stays fast and a missing optional
 # dependency only affects the subcommand that needs it.
 _STAGES = (
     "apet_trt.export.cli",

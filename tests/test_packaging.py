@@ -14,7 +14,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("apet_ops", "export", "runtime", "scripts", "vllm_plugin")
+FOLDERS = ("apet_ops", "engine_format", "export", "runtime", "scripts", "vllm_plugin")
 
 
 def _pyproject() -> dict:
@@ -38,6 +38,7 @@ def test_no_module_imports_a_folder_by_its_bare_name():
     offenders = []
     for path in [
         *ROOT.glob("apet_ops/**/*.py"),
+        *ROOT.glob("engine_format/**/*.py"),
         *ROOT.glob("export/**/*.py"),
         *ROOT.glob("runtime/**/*.py"),
         *ROOT.glob("scripts/**/*.py"),
@@ -133,3 +134,40 @@ def test_the_vllm_plugin_entry_point_imports_only_the_standard_library():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _imported_packages(folder: str) -> set[str]:
+    """The apet_trt packages that the modules under `folder` import (absolute or relative)."""
+    found = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        package = ".".join(path.relative_to(ROOT).parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    name = ".".join([*base, node.module] if node.module else base)
+                else:
+                    name = node.module or ""
+                    if not name.startswith("apet_trt."):
+                        continue
+                    name = name[len("apet_trt.") :]
+                found.add(name.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("apet_trt.")}
+    return found
+
+
+@pytest.mark.parametrize(
+    "folder, never",
+    [
+        ("apet_ops", {"engine_format", "export", "runtime", "scripts"}),
+        ("engine_format", {"export", "runtime", "scripts"}),
+        ("export", {"runtime", "scripts"}),
+        ("runtime", {"export", "scripts"}),
+        ("vllm_plugin", {"apet_ops", "engine_format", "export", "runtime", "scripts"}),
+    ],
+)
+def test_data_flows_one_way(folder, never):
+    """apet_ops knows nothing of models; the engine-directory format is the ground floor both sides
+    read; export and runtime never import each other (they meet in the engine directory)."""
+    assert _imported_packages(folder) & never == set()

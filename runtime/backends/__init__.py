@@ -24,11 +24,11 @@ import torch
 from apet_trt.apet_ops.probes import INSTALL, tensorrt_available
 
 from ..checks import check_outputs
+from ..choice import BACKENDS, Choice
 from ..manifest import Manifest
 
 log = logging.getLogger("apet.runtime")
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 TENSORRT_INSTALL = INSTALL["tensorrt"]
 
 
@@ -37,9 +37,9 @@ class VisionBackend(ABC):
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        io = manifest.data["io"]
-        self.input_shapes = {i["name"]: list(i["shape"]) for i in io["inputs"]}
-        self.output_shapes = {o["name"]: list(o["shape"]) for o in io["outputs"]}
+        io = manifest.io
+        self.input_shapes = {i.name: list(i.shape) for i in io.inputs}
+        self.output_shapes = {o.name: list(o.shape) for o in io.outputs}
         self.input_names, self.output_names = list(self.input_shapes), list(self.output_shapes)
 
     def check_io(self, source, inputs: dict[str, Sequence], outputs: dict[str, Sequence]) -> None:
@@ -111,23 +111,23 @@ def _compatible(dims: Sequence, promised: Sequence) -> bool:
     return len(dims) == len(promised) and all(not (_static(d) and _static(w)) or d == w for d, w in zip(dims, promised))
 
 
-def choose_backend(manifest: Manifest, requested: str) -> tuple[str, str]:
-    """-> (backend name, the reason it was chosen). `auto` takes the TensorRT plan when TensorRT and
-    a GPU are present and the plan was built for them (runtime/plans.py), else ONNX Runtime."""
+def choose_backend(manifest: Manifest, requested: str) -> Choice:
+    """The backend and why. `auto` takes the TensorRT plan when TensorRT and a GPU are present and
+    the plan was built for them (runtime/plans.py), else ONNX Runtime (a fallback when there is a plan)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
-        return requested, "requested"
+        return Choice(requested, "requested")
     if manifest.engine_path("tensorrt") is None:
-        return "onnxruntime", "auto: the engine directory has no TensorRT plan"
+        return Choice("onnxruntime", "auto: the engine directory has no TensorRT plan")
     ok, why = tensorrt_available()
     if ok:  # a plan built by another TensorRT major.minor or GPU architecture cannot run here
         from ..plans import plan_mismatch, this_machine
 
         why = plan_mismatch(manifest, "tensorrt", this_machine())
         if why is None:
-            return "tensorrt", "auto: TensorRT plan, tensorrt and a GPU present"
-    return "onnxruntime", f"auto: fell back from TensorRT because {why}"
+            return Choice("tensorrt", "auto: TensorRT plan, tensorrt and a GPU present")
+    return Choice("onnxruntime", f"auto: fell back from TensorRT because {why}", fallback=True)
 
 
 def create_backend(

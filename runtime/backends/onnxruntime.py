@@ -28,7 +28,7 @@ def _providers(device: str | None) -> list[str]:
 
 def _varying_axes(manifest: Manifest) -> bool:
     """Whether an input has a dynamic axis other than the batch (named dims are dynamic)."""
-    return any(isinstance(d, str) and d != "batch" for t in manifest.data["io"]["inputs"] for d in t["shape"])
+    return any(isinstance(d, str) and d != "batch" for t in manifest.io.inputs for d in t.shape)
 
 
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # ONNX Runtime's run config key

@@ -22,11 +22,11 @@ class TorchBackend(VisionBackend):
 
     def __init__(self, manifest: Manifest, *, torch_module: Callable[[], torch.nn.Module] | None = None):
         super().__init__(manifest)
-        hf = (manifest.data.get("decoder") or {}).get("transformers") or {}
-        if hf.get("weights", "saved") != "saved":
+        hf = manifest.decoders.transformers
+        if hf is not None and hf.weights != "saved":
             raise RuntimeError(
                 f"{manifest.root}: backend='torch' needs the checkpoint's saved weights, but the manifest's decoder "
-                f"weights are {hf.get('weights')!r} (seeded random weights would not be the ones the ONNX engine "
+                f"weights are {hf.weights!r} (seeded random weights would not be the ones the ONNX engine "
                 "was exported from); use backend='onnxruntime'"
             )
         if torch_module is None:

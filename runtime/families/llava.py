@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from apet_trt.engine_format.families.llava import FACTS
+
 from ..checks import check_ascending
 from ..images import ImagePreprocessor, expand_to_square
 from ..manifest import ManifestError
@@ -23,6 +25,7 @@ INPUT = "pixel_values"
 
 class LlavaFamily(RuntimeFamily):
     name = "llava"
+    facts = FACTS
     hf_model_class = "LlavaForConditionalGeneration"
     llm_stage = True
 

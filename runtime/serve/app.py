@@ -34,10 +34,12 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..families import VisualRows
+from ..manifest import describe_budget
+from ..prompt import conversation
 from . import protocol
 from .access import ApiKeyMiddleware
 from .batching import Batcher, Job, Slot
-from .chat import conversation, image_parts, user_turn
+from .chat import image_parts, user_turn
 from .config import ServeConfig, redact_url
 from .errors import APIError, bad_request
 from .limits import DecodeBudget, check_json
@@ -96,12 +98,7 @@ def describe(state: ServerState) -> str:
     pipe, cfg = state.pipe, state.cfg
     m = pipe.manifest
     apet = m.apet
-    budget = (
-        f"keep={apet['keep']}"
-        if apet and apet.get("keep") is not None
-        else f"keep_ratio={(apet or {}).get('keep_ratio')}"
-    )
-    how = f"ApET {budget} basis={apet['basis']}" if apet else "no ApET"
+    how = f"ApET {describe_budget(apet)} basis={apet['basis']}" if apet else "no ApET"
     t, n = pipe.num_visual_tokens, m.num_patches
     rows = (
         f"N={'per image' if n is None else n} -> "
@@ -403,7 +400,7 @@ async def _local_job(
     pipe = state.pipe
     turn = user_turn(body["messages"], state.cfg.max_images, pipe.manifest.image_token)
     images, rows = await _images(state, turn.images, budget)
-    text = conversation(pipe.manifest.prompt_template, pipe.manifest.image_token, turn.text, len(images))
+    text = conversation(pipe.manifest.prompt_template, pipe.manifest.image_token, turn.text, ["image"] * len(images))
     fixed = pipe.family.fixed_rows
     counts = [r.num_rows if r is not None else fixed for r in rows]
     if all(c is not None for c in counts):  # the prompt's length is known now: refuse it before any heavy work

@@ -93,9 +93,3 @@ def user_turn(messages: list[dict], max_images: int, image_token: str) -> UserTu
     if not images:
         raise bad_request("this engine answers about images: send at least one image_url or image_embeds part")
     return UserTurn(text, images)
-
-
-def conversation(template: str, image_token: str, text: str, num_images: int) -> str:
-    """The conversation text with one image token per image (each expands to that image's rows)."""
-    slots = "\n".join([image_token] * num_images)
-    return template.replace(image_token, slots).format(prompt=text)

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..choice import BACKENDS, DECODERS
+
 
 def register(subparsers) -> None:
     s = subparsers.add_parser(
@@ -62,8 +64,8 @@ def register(subparsers) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health (default: $APET_API_KEY; unset: none)",
     )
     g = s.add_argument_group("runtime")
-    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    g.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
+    g.add_argument("--backend", default="auto", choices=BACKENDS)
+    g.add_argument("--decoder", default="auto", choices=DECODERS)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g = s.add_argument_group("upstream mode")
     g.add_argument(
@@ -117,7 +119,7 @@ def register(subparsers) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the rows (default: the engine's llm.dtype)",
     )
-    e.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    e.add_argument("--backend", default="auto", choices=BACKENDS)
     e.add_argument("--device", default=None)
     e.set_defaults(func=encode_command)
 

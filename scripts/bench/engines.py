@@ -5,6 +5,7 @@ baseline of the same model. Given (--engine, --baseline), or built by `apet buil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -23,8 +24,8 @@ class EnginePair:
 
 
 def model_of(manifest) -> str:
-    m = manifest.data["model"]
-    return m["id"] if m.get("source") == "preset" else str(manifest.external_checkpoint)
+    m = manifest.model
+    return m.id if m.source == "preset" else str(manifest.external_checkpoint)
 
 
 def _slug(model: str) -> str:
@@ -35,10 +36,10 @@ def _slug(model: str) -> str:
 def _matches(manifest, model: str, apet: dict | None, fp16: bool, llm_stage: dict | None = None) -> bool:
     from apet_trt.apet_ops.probes import tensorrt_available
 
-    m = manifest.data["model"]
+    m = manifest.model
     same_model = (
-        m.get("id") == model
-        if m.get("source") == "preset"
+        m.id == model
+        if m.source == "preset"
         else str(manifest.external_checkpoint) == os.path.realpath(Path(model).expanduser())
     )
     if apet is None:
@@ -46,7 +47,7 @@ def _matches(manifest, model: str, apet: dict | None, fp16: bool, llm_stage: dic
     else:
         same_apet = manifest.apet is not None and all(manifest.apet.get(k) == v for k, v in apet.items())
     # --fp16 is the graph's precision (vision.onnx and so the plan), not only the plan's
-    same_precision = (manifest.data.get("precision", {}).get("vision") == "fp16") == fp16
+    same_precision = (manifest.precision.vision == "fp16") == fp16
     plan_if_possible = manifest.engine_path("tensorrt") is not None or not tensorrt_available()[0]
     stage = manifest.llm_stage
     same_stage = (
@@ -174,7 +175,7 @@ def resolve_engines(cfg: BenchConfig, check: Callable[[EnginePair], None] = lamb
     log(f"verifying {comp.root}")
     verify_files(comp)
     model = model_of(comp)
-    precision_fp16 = comp.data.get("precision", {}).get("vision") == "fp16"
+    precision_fp16 = comp.precision.vision == "fp16"
     base, built_b = _build_or_reuse(
         model, cache / f"{_slug(model)}-full", keep=None, basis=int(comp.apet["basis"]), fp16=precision_fp16
     )
@@ -217,6 +218,6 @@ def engine_info(manifest, built: bool) -> dict:
         "apet": manifest.apet,
         "llm_stage": manifest.llm_stage,
         "tensorrt_plan": manifest.engine_path("tensorrt") is not None,
-        "precision": manifest.data.get("precision"),
+        "precision": dataclasses.asdict(manifest.precision),
         "built_by_bench": built,
     }

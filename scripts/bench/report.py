@@ -127,9 +127,30 @@ def decoder_note(report: dict) -> str | None:
 
 
 def render_markdown(report: dict) -> str:
+    """The markdown report, headline first, from the JSON alone (any readable schema version)."""
+    t, n = _t_and_n(report)
+    sections = [
+        _title(report, t, n),
+        _headline_table(report, t, n),
+        _vision_section(report, t, n),
+        _op_section(report),
+        _decoder_section(report),
+        _request_section(report),
+        _run_section(report),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _t_and_n(report: dict) -> tuple:
+    """T and N of the bench medium (schema 1 has no `rows`: the manifest's)."""
+    eng, rows = report["engines"]["compressed"], report.get("rows")
+    return (rows["T"], rows["N"]) if rows else (eng["num_visual_tokens"], eng["num_patches"])
+
+
+def _title(report: dict, t, n) -> list[str]:
+    """The title, where and how it was measured, the bench medium's rows."""
     eng, rows = report["engines"]["compressed"], report.get("rows")  # no rows in schema 1
-    cfg, machine, h = report["config"], report["machine"], report["headline"]
-    t, n = (rows["T"], rows["N"]) if rows else (eng["num_visual_tokens"], eng["num_patches"])
+    cfg, machine = report["config"], report["machine"]
     cpu = machine.get("cpu_model") or machine.get("processor") or "unknown CPU"
     where = f"{machine.get('gpu')} + {cpu}" if machine.get("gpu") else f"{cpu}, {machine['cpu_count']} cores, no GPU"
     lines = [
@@ -150,18 +171,21 @@ def render_markdown(report: dict) -> str:
             if rows
             else []
         ),
-        "## Headline",
-        "",
-        "| ratio | value | | compressed | uncompressed |",
-        "|---|---|---|---|---|",
     ]
-    rows = [
+    return lines
+
+
+def _headline_table(report: dict, t, n) -> list[str]:
+    """The four ratios (compressed / uncompressed), then the decoder note."""
+    h = report["headline"]
+    lines = ["## Headline", "", "| ratio | value | | compressed | uncompressed |", "|---|---|---|---|---|"]
+    labels = [
         ("vision stage, ApET (T={T}) / no ApET (N={N}), {backend}", "vision_apet_over_no_apet", "time"),
         ("TTFT (decoder prefill), T={T} / T={N}", "ttft_T_over_N", "time"),
         ("whole request, T={T} / N={N}, {backend}", "request_compressed_over_baseline", "time"),
         ("KV-cache bytes (full model, fp16), T={T} / T={N}", "kv_cache_bytes_T_over_N", "bytes"),
     ]
-    for label, key, kind in rows:
+    for label, key, kind in labels:
         r = h.get(key)
         if r is None:
             section = {
@@ -186,9 +210,14 @@ def render_markdown(report: dict) -> str:
     note = decoder_note(report)
     if note:
         lines += ["", note]
+    return lines
 
+
+def _vision_section(report: dict, t, n) -> list[str]:
+    """Per vision backend: with and without ApET, memory, kept positions."""
     vision = report["vision"]
-    lines += ["", f"## Vision stage (tower + ApET + projector vs tower + projector), batch {cfg['batch']}", ""]
+    cfg = report["config"]
+    lines = ["", f"## Vision stage (tower + ApET + projector vs tower + projector), batch {cfg['batch']}", ""]
     if vision.get("status") != "ok":
         lines.append(vision.get("status", ""))
     else:
@@ -214,9 +243,13 @@ def render_markdown(report: dict) -> str:
                 f"{_mib(mem['without_apet']['rss_delta_bytes'])} | {cuda} | "
                 f"{e['positions_equal_onnxruntime_cpu']} | ok ({e['device']}, {e['clock']}) |"
             )
+    return lines
 
+
+def _op_section(report: dict) -> list[str]:
+    """The ApET op alone: each candidate against the oracle."""
     op = report["op"]
-    lines += ["", "## The ApET op alone", ""]
+    lines = ["", "## The ApET op alone", ""]
     if op.get("status") != "ok":
         lines.append(op.get("status", ""))
     else:
@@ -235,9 +268,13 @@ def render_markdown(report: dict) -> str:
                     f"| {c['name']} | {_ms(c['timing'])} | {c['ratio_vs_oracle']:.1f}x | "
                     f"{c['positions_equal_oracle']} | ok ({c['device']}, {c['clock']}) |"
                 )
+    return lines
 
+
+def _decoder_section(report: dict) -> list[str]:
+    """Prefill (TTFT) and decode against T; the LLM stage when measured."""
     dec = report["decoder"]
-    lines += ["", "## Decoder: prefill (TTFT) and decode against T", ""]
+    lines = ["", "## Decoder: prefill (TTFT) and decode against T", ""]
     if dec.get("status") != "ok":
         lines.append(dec.get("status", ""))
     else:
@@ -280,9 +317,13 @@ def render_markdown(report: dict) -> str:
                 f"{ratios} | {1e3 * stage['decode_s_per_token']:.1f} | {_mib(stage['kv_cache_bytes_full_model'])} | "
                 f"{_mib(stage['kv_cache_bytes_measured'])} | {_mib(stage['memory_prefill']['rss_delta_bytes'])} |",
             ]
+    return lines
 
+
+def _request_section(report: dict) -> list[str]:
+    """The whole request, compressed and baseline."""
     req = report["request"]
-    lines += ["", "## Whole request (media file -> preprocess -> vision -> prefill -> decode)", ""]
+    lines = ["", "## Whole request (media file -> preprocess -> vision -> prefill -> decode)", ""]
     if req.get("status") != "ok":
         lines.append(req.get("status", ""))
     else:
@@ -310,9 +351,13 @@ def render_markdown(report: dict) -> str:
             f"Request ratio {_x(req['ratio_compressed_over_baseline'])}, TTFT ratio "
             f"{_x(req['ttft_ratio_compressed_over_baseline'])} (compressed / baseline).",
         ]
+    return lines
 
-    mem = report["memory"]
-    lines += [
+
+def _run_section(report: dict) -> list[str]:
+    """Memory over the run, load average, duration and the command."""
+    mem, machine = report["memory"], report["machine"]
+    return [
         "",
         "## Memory and run",
         "",
@@ -324,7 +369,6 @@ def render_markdown(report: dict) -> str:
         f"{report['duration_s']:.0f} s in all. Command: `{report['command']}`",
         "",
     ]
-    return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> Path:

@@ -47,16 +47,16 @@ def _vision_model(manifest, device, dtype):
     from apet_trt.runtime.checkpoint import load_transformers_model
     from apet_trt.runtime.families import family_class
 
-    entry = (manifest.data.get("decoder") or {}).get("transformers") or {}
-    if entry.get("weights", "saved") == "saved":
+    entry = manifest.decoders.transformers
+    if entry is None or entry.weights == "saved":
         model_class = family_class(manifest.family).hf_model_class
         return load_transformers_model(manifest, device=device, model_class=model_class, dtype=dtype)
-    if manifest.data["model"].get("source") == "preset":
+    if manifest.model.source == "preset":
         try:
             from apet_trt.export.presets import load_preset
         except ImportError as exc:
             raise Unavailable(f"the preset's seeded vision weights need export/ ({exc})") from exc
-        return load_preset(manifest.data["model"]["id"]).model.to(device=device, dtype=dtype).eval()
+        return load_preset(manifest.model.id).model.to(device=device, dtype=dtype).eval()
     raise Unavailable(f"{manifest.root}: no saved weights for the torch vision path")
 
 

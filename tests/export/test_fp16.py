@@ -340,9 +340,12 @@ def test_a_build_with_tensorrt_emulated_records_its_plan(tmp_path, monkeypatch, 
     monkeypatch.setattr("apet_trt.runtime.backends.tensorrt_available", lambda: (True, ""))
     same = runtime_plans.Machine("11.4.1.2", "9.0")
     monkeypatch.setattr(runtime_plans, "this_machine", lambda: same)
-    assert choose_backend(manifest, "auto")[0] == "tensorrt"
+    assert choose_backend(manifest, "auto").name == "tensorrt" and not choose_backend(manifest, "auto").fallback
     other = runtime_plans.Machine("10.14.1.48", "9.0")
     monkeypatch.setattr(runtime_plans, "this_machine", lambda: other)
-    name, why = choose_backend(manifest, "auto")
-    assert name == "onnxruntime" and "TensorRT 11.4 built it, this machine has TensorRT 10.14" in why
+    choice = choose_backend(manifest, "auto")
+    name, why = choice.name, choice.reason
+    assert (
+        name == "onnxruntime" and choice.fallback and "TensorRT 11.4 built it, this machine has TensorRT 10.14" in why
+    )
     assert f"apet build --model tiny-llava --keep {T} --basis 10 --start 0 --max-batch 8 --opt-batch 1 --fp16" in why

@@ -9,8 +9,11 @@ pixel_values -> tower -> layer -2 -> CLS dropped -> ApetCompressor -> projector.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -129,6 +132,9 @@ def write_manifest(root: Path, data: dict) -> None:
     (root / "manifest.json").write_text(json.dumps(data, indent=2))
 
 
+_BUILT: dict[tuple, Path] = {}  # the engine directories this test run has built, by their parameters
+
+
 def build_engine_dir(
     root: Path,
     *,
@@ -137,6 +143,20 @@ def build_engine_dir(
     seed: int = 0,
     max_position_embeddings: int = 160,
     image_size: int = IMAGE_SIZE,
+) -> Path:
+    """The engine directory for these parameters at `root`: built once per test run (ONNX export and
+    checkpoint save are the slow part), then copied (fresh regular files: a test may change its copy)."""
+    key = (keep, basis, seed, max_position_embeddings, image_size)
+    if key not in _BUILT:
+        cache = Path(tempfile.mkdtemp(prefix="apet-test-engine-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        _BUILT[key] = _build_engine_dir(cache / "engine", *key)
+    shutil.copytree(_BUILT[key], root, dirs_exist_ok=True)
+    return Path(root)
+
+
+def _build_engine_dir(
+    root: Path, keep: int | None, basis: int, seed: int, max_position_embeddings: int, image_size: int
 ) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -267,10 +267,10 @@ def test_paths_are_reported_as_what_they_are(pre, tmp_path, capsys, monkeypatch,
 
 
 def test_limits_are_stated_once(pre):
-    """The documented numbers are the enforced ones (README: 8192 x 8192, 200:1)."""
+    """The documented numbers are the enforced ones (docs/LIMITS.md: 8192 x 8192, 200:1)."""
     assert images.MAX_PIXELS == 8192 * 8192 and images.MAX_ASPECT == 200
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "8192 x 8192" in readme and "200:1" in readme
+    limits = (Path(__file__).resolve().parents[2] / "docs" / "LIMITS.md").read_text()
+    assert "8192 x 8192" in limits and "200:1" in limits
 
 
 def test_shrinking_first_gives_exactly_the_processors_pixel_values(pre, rng):
@@ -348,7 +348,7 @@ print(max(peak[0], me.memory_info().rss) - before)
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_peak_memory_grows_by_at_most_10_bytes_per_pixel(tmp_path, mode):
-    """The README's bound, on a 16.8 MP image read in a fresh process: the resident memory grows by at
+    """docs/LIMITS.md's bound, on a 16.8 MP image read in a fresh process: the resident memory grows by at
     most 10 bytes per pixel while it is read and processed (RSS sampled every millisecond)."""
     import subprocess
     import sys

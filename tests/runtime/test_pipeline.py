@@ -187,3 +187,59 @@ def test_auto_falls_back_and_says_so(tmp_path, caplog):
     assert "fell back from TensorRT" in p.backend_reason
     assert any("fell back from TensorRT" in rec.getMessage() for rec in caplog.records)
     shutil.rmtree(root)
+
+
+def test_auto_decoder_falls_back_from_a_tensorrt_llm_engine_and_says_so(tmp_path, caplog):
+    """A directory with a TensorRT-LLM engine, on a machine where tensorrt_llm does not import: auto
+    takes Transformers, says why at WARNING (the fallback flag, not the wording, sets the level),
+    and an explicit decoder='transformers' is logged at INFO only."""
+    import json
+
+    from apet_trt.apet_ops.probes import tensorrt_llm_available
+
+    if tensorrt_llm_available()[0]:
+        pytest.skip("tensorrt_llm imports here: auto would take the engine")
+    root = build_engine_dir(tmp_path / "with_llm", keep=KEEP)
+    (root / "llm").mkdir()
+    (root / "llm" / "rank0.engine").write_bytes(b"not a real engine: auto must not open it")
+    data = json.loads((root / "manifest.json").read_text())
+    data["decoder"]["tensorrt_llm"] = {
+        "engine_dir": "llm",
+        "max_multimodal_len": KEEP,
+        "max_batch_size": 1,
+        "max_input_len": 64,
+        "max_seq_len": 96,
+        "dtype": "float32",
+    }
+    write_manifest(root, data)
+    with caplog.at_level(logging.INFO, logger="apet.runtime"):
+        p = runtime.load(root, backend="onnxruntime")
+    assert p.decoder.name == "transformers"
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "decoder transformers (auto: fell back from the directory's TensorRT-LLM engine because" in warning.getMessage()
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="apet.runtime"):
+        runtime.load(root, backend="onnxruntime", decoder="transformers")
+    assert [r.levelno for r in caplog.records if "decoder" in r.getMessage()] == [logging.INFO]
+
+
+def test_a_preprocessed_batch_and_a_sampling_config_give_what_the_keywords_give(pipe, rng):
+    """apet run's path: preprocess once (the grid and the overlay draw from the same batch), pass the
+    batch and a SamplingConfig; the result equals generate() from the file with the keywords."""
+    from apet_trt.runtime.decoders import SamplingConfig
+
+    images = [PHOTO, _image(rng)]
+    prompts = ["What is it?", "And this?"]
+    plain = pipe.generate(images, prompts, max_new_tokens=4, do_sample=True, top_k=5, seed=3)
+    batch = pipe.preprocess(images)
+    assert batch.preprocess_ms > 0
+    sampling = SamplingConfig(max_new_tokens=4, do_sample=True, top_k=5, seed=3)
+    given = pipe.generate(images, prompts, sampling=sampling, batch=batch)
+    assert [(r.ids, r.positions, r.text) for r in given] == [(r.ids, r.positions, r.text) for r in plain]
+    assert given[0].timings["preprocess_ms"] == pytest.approx(batch.preprocess_ms)
+    with pytest.raises(ValueError, match="not both"):
+        pipe.generate(images, prompts, sampling=sampling, max_new_tokens=8)
+    with pytest.raises(ValueError, match="batch holds 2 item"):
+        pipe.generate(PHOTO, "What is it?", batch=batch)

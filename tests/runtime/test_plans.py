@@ -34,7 +34,10 @@ BUILD |= {"max_batch": 4, "opt_batch": 2, "fp16": True, "tensorrt": True, "tenso
 
 
 def manifest(record=RECORD, build=BUILD, root="/engines/x") -> Manifest:
-    data = {"model": {"id": "tiny-llava"}, "engines": {"onnx": "vision.onnx", "tensorrt": "vision.plan"}}
+    data = {
+        "model": {"id": "tiny-llava", "source": "preset", "family": "llava"},
+        "engines": {"onnx": "vision.onnx", "tensorrt": "vision.plan"},
+    }
     if record is not None:
         data["plans"] = {"tensorrt": record}
     if build is not None:
@@ -174,7 +177,8 @@ def test_engine_tensor_types_map_to_torch_including_bfloat16():
 def test_a_stale_tensorrt_llm_engine_is_named_with_the_decoder_to_use_instead():
     m = manifest()
     m.data["plans"]["tensorrt_llm"] = dict(RECORD, tensorrt="10.14.1.48")
-    m.data["decoder"] = {"tensorrt_llm": {"engine_dir": "llm"}}
+    engine = {"engine_dir": "llm", "max_multimodal_len": 64, "max_batch_size": 1, "max_input_len": 128}
+    m.data["decoder"] = {"transformers": None, "tensorrt_llm": {**engine, "max_seq_len": 160, "dtype": "float16"}}
     why = plan_mismatch(m, "tensorrt_llm", Machine("11.4.0.106", "9.0"))
     assert why.startswith("/engines/x/llm: TensorRT 10.14 built it, this machine has TensorRT 11.4")
     assert why.endswith("or use decoder='transformers'") and "\n" not in why

@@ -30,6 +30,7 @@ from apet_trt.scripts.bench import report as bench_report
 from apet_trt.scripts.bench.engines import EnginePair
 from apet_trt.scripts.bench.vision import VisionPairs, media_rows, open_vision_pair, torch_vision_pair
 from apet_trt.scripts.cli import main
+from helpers.presets import built_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "BENCH.md"
@@ -39,8 +40,8 @@ DOC = ROOT / "docs" / "BENCH.md"
 def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_engines")
     comp, base = root / "tiny-t64", root / "tiny-full"
-    build(BuildConfig(model="tiny-llava", out=str(comp), keep=64, basis=10), quiet=True)
-    build(BuildConfig(model="tiny-llava", out=str(base), no_apet=True), quiet=True)
+    built_preset(comp, model="tiny-llava", keep=64, basis=10)
+    built_preset(base, model="tiny-llava", no_apet=True)
     return comp, base
 
 

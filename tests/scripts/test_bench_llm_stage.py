@@ -17,6 +17,7 @@ from apet_trt.runtime.manifest import load_manifest
 from apet_trt.scripts.bench import BenchConfig
 from apet_trt.scripts.bench.decoder import LanguageModel, stage_layer
 from apet_trt.scripts.cli import main
+from helpers.presets import built_preset
 
 
 def documented() -> dict:
@@ -32,7 +33,7 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_stage")
     stage, full = root / "stage", root / "full"
     build(BuildConfig(model="tiny-llava", out=str(stage), keep=96, llm_stage="1:32"), quiet=True)
-    build(BuildConfig(model="tiny-llava", out=str(full), no_apet=True), quiet=True)
+    built_preset(full, model="tiny-llava", no_apet=True)
     out = root / "out"
     argv = ["bench", "--engine", str(stage), "--baseline", str(full), "--quick", "--skip-vision", "--skip-op"]
     err = io.StringIO()
