@@ -99,7 +99,8 @@ CASES = {
     "token id": (_set("llm.image_token_id", 10**6), r"llm\.image_token_id: 1000000 is not below llm\.vocab_size"),
     "negative id": (_set("llm.pad_token_id", -1), r"llm\.pad_token_id: must be in 0\.\."),
     "unknown field": (_set("model_path", "/etc"), r"model_path: unknown field"),
-    "frame sampling": (_set("vision.frame_sampling", "decord"), r"vision\.frame_sampling: must be one of"),
+    # Video-LLaVA's own fact (engine_format/families/video_llava.py): another family's engine refuses it
+    "another family's fact": (_set("vision.frame_sampling", "official"), r"vision\.frame_sampling: unknown field"),
     "missing": (_drop("batch"), r"batch: missing"),
     "missing nested": (_drop("llm.hidden_size"), r"llm\.hidden_size: missing"),
     "sha256": (lambda d: d["files"]["vision.onnx"].update(sha256="abc"), r"files\.vision\.onnx\.sha256: \"abc\""),
@@ -248,3 +249,19 @@ def test_the_typed_views_are_the_json_and_frozen(engine):
     assert m.decoders.tensorrt_llm is None and m.plans == {} and m.engines == raw["engines"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.model.family = "qwen2_5_vl"
+
+
+def test_video_llava_frame_sampling_is_checked_by_its_own_facts():
+    """Video-LLaVA's vision.frame_sampling is its family's fact: the two samplings pass, anything
+    else is refused naming the field, and older manifests without it still pass."""
+    from apet_trt.engine_format import ManifestError, family_facts
+    from apet_trt.engine_format.schema import check_fields
+
+    schema = {
+        k[len("vision.") :]: f for k, f in family_facts("video_llava").schema().items() if k.startswith("vision.")
+    }
+    field = {"frame_sampling": schema["frame_sampling"]}
+    for ok in ({"frame_sampling": "transformers"}, {"frame_sampling": "official"}, {}):
+        check_fields(ok, field, "vision")
+    with pytest.raises(ManifestError, match=r"vision\.frame_sampling: must be one of"):
+        check_fields({"frame_sampling": "decord"}, field, "vision")
