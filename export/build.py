@@ -26,6 +26,7 @@ from apet_trt.apet_ops.compat import config_dtype, config_model_type, load_image
 from . import manifest as manifest_writer
 from . import parity
 from .engine_dir import EngineDirWriter
+from .limits import DEFAULT_MAX_MEMORY_GIB
 from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
 from .precision import compressor_not_fp32, part_dtypes
@@ -52,6 +53,7 @@ class BuildConfig:
     opt_batch: int = 1
     min_pixels: int | None = None  # dynamic-resolution families: the processor's pixel range (None: its own)
     max_pixels: int | None = None
+    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB  # the vision engine's estimated peak must stay below (Qwen2.5-VL)
     fp16: bool = False  # tower and projector exported in float16; the compressor stays float32
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
@@ -222,11 +224,14 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     # the family's defaults for what the build left unset (seed_blend), then its variant (e.g. the video layout)
     apet = family.apet_config(config.apet(family.apet_defaults))
     family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    items = family.max_items(apet, config.max_batch)  # engine items per call
+    memory = family.check_memory(items, config.max_memory_gib * 2**30)  # refused above the budget
     parity.check_family(options, family, apet, config)
     family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"
     budget = family.budget_text(apet)
-    items = family.max_items(apet, config.max_batch)  # engine items per call
     steps = Steps(7, quiet)
+    if memory:
+        steps.note(memory)
 
     steps(f"loading {config.model} (family {family.name})")
     loaded = _load(config.model, source, family)

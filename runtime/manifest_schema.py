@@ -25,6 +25,7 @@ SUPPORTED_MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MAX_FILES = 100_000  # entries in one engine directory
 MAX_PATH_CHARS = 1024
+MAX_TOKENS = 1 << 20  # rows of one image (export/limits.py MAX_TOKENS_PER_IMAGE: a test holds them equal)
 _SHA256 = r"[0-9a-f]{64}"
 _NAME = r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}"  # tensor names and symbolic dimensions
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -126,8 +127,8 @@ SCHEMA: dict[str, Field] = {
     "vision.window_size": _int(1, 16384, required=False),
     "vision.fullatt_block_indexes": Field("list", required=False, max_len=1024),
     "vision.fullatt_block_indexes[]": _int(0, 1023),
-    "vision.min_tokens": _int(1, 1 << 20, required=False),  # rows of an image: the processor's range
-    "vision.max_tokens": _int(1, 1 << 20, required=False),
+    "vision.min_tokens": _int(1, MAX_TOKENS, required=False),  # rows of an image: the processor's range
+    "vision.max_tokens": _int(1, MAX_TOKENS, required=False),
     "qwen2_5_vl": Field("object", required=False, open=True),  # the family's facts (its adapter checks them)
     # llava_next: the anyres layout (runtime/families/llava_next.py)
     "llava_next": Field("object", required=False),
