@@ -424,7 +424,8 @@ class Qwen25VLExport(ExportFamily):
             if lo >= self.min_tokens
             else "no image of the --min-pixels range fits"
         )
-        more = " or a smaller --max-batch" if items > 1 else ""
+        batches = [b for b in range(1, items) if self.vision_memory(self.max_tokens, b) <= budget_bytes]
+        more = f" or --max-batch {max(batches)}" if batches else ""
         raise ValueError(
             f"{line}: over the budget; {advice}{more}, or raise --max-memory if the machine has the memory"
         )
