@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,8 @@ def _reading(path: Path, where: str):
         yield
     except av.error.FFmpegError as exc:
         raise ValueError(
-            f"{where}: {path} could not be read as a video (corrupt, truncated or not a video: {exc})"
+            f"{where}: {path} could not be read as a video (corrupt, truncated or not a video: "
+            f"{exc.strerror or type(exc).__name__})"
         ) from exc
 
 
@@ -211,24 +213,35 @@ def _header(container, path: Path, where: str, limits: VideoLimits):
 
 
 def _open(path: Path, where: str, limits: VideoLimits):
-    """The file (not empty, within the size bound) as an FFmpeg input of a known container, through
-    the file protocol only (an absolute path: FFmpeg never reads a protocol prefix such as `concat:`
-    into it)."""
+    """The file (a regular file, not empty, within the size bound) as an FFmpeg input of a known
+    container, through the file protocol only. The file is opened here first, without blocking, and
+    FFmpeg reads that very file (/proc/self/fd/N on Linux): a FIFO or device put at the path after
+    the checks is refused, never waited on; elsewhere FFmpeg gets the absolute path (a name such as
+    `concat:x` is never read as a protocol)."""
     import av
 
-    size = path.stat().st_size  # a local regular file (check_local_file)
-    if size == 0:
-        raise ValueError(f"{where}: {path} is an empty file (0 bytes)")
-    if size > limits.max_bytes:
-        raise ValueError(f"{where}: {path} is {size} bytes, over the {limits.max_bytes}-byte limit for a video")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        return av.open(os.path.abspath(path), container_options=dict(_OPEN_OPTIONS))
-    except av.error.ArgumentError as exc:  # EINVAL: FFmpeg's "format not on whitelist"
-        raise ValueError(
-            f"{where}: {path} could not be read as a video: its content is no container apet reads "
-            "(mp4/mov, mkv/webm, avi, flv, mpeg-ts/ps, ogg, asf); scripts (ffconcat), playlists (m3u8/HLS) and "
-            "image sequences are refused, whatever the file's name"
-        ) from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{where}: {path} is not a regular file (a FIFO, socket or device)")
+        if st.st_size == 0:
+            raise ValueError(f"{where}: {path} is an empty file (0 bytes)")
+        if st.st_size > limits.max_bytes:
+            raise ValueError(
+                f"{where}: {path} is {st.st_size} bytes, over the {limits.max_bytes}-byte limit for a video"
+            )
+        name = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else os.path.abspath(path)
+        try:
+            return av.open(name, container_options=dict(_OPEN_OPTIONS))
+        except av.error.ArgumentError as exc:  # EINVAL: FFmpeg's "format not on whitelist"
+            raise ValueError(
+                f"{where}: {path} could not be read as a video: its content is no container apet reads "
+                "(mp4/mov, mkv/webm, avi, flv, mpeg-ts/ps, ogg, asf); scripts (ffconcat), playlists (m3u8/HLS) "
+                "and image sequences are refused, whatever the file's name"
+            ) from exc
+    finally:
+        os.close(fd)  # FFmpeg holds its own descriptor of the file from here
 
 
 def _video_stream(container, path: Path, where: str):

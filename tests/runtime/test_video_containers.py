@@ -122,6 +122,20 @@ def test_avi_still_reads(tmp_path):
     check_video_file(path)
 
 
+def test_a_fifo_put_at_the_path_after_the_checks_is_refused_not_waited_on(tmp_path):
+    """The open itself never blocks (the race between check_local_file and FFmpeg's open): the file
+    is opened without blocking and FFmpeg reads that very file, so a FIFO there is named, at once."""
+    os.mkfifo(tmp_path / "swapped.mp4")
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom apet_trt.runtime import videos\n"
+        "try:\n    videos._open(Path(sys.argv[1]), 'video 0', videos.VideoLimits())\n"
+        "except ValueError as e:\n    print(e); sys.exit(3)\n"
+    )
+    done = _python(code, str(tmp_path / "swapped.mp4"), cwd=tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert "swapped.mp4 is not a regular file (a FIFO, socket or device)" in done.stdout
+
+
 def test_a_path_that_looks_like_a_protocol_is_read_as_a_file(tmp_path, monkeypatch):
     """`concat:` (or any `scheme:`) at the start of a relative name is part of the file's name."""
     (tmp_path / "concat:clip.mp4").write_bytes(CLIP.read_bytes())
