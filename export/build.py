@@ -26,7 +26,7 @@ from apet_trt.apet_ops.compat import config_dtype, config_model_type, load_image
 from . import manifest as manifest_writer
 from . import parity
 from .engine_dir import EngineDirWriter
-from .limits import DEFAULT_MAX_MEMORY_GIB
+from .limits import DEFAULT_MAX_MEMORY_GIB, MAX_BASIS, MAX_BATCH
 from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
 from .precision import compressor_not_fp32, part_dtypes
@@ -205,8 +205,17 @@ def _export_part(part: EnginePart, work: Path, fp16: bool, batches: list[int]) -
 
 def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     """Build the engine directory; returns its manifest."""
-    if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
-        raise ValueError(f"--max-batch must be an integer >= 1, got max_batch={config.max_batch!r}")
+    if (
+        isinstance(config.max_batch, bool)
+        or not isinstance(config.max_batch, int)
+        or not 1 <= config.max_batch <= MAX_BATCH
+    ):
+        raise ValueError(
+            f"--max-batch must be an integer in 1..{MAX_BATCH} (the engine format's), "
+            f"got max_batch={config.max_batch!r}"
+        )
+    if isinstance(config.basis, int) and config.basis > MAX_BASIS:
+        raise ValueError(f"--basis {config.basis}: the engine format takes at most {MAX_BASIS} basis tokens")
     if (
         isinstance(config.opt_batch, bool)
         or not isinstance(config.opt_batch, int)

@@ -25,7 +25,10 @@ SUPPORTED_MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MAX_FILES = 100_000  # entries in one engine directory
 MAX_PATH_CHARS = 1024
-MAX_TOKENS = 1 << 20  # rows of one image (export/limits.py MAX_TOKENS_PER_IMAGE: a test holds them equal)
+# the engine format's bounds that a build checks too (export/limits.py repeats them: a test holds them equal)
+MAX_TOKENS = 1 << 20  # rows of one image
+MAX_BATCH = 4096  # engine items per call
+MAX_BASIS = 4096  # ApET's basis tokens
 _SHA256 = r"[0-9a-f]{64}"
 _NAME = r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}"  # tensor names and symbolic dimensions
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -140,7 +143,7 @@ SCHEMA: dict[str, Field] = {
     "apet": Field("object", null=True),  # its values: apet_ops.ApetConfig (checked by a rule)
     "apet.keep": _int(1, 1 << 20, null=True),
     "apet.keep_ratio": Field("number", required=False, null=True, lo=0.0, hi=1.0),
-    "apet.basis": _int(1, 4096),
+    "apet.basis": _int(1, MAX_BASIS),
     "apet.merge": Field("bool"),
     "apet.ridge": Field("number", lo=1e-30, hi=1e3),
     "apet.start": _int(0, 1 << 20),
@@ -152,7 +155,7 @@ SCHEMA: dict[str, Field] = {
     "llm_stage": Field("object", required=False, null=True),  # {"layer", **ApetConfig} (checked by a rule)
     "llm_stage.layer": _int(1, 4096),
     "llm_stage.keep": _int(1, 1 << 20),
-    "llm_stage.basis": _int(1, 4096),
+    "llm_stage.basis": _int(1, MAX_BASIS),
     "llm_stage.merge": Field("bool"),
     "llm_stage.ridge": Field("number", lo=1e-30, hi=1e3),
     "llm_stage.start": _int(0, 1 << 20),
@@ -175,9 +178,9 @@ SCHEMA: dict[str, Field] = {
     "image_token": _str(max_len=64, pattern=r"[^{}\s]+"),
     **_io("io"),
     "batch": Field("object"),
-    "batch.min": _int(1, 4096),
-    "batch.opt": _int(1, 4096),
-    "batch.max": _int(1, 4096),
+    "batch.min": _int(1, MAX_BATCH),
+    "batch.opt": _int(1, MAX_BATCH),
+    "batch.max": _int(1, MAX_BATCH),
     "precision": Field("object"),
     "precision.vision": _str(null=True, pattern=_PRECISION),
     "precision.compressor": _str(null=True, choices=("fp32",)),  # null without ApET

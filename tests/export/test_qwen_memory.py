@@ -13,6 +13,7 @@ budget    the estimate is printed; over --max-memory the build is refused naming
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,6 @@ from PIL import Image
 
 from apet_trt import runtime
 from apet_trt.export.build import BuildConfig, build
-from apet_trt.export.limits import MAX_TOKENS_PER_IMAGE
 from apet_trt.export.models import qwen2_5_vl
 from apet_trt.export.models.qwen2_5_vl import Qwen25VLExport
 from apet_trt.export.presets import load_preset, preset_config
@@ -61,10 +61,33 @@ def test_chunked_full_attention_equals_transformers(tmp_path, monkeypatch, rng):
     assert float((out["embeddings"] - reference).abs().max()) <= 1e-5
 
 
-def test_max_pixels_over_the_engine_format_is_refused_before_the_build(tmp_path, capsys):
-    from apet_trt.runtime.manifest_schema import MAX_TOKENS, SCHEMA
+def test_export_bounds_equal_the_runtime_schema_s():
+    from apet_trt.export import limits
+    from apet_trt.runtime import manifest_schema as schema
 
-    assert MAX_TOKENS_PER_IMAGE == MAX_TOKENS == SCHEMA["vision.max_tokens"].hi  # one bound on both sides
+    assert limits.MAX_TOKENS_PER_IMAGE == schema.MAX_TOKENS == schema.SCHEMA["vision.max_tokens"].hi
+    assert limits.MAX_BATCH == schema.MAX_BATCH == schema.SCHEMA["batch.max"].hi
+    assert limits.MAX_BASIS == schema.MAX_BASIS == schema.SCHEMA["apet.basis"].hi == schema.SCHEMA["llm_stage.basis"].hi
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        (["--max-batch", "4097"], r"--max-batch must be an integer in 1\.\.4096 \(the engine format's\)"),
+        (["--keep-ratio", "0.3", "--basis", "4097"], r"--basis 4097: the engine format takes at most 4096"),
+    ],
+)
+def test_batch_and_basis_over_the_engine_format_are_refused(tmp_path, capsys, options, pattern):
+    out = tmp_path / "e"
+    assert main(["build", "--model", PRESET, "--out", str(out), "--no-tensorrt", *options]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.search(pattern, line), line
+    assert not out.exists()
+
+
+def test_max_pixels_over_the_engine_format_is_refused_before_the_build(tmp_path, capsys):
+    from apet_trt.runtime.manifest_schema import MAX_TOKENS
+
     out = tmp_path / "e"
     argv = ["build", "--model", PRESET, "--out", str(out), "--max-pixels", str(10**12), "--no-tensorrt"]
     assert main(argv) == 2
