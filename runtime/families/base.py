@@ -29,6 +29,8 @@ import torch
 
 from ..manifest import Manifest
 
+START = "start"  # the vision engine's per-item first FPS seed input (--start random)
+
 
 @dataclass
 class VisualRows:
@@ -90,6 +92,7 @@ class RuntimeFamily(ABC):
     llm_stage: bool = False  # ApET's stage inside the LLM can prune this family's rows (llm_stage_rows)
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos
     frames_per_video: int | None = None
+    frame_sampling: str = "transformers"  # which frames (runtime/videos.py, SAMPLINGS)
     # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
     # parts (apet serve --upstream); False: no such server registers the model
     upstream_image_embeds: bool = True
@@ -101,6 +104,8 @@ class RuntimeFamily(ABC):
         self.manifest = manifest
         seeded = manifest.random_start  # --start random: the vision stage's draws (the LLM stage's: seed + 1)
         self._starts = None if not seeded else torch.Generator().manual_seed(int(seeded["seed"]))
+        # an engine built with --start random takes "start" [items] int64: one draw per engine item
+        self.feeds_start = START in [i["name"] for i in manifest.data["io"]["inputs"]]
 
     def draw_starts(self, count: int, rows: int) -> np.ndarray:
         """`count` first-FPS-seed indices in 0..rows-1 (int64), for an engine built with --start random:

@@ -31,7 +31,7 @@ from ..checks import check_ascending
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
 from ..manifest_schema import Field
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
+from .base import START, EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
 # the manifest's "qwen2_5_vl" object (export/models/qwen2_5_vl.py writes it; docs/ENGINE_DIR.md)
@@ -163,6 +163,8 @@ class Qwen25VLFamily(RuntimeFamily):
             n = t * h * w // self.merge**2
             self._check_budget(i, image, n, (h // self.merge, w // self.merge))
             items.append({"grid": (t, h, w), "patch_start": start, "num_patches": t * h * w, "num_rows": n})
+            if self.feeds_start:  # --start random: one draw per image, among its N rows
+                items[-1]["start"] = self.draw_starts(1, n)
             start += t * h * w
         if start != pixel_values.shape[0]:
             raise ValueError(f"the image processor made {pixel_values.shape[0]} patches, its grids say {start}")
@@ -193,7 +195,10 @@ class Qwen25VLFamily(RuntimeFamily):
             [batch.feeds[INPUT][p["patch_start"] : p["patch_start"] + p["num_patches"]] for p in parts]
         )
         layout = engine_layout([p["grid"] for p in parts], self.merge, self.window_blocks)
-        return {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+        feeds = {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+        if self.feeds_start:  # an ApET engine: one image per call
+            feeds[START] = np.concatenate([p["start"] for p in parts])
+        return feeds
 
     def encode(
         self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
@@ -277,13 +282,13 @@ class Qwen25VLTorchVision(torch.nn.Module):
             raise RuntimeError("the checkpoint model has no 'visual' tower; not a Qwen2.5-VL model")
         self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
 
-    def forward(self, pixel_values, patch_positions, image_gather, **_) -> dict[str, torch.Tensor]:
+    def forward(self, pixel_values, patch_positions, image_gather, start=None, **_) -> dict[str, torch.Tensor]:
         lengths = (image_gather >= 0).sum(dim=1).tolist()
-        grids, start = [], 0
+        grids, first = [], 0
         for n in lengths:
-            rc = patch_positions[start : start + n]
+            rc = patch_positions[first : first + n]
             grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
-            start += n
+            first += n
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pixel_values.to(dtype), grid_thw=torch.tensor(grids, device=pixel_values.device))
         rows = getattr(out, "pooler_output", out).float()  # Transformers 5 returns a model output
@@ -291,5 +296,5 @@ class Qwen25VLTorchVision(torch.nn.Module):
             return {"embeddings": rows, "positions": torch.arange(rows.shape[0], device=rows.device)}
         if len(grids) != 1:
             raise ValueError(f"an ApET engine call takes one image, got {len(grids)}")
-        tokens, positions = self.compressor(rows.unsqueeze(0))
+        tokens, positions = self.compressor(rows.unsqueeze(0), start)
         return {"embeddings": tokens[0].float(), "positions": positions[0]}

@@ -1,15 +1,21 @@
 """`--upstream URL`: the chat request goes on to an OpenAI-compatible server (vLLM, trtllm-serve, or
 another `apet serve`) with each `image_url` part replaced by the image's ApET rows as an
-`image_embeds` part; that server's answer (streamed or not) comes back as it is."""
+`image_embeds` part; that server's answer (streamed or not) comes back as it is: a stream relayed
+chunk by chunk, a non-streamed answer (or an error) read up to `max_upstream_response_bytes` (502
+past it), never buffered without bound. The upstream's URL is logged without its credentials and
+not shown to clients."""
 
 from __future__ import annotations
+
+import logging
 
 import httpx
 from starlette.responses import Response, StreamingResponse
 
-from .config import ServeConfig
+from .config import ServeConfig, redact_url
 from .errors import APIError
 
+log = logging.getLogger("apet.serve")
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
 
@@ -18,6 +24,8 @@ class Upstream:
         base = cfg.upstream.rstrip("/")
         self.base = base[: -len("/v1")] if base.endswith("/v1") else base
         self.model = cfg.upstream_model
+        self.shown = redact_url(self.base)  # for the log
+        self.max_bytes = cfg.max_upstream_response_bytes
         headers = {"Authorization": f"Bearer {cfg.upstream_api_key}"} if cfg.upstream_api_key else {}
         self.client = httpx.AsyncClient(
             base_url=self.base, headers=headers, timeout=httpx.Timeout(cfg.request_timeout_s, connect=10.0)
@@ -34,24 +42,24 @@ class Upstream:
                 resp.raise_for_status()
                 self.model = resp.json()["data"][0]["id"]
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-                raise APIError(502, f"the upstream {self.base} did not list its model ({type(exc).__name__})") from exc
+                raise APIError(502, f"the upstream did not list its model ({type(exc).__name__})") from exc
         return self.model
 
     async def forward(self, body: dict, request_id: str, stream: bool) -> Response:
         body = {**body, "model": await self.model_name()}
         headers = {"X-Request-Id": request_id}
         try:
-            if not stream:
-                resp = await self.client.post("/v1/chat/completions", json=body, headers=headers)
-                return Response(resp.content, status_code=resp.status_code, headers=_passed(resp.headers))
             req = self.client.build_request("POST", "/v1/chat/completions", json=body, headers=headers)
             resp = await self.client.send(req, stream=True)
+            if not stream or resp.status_code != 200:
+                try:
+                    content = await self._read_capped(resp)
+                finally:
+                    await resp.aclose()
+                return Response(content, status_code=resp.status_code, headers=_passed(resp.headers))
         except httpx.HTTPError as exc:
-            raise APIError(502, f"the upstream {self.base} failed: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code != 200:
-            content = await resp.aread()
-            await resp.aclose()
-            return Response(content, status_code=resp.status_code, headers=_passed(resp.headers))
+            log.warning("request %s: the upstream %s failed: %s", request_id, self.shown, type(exc).__name__)
+            raise APIError(502, f"the upstream failed ({type(exc).__name__})") from exc
 
         async def relay():
             try:
@@ -61,6 +69,15 @@ class Upstream:
                 await resp.aclose()
 
         return StreamingResponse(relay(), status_code=200, headers=_passed(resp.headers))
+
+    async def _read_capped(self, resp: httpx.Response) -> bytes:
+        chunks, size = [], 0
+        async for chunk in resp.aiter_bytes():  # decoded: a gzip bomb counts as what it inflates to
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise APIError(502, f"the upstream's answer exceeds {self.max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _passed(headers: httpx.Headers) -> dict[str, str]:

@@ -96,3 +96,21 @@ def test_config_is_checked(engine):
     ):
         with pytest.raises(ValueError):
             ServeConfig(engine=str(engine), **bad).validate()
+
+
+def test_serving_doc_lists_every_serve_flag():
+    """docs/SERVING.md's flag table names exactly the flags `apet serve` takes."""
+    import argparse
+    from pathlib import Path
+
+    from apet_trt.runtime.serve.cli import register
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    register(sub)
+    serve = sub.choices["serve"]
+    flags = {o for a in serve._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    doc = (Path(__file__).parents[3] / "docs" / "SERVING.md").read_text()
+    table = [ln for ln in doc.splitlines() if ln.startswith("| `--")]
+    documented = {f for ln in table for f in re.findall(r"`(--[a-z-]+)", ln.split("|")[1])}
+    assert documented == flags
