@@ -19,6 +19,8 @@ from .families import family_facts
 from .schema import (
     FORMAT,
     MANIFEST_NAME,
+    MAX_BASIS,
+    MAX_BATCH,
     MAX_FILES,
     NAME_PATTERN,
     SHA256_PATTERN,
@@ -87,7 +89,7 @@ SCHEMA: dict[str, Field] = {
     "apet": Field("object", null=True),  # its values: apet_ops.ApetConfig (checked by a rule)
     "apet.keep": int_field(1, 1 << 20, null=True),
     "apet.keep_ratio": Field("number", required=False, null=True, lo=0.0, hi=1.0),
-    "apet.basis": int_field(1, 4096),
+    "apet.basis": int_field(1, MAX_BASIS),
     "apet.merge": Field("bool"),
     "apet.ridge": Field("number", lo=1e-30, hi=1e3),
     "apet.start": int_field(0, 1 << 20),
@@ -99,7 +101,7 @@ SCHEMA: dict[str, Field] = {
     "llm_stage": Field("object", required=False, null=True),  # {"layer", **ApetConfig} (checked by a rule)
     "llm_stage.layer": int_field(1, 4096),
     "llm_stage.keep": int_field(1, 1 << 20),
-    "llm_stage.basis": int_field(1, 4096),
+    "llm_stage.basis": int_field(1, MAX_BASIS),
     "llm_stage.merge": Field("bool"),
     "llm_stage.ridge": Field("number", lo=1e-30, hi=1e3),
     "llm_stage.start": int_field(0, 1 << 20),
@@ -122,9 +124,9 @@ SCHEMA: dict[str, Field] = {
     "image_token": str_field(max_len=64, pattern=r"[^{}\s]+"),
     **_io("io"),
     "batch": Field("object"),
-    "batch.min": int_field(1, 4096),
-    "batch.opt": int_field(1, 4096),
-    "batch.max": int_field(1, 4096),
+    "batch.min": int_field(1, MAX_BATCH),
+    "batch.opt": int_field(1, MAX_BATCH),
+    "batch.max": int_field(1, MAX_BATCH),
     "precision": Field("object"),
     "precision.vision": str_field(null=True, pattern=_PRECISION),
     "precision.compressor": str_field(null=True, choices=("fp32",)),  # null without ApET

@@ -33,6 +33,12 @@ class ManifestError(ValueError):
     """An engine directory that does not match its manifest (or has none that we can read)."""
 
 
+# the engine format's bounds that a build checks before it builds (export/limits.py re-exports them)
+MAX_TOKENS = 1 << 20  # rows of one image
+MAX_BATCH = 4096  # engine items per call
+MAX_BASIS = 4096  # ApET's basis tokens
+
+
 @dataclass(frozen=True)
 class Field:
     """One manifest field. kind: "int" | "number" | "bool" | "str" | "object" | "list" | "dim"

@@ -30,6 +30,7 @@ from apet_trt.apet_ops.compat import config_dtype, config_model_type, load_image
 from . import manifest as manifest_writer
 from . import parity
 from .engine_dir import EngineDirWriter
+from .limits import DEFAULT_MAX_MEMORY_GIB, MAX_BASIS, MAX_BATCH
 from .models import EnginePart, ExportFamily, LoadedModel, family_class, family_for_model_type
 from .onnx_export import compare_with_torch, export_vision_onnx
 from .precision import compressor_not_fp32, part_dtypes
@@ -56,6 +57,7 @@ class BuildConfig:
     opt_batch: int = 1
     min_pixels: int | None = None  # dynamic-resolution families: the processor's pixel range (None: its own)
     max_pixels: int | None = None
+    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB  # the vision engine's estimated peak must stay below (Qwen2.5-VL)
     fp16: bool = False  # tower and projector exported in float16; the compressor stays float32
     force: bool = False  # replace an existing directory
     tensorrt: bool = True  # build the TensorRT plan where tensorrt imports
@@ -251,6 +253,7 @@ class _Job:
     batches: list[int]  # the batch sizes the engines are compared at
     checkpoint: Path | None  # a checkpoint built by path (never copied)
     paper_line: str | None = None  # no budget given: the line naming the family's paper setting
+    memory_note: str | None = None  # the vision engine's estimated peak memory (Qwen2.5-VL), if the family has one
 
     @property
     def budget(self) -> str:
@@ -261,6 +264,8 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     """Build the engine directory; returns its manifest."""
     job = _plan(config, quiet)
     steps = Steps(7, quiet)
+    if job.memory_note:
+        steps.note(job.memory_note)
     steps(f"loading {config.model} (family {job.family.name})")
     loaded = _load(config.model, job.source, job.family)
     engine = _vision_engine(job, loaded.model)
@@ -285,8 +290,17 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
 def _plan(config: BuildConfig, quiet: bool = False) -> _Job:
     """Every option checked and the model's family resolved, before any weights are built: batch
     range, ApET options, the family's limits and the parity options; --out checked."""
-    if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
-        raise ValueError(f"--max-batch must be an integer >= 1, got max_batch={config.max_batch!r}")
+    if (
+        isinstance(config.max_batch, bool)
+        or not isinstance(config.max_batch, int)
+        or not 1 <= config.max_batch <= MAX_BATCH
+    ):
+        raise ValueError(
+            f"--max-batch must be an integer in 1..{MAX_BATCH} (the engine format's), "
+            f"got max_batch={config.max_batch!r}"
+        )
+    if isinstance(config.basis, int) and config.basis > MAX_BASIS:
+        raise ValueError(f"--basis {config.basis}: the engine format takes at most {MAX_BASIS} basis tokens")
     if (
         isinstance(config.opt_batch, bool)
         or not isinstance(config.opt_batch, int)
@@ -316,11 +330,12 @@ def _plan(config: BuildConfig, quiet: bool = False) -> _Job:
             "pass --keep / --keep-ratio, or --no-apet"
         ) from exc
     family.configure_frames(config.frame_sampling)  # video families: how the runtime samples frames
+    items = family.max_items(apet, config.max_batch)  # engine items per call
+    memory = family.check_memory(items, config.max_memory_gib * 2**30)  # refused above the budget
     parity.check_family(options, family, apet, config)
     family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"
-    items = family.max_items(apet, config.max_batch)
     batches = sorted({1, min(3, items)})
-    return _Job(config, options, source, family, apet, writer, items, batches, checkpoint, paper_line)
+    return _Job(config, options, source, family, apet, writer, items, batches, checkpoint, paper_line, memory)
 
 
 def _vision_engine(job: _Job, model: torch.nn.Module) -> torch.nn.Module:

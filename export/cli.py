@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .limits import DEFAULT_MAX_MEMORY_GIB
 from .models import FAMILIES, family_class
 from .parity import IMAGE_ASPECTS, OFFICIAL_BUDGETS, RANDOM
 from .presets import preset_names
@@ -113,6 +114,15 @@ def register(sub) -> None:
         help="dynamic-resolution models: largest image area, which bounds the engine's token axis (default: its own)",
     )
     p.add_argument(
+        "--max-memory",
+        type=float,
+        default=DEFAULT_MAX_MEMORY_GIB,
+        metavar="GIB",
+        help="refuse a build whose vision engine's estimated peak memory (ONNX Runtime CPU, one call of the most "
+        f"images of the most tokens) exceeds this many GiB (Qwen2.5-VL; docs/LIMITS.md; default "
+        f"{DEFAULT_MAX_MEMORY_GIB:g}: a 24 GiB machine)",
+    )
+    p.add_argument(
         "--fp16",
         action="store_true",
         help="export tower and projector in float16 (the ONNX and so the TensorRT plan); ApET computes in float32",
@@ -146,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             opt_batch=args.opt_batch,
             min_pixels=args.min_pixels,
             max_pixels=args.max_pixels,
+            max_memory_gib=args.max_memory,
             fp16=args.fp16,
             force=args.force,
             tensorrt=not args.no_tensorrt,

@@ -93,9 +93,10 @@ def inspect_command(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     from . import load
     from .decoders import SamplingConfig
-    from .images import check_image_file, check_local_file
+    from .images import check_image_file
     from .manifest import describe_budget
     from .overlay import overlay_target
+    from .videos import check_video_file
 
     # every argument checked before a model is loaded
     sampling = SamplingConfig(
@@ -109,7 +110,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.image is not None:
         check_image_file(args.image, "--image")  # path, format and geometry, from the header
     else:
-        check_local_file(args.video, "--video", "video")
+        check_video_file(args.video, "--video")  # path, size, container, stream and bounds, from the header
     media = {"images": args.image, "videos": args.video}
     if args.overlay:
         overlay_target(args.overlay, image=args.image or args.video, engine_dir=args.engine, force=args.force_overlay)

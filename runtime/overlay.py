@@ -4,14 +4,23 @@ without --force-overlay, a symbolic link, or anything inside the engine director
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .output_files import OutputRules, output_target, write_output
+
+OVERLAY = OutputRules(
+    flag="--overlay",
+    force_flag="--force-overlay",
+    what="image",
+    suffixes=frozenset(Image.registered_extensions()),
+    suggest=".png or .jpg",
+    example="kept.png",
+)
 
 
 def draw_kept_patches(
@@ -108,61 +117,12 @@ def grid_text(patch_map, positions: Sequence[int], indent: str = "         ") ->
 def overlay_target(
     path: str | os.PathLike, *, image: str | os.PathLike | None, engine_dir: str | os.PathLike, force: bool = False
 ) -> Path:
-    """Check an --overlay path before any work: a file name with an image extension; never the input
-    image, never inside the engine directory (its next verification would fail), never through a
-    symbolic link; an existing file only with force. Nothing is written here."""
-    given = os.fspath(path)
-    out = Path(given)
-    if out.name in ("", ".", "..") or given.endswith(os.sep):
-        raise ValueError(f"--overlay {given!r}: name an image file, e.g. kept.png")
-    suffix = out.suffix.lower()
-    if suffix not in Image.registered_extensions():
-        raise ValueError(f"--overlay {given}: unknown image type {suffix or '(no extension)'}; use .png or .jpg")
-    real = os.path.realpath(out)
-    real_engine = os.path.realpath(engine_dir)
-    if os.path.commonpath([real, real_engine]) == real_engine:
-        raise ValueError(
-            f"--overlay {given} lies inside the engine directory {engine_dir} (it would no longer verify); "
-            "write it elsewhere"
-        )
-    if image is not None and isinstance(image, (str, os.PathLike)):
-        same = real == os.path.realpath(image)
-        if not same and out.exists() and Path(image).exists():
-            same = os.path.samefile(out, image)
-        if same:
-            raise ValueError(f"--overlay {given} is the input image; refusing to overwrite it")
-    if out.is_symlink():
-        raise FileExistsError(f"--overlay {given} is a symbolic link; refusing to write through it")
-    if out.exists():
-        if not out.is_file():
-            raise FileExistsError(f"--overlay {given} exists and is not a regular file")
-        if not force:
-            raise FileExistsError(f"--overlay {given} exists; pass --force-overlay to replace it")
-    ancestor = next(p for p in Path(os.path.abspath(out)).parents if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(f"--overlay {given}: cannot create it in {ancestor}")
-    return out
+    """Check an --overlay path before any work (runtime/output_files.py: never the input image,
+    inside the engine directory, through a link, or an existing file without --force-overlay)."""
+    return output_target(path, OVERLAY, inputs={"input image": image}, engine_dir=engine_dir, force=force)
 
 
 def save_overlay(picture: Image.Image, target: Path, *, force: bool = False) -> Path:
-    """Write the picture to a path checked by overlay_target: created exclusively (an existing file,
-    or a link put there meanwhile, is an error), or with force written beside it and renamed over it
-    (a link at the path is replaced, never followed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write the picture to a path checked by overlay_target (runtime/output_files.write_output)."""
     fmt = Image.registered_extensions()[target.suffix.lower()]
-    if not force:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format=fmt)
-        return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format=fmt)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_output(target, lambda f: picture.save(f, format=fmt), force=force)

@@ -16,6 +16,12 @@ repeat frames (3 frames for 8: 0, 0, 0, 1, 1, 1, 2, 2 / 0, 0, 0, 0, 1, 1, 1, 2),
 sees `num_frames` frames; `Video.indices` says which. A file whose header gives no frame count, or
 more frames than decode, is sampled over the frames that decode (counted in a first pass).
 
+Containers: FFmpeg opens a file only with a demuxer of VIDEO_CONTAINERS (mp4/mov, mkv/webm, avi, ...)
+and only through its `file` protocol (its own `format_whitelist` / `protocol_whitelist`): a file
+whose content is another format - an ffconcat script, an m3u8/HLS playlist, an image sequence, whatever
+its name - is refused in one line after FFmpeg has read its first bytes and before the demuxer opens
+anything else (a FIFO named in such a script can never block).
+
 Bounds (`VideoLimits`): file size, frames in the stream, frame width/height and pixels, duration.
 A zero-length file, a file PyAV cannot open (corrupt, truncated, not a video), one with no video
 stream (audio only), one that breaks off while decoding or decodes no frame, or one over a bound is
@@ -24,8 +30,10 @@ one ValueError line that names the video and the file; never a crash or a partia
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +46,16 @@ from .images import check_local_file
 
 log = logging.getLogger("apet.runtime")
 VideoLike = Any  # str | os.PathLike | np.ndarray [F, H, W, 3] uint8 | torch.Tensor | Video
+
+
+# FFmpeg demuxers (by the names FFmpeg gives them) a video file may be read with: single-file containers
+# that open nothing else (the mov demuxer's external references, `enable_drefs`, are off by default)
+VIDEO_CONTAINERS = (
+    "mov", "mp4", "m4a", "3gp", "3g2", "mj2",  # one demuxer: MP4 / QuickTime
+    "matroska", "webm",  # one demuxer: MKV / WebM
+    "avi", "flv", "mpegts", "mpeg", "ogg", "asf",
+)  # fmt: skip
+_OPEN_OPTIONS = {"format_whitelist": ",".join(VIDEO_CONTAINERS), "protocol_whitelist": "file"}
 
 
 @dataclass(frozen=True)
@@ -156,30 +174,27 @@ def _check_size(width: int, height: int, where: str, limits: VideoLimits) -> Non
         )
 
 
-def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits, sampling: str) -> Video:
-    import av
+def check_video_file(video: str | os.PathLike, where: str = "video", limits: VideoLimits | None = None) -> Path:
+    """Everything about a video file that its header tells (path, size, container, a video stream,
+    frame size, duration, frame count), without decoding a frame: what `apet run` checks before it
+    loads a model."""
+    limits = limits or VideoLimits()
+    path = check_local_file(video, where, "video")
+    with _reading(path, where):
+        with _open(path, where, limits) as container:
+            _header(container, path, where, limits)
+    return path
 
-    size = path.stat().st_size  # a local regular file (check_local_file)
-    if size == 0:
-        raise ValueError(f"{where}: {path} is an empty file (0 bytes)")
-    if size > limits.max_bytes:
-        raise ValueError(f"{where}: {path} is {size} bytes, over the {limits.max_bytes}-byte limit for a video")
-    try:
-        with av.open(str(path)) as container:
-            stream = _video_stream(container, path, where)
-            fps = float(stream.average_rate) if stream.average_rate else None
-            _check_size(stream.codec_context.width, stream.codec_context.height, where, limits)
-            seconds = _duration(container, stream)
-            if seconds is not None and seconds > limits.max_seconds:
-                raise ValueError(f"{where}: {path} lasts {seconds:.0f} s, over the {limits.max_seconds:.0f} s limit")
-            total = int(stream.frames or 0)
-            if total > limits.max_frames:
-                raise ValueError(f"{where}: {path} has {total} frames, over the {limits.max_frames}-frame limit")
+
+def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits, sampling: str) -> Video:
+    with _reading(path, where):
+        with _open(path, where, limits) as container:
+            stream, total, fps = _header(container, path, where, limits)
             indices = sample_indices(total, num_frames, sampling) if total else []
             frames = _decode(container, stream, indices, path, where, limits)[0] if total else {}
         if total and len(frames) == len(set(indices)):  # every sampled frame decoded
             return _video(frames, indices, total, fps, path)
-        with av.open(str(path)) as container:  # no or a wrong frame count: count what decodes, then sample
+        with _open(path, where, limits) as container:  # no or a wrong frame count: count what decodes, then sample
             stream = _video_stream(container, path, where)
             counted = _decode(container, stream, [], path, where, limits)[1]
         if counted == 0:
@@ -187,14 +202,70 @@ def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits, sam
         if total:
             log.warning("%s: %s promises %d frames but only %d decode; sampling those", where, path, total, counted)
         indices = sample_indices(counted, num_frames, sampling)
-        with av.open(str(path)) as container:
+        with _open(path, where, limits) as container:
             stream = _video_stream(container, path, where)
             frames, _ = _decode(container, stream, indices, path, where, limits)
         return _video(frames, indices, counted, fps, path)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, where: str):
+    """FFmpeg's own errors while reading a file -> one ValueError line naming the video."""
+    import av
+
+    try:
+        yield
     except av.error.FFmpegError as exc:
         raise ValueError(
-            f"{where}: {path} could not be read as a video (corrupt, truncated or not a video: {exc})"
+            f"{where}: {path} could not be read as a video (corrupt, truncated or not a video: "
+            f"{exc.strerror or type(exc).__name__})"
         ) from exc
+
+
+def _header(container, path: Path, where: str, limits: VideoLimits):
+    """The header's bounds -> (the video stream, its frame count (0: not given), its frame rate)."""
+    stream = _video_stream(container, path, where)
+    fps = float(stream.average_rate) if stream.average_rate else None
+    _check_size(stream.codec_context.width, stream.codec_context.height, where, limits)
+    seconds = _duration(container, stream)
+    if seconds is not None and seconds > limits.max_seconds:
+        raise ValueError(f"{where}: {path} lasts {seconds:.0f} s, over the {limits.max_seconds:.0f} s limit")
+    total = int(stream.frames or 0)
+    if total > limits.max_frames:
+        raise ValueError(f"{where}: {path} has {total} frames, over the {limits.max_frames}-frame limit")
+    return stream, total, fps
+
+
+def _open(path: Path, where: str, limits: VideoLimits):
+    """The file (a regular file, not empty, within the size bound) as an FFmpeg input of a known
+    container, through the file protocol only. The file is opened here first, without blocking, and
+    FFmpeg reads that very file (/proc/self/fd/N on Linux): a FIFO or device put at the path after
+    the checks is refused, never waited on; elsewhere FFmpeg gets the absolute path (a name such as
+    `concat:x` is never read as a protocol)."""
+    import av
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{where}: {path} is not a regular file (a FIFO, socket or device)")
+        if st.st_size == 0:
+            raise ValueError(f"{where}: {path} is an empty file (0 bytes)")
+        if st.st_size > limits.max_bytes:
+            raise ValueError(
+                f"{where}: {path} is {st.st_size} bytes, over the {limits.max_bytes}-byte limit for a video"
+            )
+        name = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else os.path.abspath(path)
+        try:
+            return av.open(name, container_options=dict(_OPEN_OPTIONS))
+        except av.error.ArgumentError as exc:  # EINVAL: FFmpeg's "format not on whitelist"
+            raise ValueError(
+                f"{where}: {path} could not be read as a video: its content is no container apet reads "
+                "(mp4/mov, mkv/webm, avi, flv, mpeg-ts/ps, ogg, asf); scripts (ffconcat), playlists (m3u8/HLS) "
+                "and image sequences are refused, whatever the file's name"
+            ) from exc
+    finally:
+        os.close(fd)  # FFmpeg holds its own descriptor of the file from here
 
 
 def _video_stream(container, path: Path, where: str):

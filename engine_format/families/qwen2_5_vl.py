@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..schema import Field, int_field
+from ..schema import MAX_TOKENS, Field, int_field
 from . import FamilyFacts
 
 SECTION = "qwen2_5_vl"
@@ -22,8 +22,8 @@ FACTS = FamilyFacts(
         "window_size": int_field(1, 16384),
         "fullatt_block_indexes": Field("list", max_len=1024),
         "fullatt_block_indexes[]": int_field(0, 1023),
-        "min_tokens": int_field(1, 1 << 20),  # rows of an image: the processor's range
-        "max_tokens": int_field(1, 1 << 20),
+        "min_tokens": int_field(1, MAX_TOKENS),  # rows of an image: the processor's range
+        "max_tokens": int_field(1, MAX_TOKENS),
     },
     section=SECTION,
     fields={

@@ -169,6 +169,12 @@ class ExportFamily(ABC):
         if apet is not None:
             apet.validate_for(self.num_patches)
 
+    def check_memory(self, items: int, budget_bytes: float) -> str | None:
+        """The vision engine's estimated peak memory for `items` items per call, as a line for the
+        build to print; a ValueError above `budget_bytes`. None: the family has no estimate (its
+        engines have a fixed size)."""
+        return None
+
     def apet_config(self, apet: ApetConfig | None) -> ApetConfig | None:
         """The family's variant of the build's ApET options (e.g. the video layout); unchanged by default."""
         return apet

@@ -47,6 +47,7 @@ from apet_trt.apet_ops import ApetCompressor, ApetConfig
 from apet_trt.apet_ops.compat import pil_image_processor_class
 from apet_trt.engine_format.families.qwen2_5_vl import FACTS, engine_layout
 
+from ..limits import MAX_TOKENS_PER_IMAGE
 from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
 from .base import ExportFamily, Preset
 
@@ -54,6 +55,20 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 OUTPUTS = ("embeddings", "positions")
 START = "start"  # with --start random: [1] int64, the image's first FPS seed among its N rows
+# queries per slice in the full-attention blocks (None: the whole [S, S] score matrix at once)
+ATTENTION_CHUNK: int | None = 1024
+
+# Memory model of one vision engine call on ONNX Runtime CPU (docs/LIMITS.md), in bytes:
+#   MEMORY_FIXED + float32 weights + images * patches * (MEMORY_PER_PATCH + MEMORY_PER_PATCH_WIDTH * width)
+#   + MEMORY_PER_SCORE * images * heads * queries * patches
+# patches = 4 * tokens per image; queries = patches, or ATTENTION_CHUNK where smaller (the attention
+# scores alive at once). Fitted by least squares (relative errors) to scripts/qwen_vision_memory.py's 19
+# measurements (widths 32 / 128 / 512, 2 / 8 heads, 256..2,500 tokens, whole and sliced attention): within
+# -22 % .. +6 % of each; the 7B tower's 11.6 GB at 1,591 tokens (README, not fitted) is estimated at 11.7 GB.
+MEMORY_FIXED = 143_800_000  # the processor, tokenizer and ONNX Runtime session
+MEMORY_PER_PATCH = 28_650  # the image, its pixel values [patches, 1176] and their copies
+MEMORY_PER_PATCH_WIDTH = 75.5  # activations [patches, width], about 19 float32 copies
+MEMORY_PER_SCORE = 12.39  # about 3 float32 copies of the scores (product, mask, softmax)
 # Qwen2.5-VL's chat format (its processor's chat template with the default system prompt), one image
 CHAT_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -93,21 +108,36 @@ def layout(grids: list[tuple[int, int, int]], *, merge: int, window_blocks: int)
 
 
 # -- the engine -----------------------------------------------------------------------------------
-def segment_attention(attn: nn.Module, x, cos, sin, gather, scatter, num_heads: int):
+def segment_attention(
+    attn: nn.Module, x, cos, sin, gather, scatter, num_heads: int, chunks: tuple[int, int] | None = None
+):
     """Qwen2.5-VL's vision attention (qkv, rotary, softmax per segment, proj) on a padded layout:
-    x [P, D] -> [P, D]; `gather` [G, S] (-1 = padding), `scatter` [P] (engine_format's `segments`)."""
+    x [P, D] -> [P, D]; `gather` [G, S] (-1 = padding), `scatter` [P] (engine_format's `segments`).
+    chunks = (C, S_max): the queries in slices of C up to S_max (static slices of the dynamic S axis;
+    those past S are empty), so that at most [G, heads, C, S] scores exist at once, not [G, heads, S, S]."""
     p, d = x.shape
     head_dim = d // num_heads
     q, k, v = attn.qkv(x).reshape(p, 3, num_heads, head_dim).permute(1, 0, 2, 3).unbind(0)  # [P, heads, hd]
     q, k = (_rotate(t.float(), cos, sin).to(x.dtype) for t in (q, k))
-    valid = gather >= 0
+    padding = ~(gather >= 0)[:, None, None, :]
     index = gather.clamp(min=0)
     qs, ks, vs = (t[index].permute(0, 2, 1, 3) for t in (q, k, v))  # [G, heads, S, hd]
-    scores = (qs @ ks.transpose(-1, -2)) * head_dim**-0.5
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vs.dtype) @ vs  # [G, heads, S, hd]
+    if chunks is None or chunks[0] >= chunks[1]:
+        out = _attend(qs, ks, vs, padding, head_dim)
+    else:
+        size, longest = chunks
+        out = torch.cat(
+            [_attend(qs[:, :, i : i + size], ks, vs, padding, head_dim) for i in range(0, longest, size)], 2
+        )
     out = out.permute(0, 2, 1, 3).reshape(-1, d)[scatter]  # [P, D]
     return attn.proj(out)
+
+
+def _attend(qs, ks, vs, padding, head_dim: int):
+    """softmax(q k^T / sqrt(hd), keys' padding masked) v, the softmax in float32: [G, heads, Q, hd]."""
+    scores = (qs @ ks.transpose(-1, -2)) * head_dim**-0.5
+    scores = scores.masked_fill(padding, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(vs.dtype) @ vs
 
 
 def _rotate(x, cos, sin):
@@ -118,10 +148,12 @@ def _rotate(x, cos, sin):
 
 class Qwen25VLTower(nn.Module):
     """The checkpoint's patch embedding and blocks with window / full attention on padded segments:
-    the engine's inputs -> hidden states [patches, D] in window order (the merger's input)."""
+    the engine's inputs -> hidden states [patches, D] in window order (the merger's input).
+    `full_chunks` = (C, most patches of an image): the full-attention blocks' queries in slices of C."""
 
-    def __init__(self, visual):
+    def __init__(self, visual, full_chunks: tuple[int, int] | None = None):
         super().__init__()
+        self.full_chunks = full_chunks
         cfg = visual.config
         self.patch_embed, self.blocks = visual.patch_embed, visual.blocks
         self.num_heads = cfg.num_heads
@@ -142,10 +174,10 @@ class Qwen25VLTower(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
         for i, block in enumerate(self.blocks):
-            gather, scatter = (
-                (image_gather, image_scatter) if i in self.full_layers else (window_gather, window_scatter)
-            )
-            x = x + segment_attention(block.attn, block.norm1(x), cos, sin, gather, scatter, self.num_heads)
+            full = i in self.full_layers
+            gather, scatter = (image_gather, image_scatter) if full else (window_gather, window_scatter)
+            chunks = self.full_chunks if full else None
+            x = x + segment_attention(block.attn, block.norm1(x), cos, sin, gather, scatter, self.num_heads, chunks)
             x = x + block.mlp(block.norm2(x))
         return x
 
@@ -155,10 +187,10 @@ class Qwen25VLVisionEngine(nn.Module):
     int64). Submodules vision_tower / projector (the PatchMerger) / compressor name the graph's
     node scopes (export/precision.py reads each part's dtype from them)."""
 
-    def __init__(self, model, apet: ApetConfig | None):
+    def __init__(self, model, apet: ApetConfig | None, full_chunks: tuple[int, int] | None = None):
         super().__init__()
         visual = parts(model)
-        self.vision_tower = Qwen25VLTower(visual)
+        self.vision_tower = Qwen25VLTower(visual, full_chunks)
         self.projector = visual.merger
         self.compressor = ApetCompressor(apet) if apet is not None else None  # node names: /compressor/...
 
@@ -182,6 +214,15 @@ class Qwen25VLVisionEngine(nn.Module):
             return rows.float(), torch.arange(rows.shape[0], device=rows.device)
         tokens, positions = self.compressor(rows.unsqueeze(0), start)  # float32 inside, the input dtype out
         return tokens[0].float(), positions[0]
+
+
+def _halvings(n: int) -> list[int]:
+    """n, n // 2, n // 4, ..., 1."""
+    out = []
+    while n >= 1:
+        out.append(n)
+        n //= 2
+    return out
 
 
 def image_processor(min_pixels: int, max_pixels: int):
@@ -249,7 +290,15 @@ class Qwen25VLExport(ExportFamily):
         lo, hi = processor_pixels(processor) if processor is not None else (56 * 56, 28 * 28 * 1280)
         self.min_tokens = max(1, math.ceil(lo / self.factor**2))
         self.max_tokens = max(self.min_tokens, hi // self.factor**2)
+        self.max_pixels = hi
+        if self.max_tokens > MAX_TOKENS_PER_IMAGE:  # the runtime's schema would refuse the engine
+            raise ValueError(
+                f"--max-pixels {hi}: images of up to {self.max_tokens:,} tokens, over the engine format's "
+                f"{MAX_TOKENS_PER_IMAGE:,} tokens per image; build with --max-pixels <= "
+                f"{MAX_TOKENS_PER_IMAGE * self.factor**2}"
+            )
         self.apet: ApetConfig | None = None  # the build's (check_apet): example images must meet it
+        self.attention_chunk = ATTENTION_CHUNK
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -300,6 +349,53 @@ class Qwen25VLExport(ExportFamily):
         if (lo, hi) == processor_pixels(processor):
             return processor
         return _with_pixels(processor, lo, hi)
+
+    def vision_memory(self, tokens: int, images: int = 1) -> float:
+        """Estimated peak memory (bytes) of one vision engine call on ONNX Runtime CPU: `images` images
+        of `tokens` tokens each (the memory model above, float32 weights)."""
+        v = self.config.vision_config
+        patches = self.merge**2 * tokens
+        queries = patches if self.attention_chunk is None else min(patches, self.attention_chunk)
+        return (
+            MEMORY_FIXED
+            + self.weight_bytes()
+            + images * patches * (MEMORY_PER_PATCH + MEMORY_PER_PATCH_WIDTH * v.hidden_size)
+            + MEMORY_PER_SCORE * images * v.num_heads * queries * patches
+        )
+
+    def weight_bytes(self) -> int:
+        """The vision tower's and merger's float32 weights, counted on the meta device (nothing allocated)."""
+        with torch.device("meta"):
+            return 4 * sum(p.numel() for p in self.vision_parts().parameters())
+
+    def check_memory(self, items: int, budget_bytes: float) -> str:
+        """The estimate at the build's --max-pixels (`items` images of the most tokens per call), or a
+        ValueError naming the --max-pixels that fits the budget."""
+        peak = self.vision_memory(self.max_tokens, items)
+        gib = 2.0**30
+        calls = f"{items} image(s)" if items > 1 else "one image"
+        line = (
+            f"vision engine peak memory (estimated, ONNX Runtime CPU; docs/LIMITS.md): {peak / gib:.1f} GiB for "
+            f"{calls} of {self.max_tokens:,} tokens (--max-pixels {self.max_pixels}) per call; budget "
+            f"{budget_bytes / gib:g} GiB (--max-memory)"
+        )
+        if peak <= budget_bytes:
+            return line
+        fits = [t for t in _halvings(self.max_tokens) if self.vision_memory(t, items) <= budget_bytes]
+        lo, hi = (max(fits), min(t for t in _halvings(self.max_tokens) if t > max(fits))) if fits else (0, 1)
+        while hi - lo > 1:  # the most tokens within budget: the estimate grows with the tokens
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.vision_memory(mid, items) <= budget_bytes else (lo, mid)
+        advice = (
+            f"build with --max-pixels <= {lo * self.factor**2} ({lo:,} tokens)"
+            if lo >= self.min_tokens
+            else "no image of the --min-pixels range fits"
+        )
+        batches = [b for b in range(1, items) if self.vision_memory(self.max_tokens, b) <= budget_bytes]
+        more = f" or --max-batch {max(batches)}" if batches else ""
+        raise ValueError(
+            f"{line}: over the budget; {advice}{more}, or raise --max-memory if the machine has the memory"
+        )
 
     def check_apet(self, apet: ApetConfig | None) -> None:
         """Refuse a budget no image of the processor's range could meet (images below it are
@@ -367,7 +463,8 @@ class Qwen25VLExport(ExportFamily):
         return max(math.ceil(gh / b) * math.ceil(self.max_tokens // gh / b) for gh in range(1, self.max_tokens + 1))
 
     def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
-        return Qwen25VLVisionEngine(model, apet)
+        chunks = None if self.attention_chunk is None else (self.attention_chunk, self.merge**2 * self.max_tokens)
+        return Qwen25VLVisionEngine(model, apet, chunks)
 
     def example_grids(self, batch: int, generator: torch.Generator) -> list[tuple[int, int, int]]:
         """`batch` random image grids (t=1, h and w in patches) inside the engine's token range and

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from ..choice import BACKENDS, DECODERS
 
@@ -106,7 +105,13 @@ def register(subparsers) -> None:
     )
     e.add_argument("--engine", required=True, help="engine directory")
     e.add_argument("--image", required=True, help="image file")
-    e.add_argument("--out", required=True, help="OUT.json (the content part) or OUT.pt (the tensor / dict)")
+    e.add_argument(
+        "--out",
+        required=True,
+        help="OUT.json (the content part) or OUT.pt (the tensor / dict): a new file, never the image or inside the "
+        "engine directory",
+    )
+    e.add_argument("--force", action="store_true", help="let --out replace an existing file")
     e.add_argument(
         "--format",
         default="vllm",
@@ -167,24 +172,26 @@ def encode_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load
+    from ..images import check_image_file
+    from ..output_files import OutputRules, output_target, write_output
     from .payload import encode_part, handoff_fields, torch_dtype
     from .vision_only import VisionOnlyDecoder
 
-    out = Path(args.out)
-    if out.suffix not in (".json", ".pt"):
-        raise ValueError(f"--out {out}: name a .json (content part) or .pt (tensor) file")
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: no such file")
+    # every argument checked before a model is loaded (--out: --overlay's rules, runtime/output_files.py)
+    rules = OutputRules("--out", "--force", "payload", (".json", ".pt"), ".json or .pt", "rows.json")
+    out = output_target(args.out, rules, inputs={"input image": args.image}, engine_dir=args.engine, force=args.force)
+    check_image_file(args.image, "--image")
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=VisionOnlyDecoder.for_manifest)
     [rows] = pipe.encode(args.image)
     dtype = torch_dtype(args.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
     fields = handoff_fields(pipe.family, rows, args.format)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".json":
-        out.write_text(json.dumps(encode_part(fields, args.format, dtype)))
+    out = output_target(out, rules, inputs={"input image": args.image}, engine_dir=pipe.manifest.root, force=args.force)
+    if out.suffix.lower() == ".json":
+        text = json.dumps(encode_part(fields, args.format, dtype)).encode("utf-8")
+        write_output(out, lambda f: f.write(text), force=args.force)
     else:
         cast = {k: (v.to(dtype) if k == "image_embeds" else v) for k, v in fields.items()}
-        torch.save(cast["image_embeds"] if len(cast) == 1 else cast, out)
+        write_output(out, lambda f: torch.save(cast["image_embeds"] if len(cast) == 1 else cast, f), force=args.force)
     emb = fields["image_embeds"]
     print(
         f"{out}: {rows.num_patches} -> {rows.num_rows} rows x {emb.shape[1]} ({str(dtype).replace('torch.', '')}, "

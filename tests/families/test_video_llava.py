@@ -198,7 +198,7 @@ def test_cli_gives_one_line_for_a_bad_video(engines, tmp_path, capsys):
     bad.write_bytes(b"")
     assert main(["run", "--engine", str(engines[0]), "--video", str(bad), "--prompt", "x"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("apet run: error: ValueError: video 0:") and "empty file (0 bytes)" in last
+    assert last.startswith("apet run: error: ValueError: --video:") and "empty file (0 bytes)" in last  # before loading
 
 
 def test_language_model_alone_equals_the_vlm_s(engines, tmp_path):
