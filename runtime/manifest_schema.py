@@ -129,6 +129,9 @@ SCHEMA: dict[str, Field] = {
     "vision.min_tokens": _int(1, 1 << 20, required=False),  # rows of an image: the processor's range
     "vision.max_tokens": _int(1, 1 << 20, required=False),
     "qwen2_5_vl": Field("object", required=False, open=True),  # the family's facts (its adapter checks them)
+    # --- qwen3_vl (issue 26): the family's facts, checked by its adapter (runtime/families/qwen3_vl.py) ---
+    "qwen3_vl": Field("object", required=False, open=True),
+    # --- end qwen3_vl ---
     # llava_next: the anyres layout (runtime/families/llava_next.py)
     "llava_next": Field("object", required=False),
     "llava_next.image_grid_pinpoints": Field("list", max_len=64),  # [[height, width], ...]
@@ -415,8 +418,15 @@ def _rule_io(d: dict) -> None:
             if not names or len(set(names)) != len(names):
                 _fail(f"{prefix}.{side}", f"names must be present and unique, got {names}")
         outputs = {o["name"]: (i, o) for i, o in enumerate(io["outputs"])}
-        if set(outputs) != {"embeddings", "positions"}:
-            _fail(f"{prefix}.outputs", f"must be 'embeddings' and 'positions', got {sorted(outputs)}")
+        # embeddings and positions, and a family's own per-row outputs beside them (float32: Qwen3-VL's
+        # DeepStack levels), which its runtime adapter reads
+        if not {"embeddings", "positions"} <= set(outputs):
+            _fail(f"{prefix}.outputs", f"must hold 'embeddings' and 'positions', got {sorted(outputs)}")
+        for name, (i, o) in outputs.items():
+            if name not in ("embeddings", "positions") and o["dtype"] != "float32":
+                _fail(
+                    f"{prefix}.outputs[{i}].dtype", f"{name}: a family's own output must be float32, not {o['dtype']!r}"
+                )
         # [items, T, H] and [items, T]; or one call's rows, [rows, H] and [rows] (items of different
         # sizes, Qwen2.5-VL)
         lead = len(io["outputs"][outputs["positions"][0]]["shape"]) - 1

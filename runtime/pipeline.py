@@ -253,9 +253,7 @@ def build_decoder(kind: str, manifest: Manifest, family: RuntimeFamily, model_lo
 
         return stage2_decoder(model_loader(), manifest, family, **common)
     if kind == "transformers":
-        from .decoders import TransformersDecoder
-
-        return TransformersDecoder(model_loader(), **common)
+        return family.transformers_decoder(model_loader(), **common)
     if manifest.llm_stage:
         raise RuntimeError(llm_stage_refusal(manifest, kind))
     trt_entry = (manifest.data.get("decoder") or {}).get("tensorrt_llm")

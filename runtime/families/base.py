@@ -111,6 +111,19 @@ class RuntimeFamily(ABC):
         return torch.randint(0, rows, (count,), generator=self._starts, dtype=torch.int64).numpy()
 
     @property
+    def row_width(self) -> int:
+        """The width of one visual row (what decoders and an upstream take per kept token): the LLM's
+        hidden size, unless the family's rows carry more (Qwen3-VL: its DeepStack levels side by side)."""
+        return int(self.manifest.llm["hidden_size"])
+
+    def transformers_decoder(self, model, **common):
+        """The Transformers decoder for this family's rows (`common`: TransformersDecoder's keyword
+        arguments); a family whose rows need more than the input embeddings gives its own subclass."""
+        from ..decoders.transformers import TransformersDecoder
+
+        return TransformersDecoder(model, **common)
+
+    @property
     def fixed_rows(self) -> int | None:
         """The rows every image gets, when the family knows it before the engine runs (LLaVA-1.5: T);
         None when it depends on the image or on what the engine kept."""
