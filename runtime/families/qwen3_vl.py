@@ -240,7 +240,7 @@ class DeepStackDecoder(TransformersDecoder):
         super().__init__(model, **common)
         self.levels = int(levels)
         self.hidden = int(self.embed.weight.shape[1])
-        self.language_model = submodule(model, "language_model", "qwen3_vl")
+        self.language_model = model.get_decoder()  # the VLM's language model (or a text model's own)
         accepted = inspect.signature(self.language_model.forward).parameters
         if self.levels and not {"visual_pos_masks", "deepstack_visual_embeds"} <= set(accepted):
             raise RuntimeError(
