@@ -199,7 +199,12 @@ class ApetCompressor(nn.Module):
             raise TypeError(f"ApetCompressor needs an ApetConfig, got {type(config).__name__}")
         self.config = config
 
-    def forward(self, features: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, start: torch.Tensor | None = None, others=None):
+        """-> (tokens, positions); with `others` (a list of [B, N, D_i]), compress_with's
+        (tokens, positions, [tokens_i]) (called through the module, an exported graph's nodes are
+        scoped by its name)."""
+        if others is not None:
+            return self.compress_with(features, others, start)
         cfg = self.config
         b, n, _ = check_features(features)
         cfg.validate_for(n)  # under the tracer, n is the example's: checks the example only

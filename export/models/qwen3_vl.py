@@ -181,7 +181,7 @@ class Qwen3VLVisionEngine(nn.Module):
         if self.compressor is None:
             return rows.float(), torch.arange(rows.shape[0], device=rows.device), levels.float()
         # the selection on the main rows; the same kept positions, seeds and merge groups on every level
-        tokens, positions, kept = self.compressor.compress_with(rows.unsqueeze(0), list(levels.unsqueeze(1).unbind(0)))
+        tokens, positions, kept = self.compressor(rows.unsqueeze(0), others=list(levels.unsqueeze(1).unbind(0)))
         return tokens[0].float(), positions[0], torch.stack([k[0] for k in kept]).float()
 
 
@@ -329,17 +329,17 @@ class Qwen3VLExport(Qwen25VLExport):
         vLLM's layout, what the runtime hands the decoder."""
         out = processor(images=images, return_tensors="pt")
         pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        sizes = (grid.prod(-1) // self.merge**2).tolist()
         inner = getattr(model, "model", model)
-        get = getattr(inner, "get_image_features", None)
+        get = getattr(inner, "get_image_features", None) or (lambda p, g: parts(model)(p, grid_thw=g))
         with torch.no_grad():
-            if get is not None:
-                features = get(pixel_values, grid, return_dict=True)
-                main, levels = features.pooler_output, features.deepstack_features
-            else:
-                features = parts(model)(pixel_values, grid_thw=grid, return_dict=True)
-                sizes = (grid.prod(-1) // self.merge**2).tolist()
-                main = torch.split(features.pooler_output, sizes)
-                levels = [torch.split(x, sizes) for x in features.deepstack_features]
+            features = get(pixel_values, grid)
+        # Transformers 5: a model output (per-image splits); 4.57: a tuple (main, levels unsplit)
+        main, levels = (
+            features if isinstance(features, tuple) else (features.pooler_output, features.deepstack_features)
+        )
+        main = torch.split(main, sizes) if isinstance(main, torch.Tensor) else main
+        levels = [torch.split(x, sizes) if isinstance(x, torch.Tensor) else x for x in levels]
         return [torch.cat([m, *(lvl[i] for lvl in levels)], dim=-1).float() for i, m in enumerate(main)]
 
     # -- the manifest -------------------------------------------------------------------------
