@@ -185,11 +185,11 @@ class Qwen3VLFamily(Qwen25VLFamily):
 
     # -- the handoff to a serving engine ------------------------------------------------------
     def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
-        """vLLM's Qwen3-VL `image_embeds` dict form: the rows [R, H * (1 + L)] as they are and a
-        (1, h, w) grid of exactly R merge blocks (vLLM splits the rows by grid and derives the M-RoPE
+        """vLLM's Qwen3-VL `image_embeds` dict form: the rows [R, H * (1 + L)] as they are and the
+        grid [3] = (1, h, w) of exactly R merge blocks (vLLM splits the rows by grid and derives the M-RoPE
         ids from it: approximate positions for ApET's kept rows, see docs/families/qwen3_vl.md)."""
-        grid = compact_grid(rows.num_rows, self.merge)
-        return {"image_embeds": rows.embeddings, "image_grid_thw": torch.tensor([grid], dtype=torch.int64)}
+        grid = compact_grid(rows.num_rows, self.merge)  # one item's grid is [3]: vLLM batches the items
+        return {"image_embeds": rows.embeddings, "image_grid_thw": torch.tensor(grid, dtype=torch.int64)}
 
     def rows_from_handoff(self, fields: dict[str, torch.Tensor]) -> VisualRows:
         """The inverse of `handoff_fields`: rows [R, H * (1 + L)] and a grid of R merge blocks; the

@@ -331,7 +331,8 @@ def test_handoff_is_vllms_layout_and_comes_back(pipes, images):
         fields = pipe.family.handoff_fields(r)
         assert set(fields) == {"image_embeds", "image_grid_thw"}
         assert fields["image_embeds"].shape == (r.num_rows, HIDDEN * (1 + LEVELS))  # [tokens, hidden * (1 + levels)]
-        t, h, w = fields["image_grid_thw"][0].tolist()
+        assert fields["image_grid_thw"].shape == (3,)  # one item's grid (vLLM batches items: [3], not [1, 3])
+        t, h, w = fields["image_grid_thw"].tolist()
         assert t == 1 and h % 2 == 0 and w % 2 == 0 and h * w // 4 == r.num_rows  # vLLM splits rows by grid
         back = pipe.family.rows_from_handoff(fields)
         assert torch.equal(back.embeddings, r.embeddings) and back.extras["grid_thw"] == (1, h, w)
