@@ -34,7 +34,8 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
-from .manifest import FORMAT, MANIFEST, MAX_MANIFEST_BYTES
+from apet_trt.engine_format import FORMAT, MAX_MANIFEST_BYTES
+from apet_trt.engine_format import MANIFEST_NAME as MANIFEST
 
 _AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

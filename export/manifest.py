@@ -1,15 +1,14 @@
-"""Write manifest.json for an engine directory (format: docs/ENGINE_DIR.md, manifest_version 2).
+"""Write manifest.json for an engine directory (format: apet_trt.engine_format, docs/ENGINE_DIR.md).
 
-Reading and verifying it is the runtime's business (runtime/manifest.py); this side only produces
-what that side accepts (a test round-trips the two): every file of the directory listed with its
-size and sha256, relative POSIX paths, no link or special file, and the one reference outside the
-directory - a checkpoint built by path, never copied - in `external_checkpoint`, with the
-fingerprint the runtime checks at load.
+Every file of the directory listed with its size and sha256, relative POSIX paths, no link or
+special file, and the one reference outside the directory - a checkpoint built by path, never
+copied - in `external_checkpoint`, with its fingerprint. The manifest is checked with the format's
+own `validate` (what the runtime checks at load) before it is written, so a build never commits a
+directory the runtime would refuse.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -18,19 +17,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-FORMAT = "apet-trt-engine"
-MANIFEST_VERSION = 2
-MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 4 << 20  # what the runtime reads at most
-SMALL_FILE_BYTES = 16 << 20  # checkpoint files up to this size are hashed, larger ones (weights) sized
-
-
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from apet_trt.engine_format import (
+    FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    MAX_MANIFEST_BYTES,
+    ManifestError,
+    fingerprint,
+    sha256,
+    validate,
+)
 
 
 def _regular_files(root: Path) -> list[Path]:
@@ -51,7 +47,7 @@ def _regular_files(root: Path) -> list[Path]:
 
 
 def file_table(root: Path) -> dict:
-    paths = [p for p in _regular_files(root) if p.relative_to(root).as_posix() != MANIFEST]
+    paths = [p for p in _regular_files(root) if p.relative_to(root).as_posix() != MANIFEST_NAME]
     total = sum(p.stat().st_size for p in paths)
     table = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="checksums", leave=False, disable=total < 1 << 26) as bar:
@@ -61,39 +57,17 @@ def file_table(root: Path) -> dict:
     return table
 
 
-def fingerprint(folder: Path) -> dict[str, dict]:
-    """relative path -> {"bytes", "sha256" (up to SMALL_FILE_BYTES)} for every file of a checkpoint
-    folder: links to files followed (Hugging Face cache snapshots are links), hidden names skipped.
-    The runtime recomputes exactly this at load."""
-    out: dict[str, dict] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            try:
-                st = path.stat()
-            except OSError as exc:
-                raise ValueError(f"{path}: a checkpoint file that cannot be read ({exc.strerror})") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{path}: a checkpoint entry that is not a regular file")
-            entry = {"bytes": st.st_size}
-            if st.st_size <= SMALL_FILE_BYTES:
-                entry["sha256"] = sha256(path)
-            out[path.relative_to(folder).as_posix()] = entry
-    return out
-
-
 def external_checkpoint(folder: str | os.PathLike) -> dict:
     """The manifest's `external_checkpoint` entry for a checkpoint built by path: its resolved
-    absolute path and its fingerprint (configs, tokenizer and index hashed; weights sized)."""
+    absolute path and its fingerprint (configs, tokenizer and index hashed; weights sized; a file
+    that cannot be read is an error)."""
     path = os.path.realpath(os.path.expanduser(folder))
-    return {"path": path, "fingerprint": fingerprint(Path(path))}
+    return {"path": path, "fingerprint": fingerprint(Path(path), strict=True)}
 
 
 def write_manifest(root: Path, fields: dict) -> dict:
-    """fields: everything but format/version/created/files; returns the full manifest."""
+    """fields: everything but format/version/created/files; checks the whole manifest against the
+    format and writes it; returns it."""
     data = {
         "format": FORMAT,
         "manifest_version": MANIFEST_VERSION,
@@ -104,5 +78,9 @@ def write_manifest(root: Path, fields: dict) -> dict:
     text = json.dumps(data, indent=2, default=str, allow_nan=False) + "\n"
     if len(text.encode("utf-8")) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest.json would be {len(text)} bytes, over the {MAX_MANIFEST_BYTES} the runtime reads")
-    (root / MANIFEST).write_text(text, encoding="utf-8")
+    try:
+        validate(json.loads(text))  # as the runtime will read it
+    except ManifestError as exc:
+        raise RuntimeError(f"the manifest this build made does not match the engine-directory format: {exc}") from None
+    (root / MANIFEST_NAME).write_text(text, encoding="utf-8")
     return data

@@ -1,10 +1,10 @@
 """The engine directory on disk, read without trusting it: strict JSON from regular files only, a
-walk that follows no link, sha256, the files Transformers configs name, and the fingerprint of the
-one folder outside the directory (the external checkpoint). Used by runtime/manifest.py."""
+walk that follows no link, the files Transformers configs name, and the one folder outside the
+directory (the external checkpoint) checked against its fingerprint. Used by runtime/manifest.py;
+the format's constants, sha256 and fingerprint are apet_trt.engine_format's."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -13,12 +13,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .manifest_schema import MANIFEST_NAME, MAX_FILES, ManifestError, check_relative_path
-
-MAX_DEPTH = 16  # JSON nesting and folder nesting; the deepest manifest field is 5 levels down
-SMALL_FILE_BYTES = 16 << 20  # external checkpoint files up to this size are hashed, larger ones sized
-_HASH_CHUNK = 1 << 20
-
+from apet_trt.engine_format import (
+    MANIFEST_NAME,
+    MAX_DEPTH,
+    MAX_FILES,
+    ManifestError,
+    check_relative_path,
+    fingerprint,
+)
 
 # --- reading --------------------------------------------------------------------------------------
 
@@ -124,17 +126,6 @@ def walk(root: Path) -> dict[str, int]:
     return found
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ManifestError(f"{path}: not a regular file")
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- what files inside the directory name -----------------------------------------------------------
 
 _REFERENCE_KEYS = re.compile(r".*_files?$")  # tokenizer_file, vocab_file, ...: file references in HF configs
@@ -178,38 +169,6 @@ def check_file_references(root: Path, files: Mapping[str, dict], folders: list[s
 # --- the external checkpoint --------------------------------------------------------------------------
 
 
-def fingerprint(folder: Path) -> dict[str, dict]:
-    """relative path -> {"bytes", "sha256" (files up to SMALL_FILE_BYTES)} of every file under a
-    checkpoint folder (links to files followed: Hugging Face cache snapshots are links; hidden
-    names skipped). The writer (export/manifest.py) computes the same."""
-    out: dict[str, dict] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            rel = path.relative_to(folder).as_posix()
-            try:
-                st = path.stat()
-            except OSError:  # a dangling link: differs from any fingerprint the writer made
-                st = None
-            if st is None or not stat.S_ISREG(st.st_mode):
-                out[rel] = {"bytes": -1}
-                continue
-            entry = {"bytes": st.st_size}
-            if st.st_size <= SMALL_FILE_BYTES:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(_HASH_CHUNK):
-                        h.update(chunk)
-                entry["sha256"] = h.hexdigest()
-            out[rel] = entry
-        if len(out) > MAX_FILES:
-            break
-    return out
-
-
 def check_external_checkpoint(root: Path, ext: dict | None) -> None:
     """The external checkpoint (the manifest's `external_checkpoint`) is where the build found it,
     unchanged (config, tokenizer, index hashes; weight sizes). A missing or changed checkpoint is an
@@ -225,7 +184,7 @@ def check_external_checkpoint(root: Path, ext: dict | None) -> None:
             f"{root}: the checkpoint the engine was built from, {folder}, is missing "
             "(it is referenced, never copied); restore it there or rebuild the engine directory"
         )
-    want, got = ext["fingerprint"], fingerprint(folder)
+    want, got = ext["fingerprint"], fingerprint(folder, strict=False)
     for rel in sorted(set(want) | set(got)):
         if rel not in got:
             problem = "is missing"

@@ -4,9 +4,9 @@ The runtime trusts nothing in an engine directory that the manifest does not des
 checksum, and follows no path out of it:
 
 - `read_manifest` reads manifest.json (a regular file of at most MAX_MANIFEST_BYTES, JSON nested at
-  most MAX_DEPTH deep, no duplicate keys, no NaN) and checks it against SCHEMA (one table: field ->
-  type, range, choices, path kind) and RULES (facts across fields) before anything else reads it.
-  Every error is a ManifestError that names the field.
+  most MAX_DEPTH deep, no duplicate keys, no NaN) and checks it with apet_trt.engine_format's
+  `validate` (the common table, the family's own facts, the rules across fields) before anything
+  else reads it. Every error is a ManifestError that names the field.
 - `verify_files` walks the directory without following links: regular files and folders only (a
   symbolic link, a FIFO or a hard-linked file anywhere is refused), every file listed in `files`
   with its size and sha256, nothing unlisted, JSON files naming other files name them inside the
@@ -14,42 +14,35 @@ checksum, and follows no path out of it:
 - `Manifest` hands out paths only through accessors that confine them (`file`, `folder`,
   `engine_path`, `transformers_checkpoint`, ...): no caller joins a manifest string to a path.
 
-Extending the schema (a new field, a family's own facts) is one line in SCHEMA per field; a family
-adapter checks its own object with `Manifest.section(key, schema)` against a table of the same form.
-This module never imports `export` (the writer); a test round-trips the two.
+The schema lives in apet_trt.engine_format (the writer, `apet build`, validates with the same
+before it commits a directory); a family's fields are its engine_format/families/<family>.py, read
+here through `Manifest.section()` and the typed views. This module never imports `export`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine_files import (
-    check_external_checkpoint,
-    check_file_references,
-    parse_json,
-    read_regular,
-    sha256_file,
-    walk,
-)
-from .manifest_schema import (
+from apet_trt.engine_format import (
     FORMAT,
     MANIFEST_NAME,
+    MANIFEST_VERSION,
+    MAX_MANIFEST_BYTES,
     SCHEMA,
-    SUPPORTED_MANIFEST_VERSION,
     Field,
     ManifestError,
-    check_fields,
     check_relative_path,
+    family_facts,
     lists_folder,
+    sha256,
     transformers_folders,
     validate,
 )
 
-MAX_MANIFEST_BYTES = 4 << 20  # the processor config and a few hundred file entries take < 100 KiB
+from .engine_files import check_external_checkpoint, check_file_references, parse_json, read_regular, walk
 
 __all__ = [
     "FORMAT",
@@ -61,7 +54,6 @@ __all__ = [
     "load_manifest",
     "read_manifest",
     "verify_files",
-    "sha256_file",
 ]
 
 
@@ -95,15 +87,15 @@ def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
     version = data.get("manifest_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ManifestError(f"{path}: manifest_version must be a positive integer, got {version!r}")
-    if version > SUPPORTED_MANIFEST_VERSION:
+    if version > MANIFEST_VERSION:
         raise ManifestError(
             f"{path}: manifest_version {version} is newer than this runtime supports "
-            f"({SUPPORTED_MANIFEST_VERSION}); upgrade apet-trt or rebuild the engine directory"
+            f"({MANIFEST_VERSION}); upgrade apet-trt or rebuild the engine directory"
         )
-    if version < SUPPORTED_MANIFEST_VERSION:
+    if version < MANIFEST_VERSION:
         raise ManifestError(
             f"{path}: manifest_version {version} is older than this runtime reads "
-            f"({SUPPORTED_MANIFEST_VERSION}: paths confined, checkpoint fingerprinted); rebuild it with `apet build`"
+            f"({MANIFEST_VERSION}: paths confined, checkpoint fingerprinted); rebuild it with `apet build`"
         )
     try:
         validate(data)
@@ -192,15 +184,12 @@ class Manifest:
             raise ManifestError(f"{self.root / MANIFEST_NAME}: no engine part {name!r} with io and engines")
         return Manifest(root=self.root, data={**self.data, "io": entry["io"], "engines": entry["engines"]})
 
-    def section(self, key: str, schema: Mapping[str, Field]) -> Any:
-        """A family adapter's own object, `data[key]`, checked against the adapter's schema table
-        (the SCHEMA form, names relative to the object); errors name `key.field`."""
-        if key not in self.data:
-            raise ManifestError(f"{self.root / MANIFEST_NAME}: {key}: missing")
-        try:
-            check_fields(self.data[key], schema, key)
-        except ManifestError as exc:
-            raise ManifestError(f"{self.root / MANIFEST_NAME}: {exc}") from None
+    def section(self) -> dict[str, Any]:
+        """The family's own object (engine_format/families/<family>.py names it and its fields; read_manifest
+        checked it against them)."""
+        key = family_facts(self.family).section
+        if key is None:
+            raise ManifestError(f"{self.root / MANIFEST_NAME}: the {self.family} family has no section of its own")
         return self.data[key]
 
     # -- confined paths ----------------------------------------------------------------------
@@ -376,7 +365,7 @@ def verify_files(manifest: Manifest, *, progress: bool = False) -> None:
                 f"{path}: size {on_disk[rel]} bytes differs from the manifest's {entry['bytes']} "
                 "(truncated or replaced)"
             )
-        if sha256_file(path) != entry["sha256"]:
+        if sha256(path) != entry["sha256"]:
             raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt or modified)")
     check_file_references(root, manifest.data["files"], transformers_folders(manifest.data))
     check_external_checkpoint(root, manifest.data["external_checkpoint"])

@@ -28,6 +28,7 @@ from PIL import Image
 
 from apet_trt import runtime
 from apet_trt.apet_ops.compat import load_image_processor
+from apet_trt.engine_format import family_facts, known_families
 from apet_trt.export.build import BuildConfig, build
 from apet_trt.export.models import FAMILIES as EXPORT_FAMILIES
 from apet_trt.export.models import family_class
@@ -39,7 +40,18 @@ SHAPES = {"square": (300, 300), "wide": (420, 180), "tall": (160, 400)}  # (widt
 
 
 def test_both_sides_list_the_same_families():
-    assert sorted(EXPORT_FAMILIES) == sorted(RUNTIME_FAMILIES)
+    assert sorted(EXPORT_FAMILIES) == sorted(RUNTIME_FAMILIES) == known_families()
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_FAMILIES))
+def test_both_adapters_name_the_family_manifest_facts_of_the_format(name):
+    """A family's manifest fields are declared once (engine_format/families/<family>.py) and both of its
+    adapters name that declaration; the export side writes the section the facts name."""
+    from apet_trt.runtime.families import family_class as runtime_class
+
+    facts = family_facts(name)
+    assert family_class(name).facts is facts and runtime_class(name).facts is facts
+    assert family_class(name).name == runtime_class(name).name == name
 
 
 def _tiny_preset(family: str) -> str:

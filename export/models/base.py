@@ -1,7 +1,9 @@
 """What a model family tells `apet build`: how to load it (a local checkpoint, or a preset built from
 a config with seeded random weights), its vision engine as a PyTorch module with named inputs and
 outputs, example inputs and dynamic axes to export it with, and the manifest fields the runtime
-adapter of the same family (runtime/families/<family>.py) reads.
+adapter of the same family (runtime/families/<family>.py) reads: those are declared once, in
+apet_trt.engine_format.families.<family> (its FACTS, which the subclass names as `facts`), and
+`apet build` checks the manifest against them before it commits the directory.
 
 One family, one subclass, one file (export/models/<family>.py), listed in export/models/__init__.py.
 export/build.py speaks only this interface.
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from apet_trt.apet_ops import ApetConfig
+from apet_trt.engine_format import FamilyFacts
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ExportFamily(ABC):
     """The export side of one model family. `config` is the Hugging Face config of the whole VLM."""
 
     name: str = ""  # manifest model.family; the runtime finds its adapter by it
+    facts: FamilyFacts  # the family's manifest fields (engine_format/families/<family>.py)
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family takes
     hf_model_class: str = ""  # the Transformers class of the whole VLM
     prompt_template: str = ""  # the conversation format; "{prompt}" and the image token once
@@ -241,8 +245,8 @@ class ExportFamily(ABC):
     # -- what the manifest records ------------------------------------------------------------
     @abstractmethod
     def manifest_fields(self, apet: ApetConfig | None) -> dict:
-        """The family's part of the manifest: "vision" facts, "num_visual_tokens", and any
-        family-specific section its runtime adapter reads."""
+        """The family's part of the manifest: "vision" facts, "num_visual_tokens", and its own
+        section (`facts.section`), as `facts` declares them."""
 
     def llm_fields(self) -> dict:
         """hidden_size, vocab_size, image_token_id, max_position_embeddings of the language model (a

@@ -16,6 +16,7 @@ from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
 from apet_trt.apet_ops.compat import pil_image_processor_class
+from apet_trt.engine_format.families.llava import FACTS
 
 from ..tokenizer import byte_level_tokenizer
 from .base import ExportFamily, Preset
@@ -116,6 +117,7 @@ def image_processor(image_size: int = 336):
 
 class LlavaExport(ExportFamily):
     name = "llava"
+    facts = FACTS
     model_types = ("llava",)
     hf_model_class = "LlavaForConditionalGeneration"
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversation format

@@ -29,13 +29,12 @@ from torch import nn
 
 from apet_trt.apet_ops import ApetConfig
 from apet_trt.apet_ops.compat import pil_image_processor_class
+from apet_trt.engine_format.families.llava_next import FACTS, NEWLINE_FILE, SECTION
 
 from ..tokenizer import byte_level_tokenizer
 from .base import Preset
 from .llava import CLIP_MEAN, CLIP_STD, LlavaExport, llama_text_config
 
-NEWLINE_FILE = "image_newline.safetensors"  # {"image_newline": float32 [H]}
-SECTION = "llava_next"  # the manifest's object for this family (runtime/families/llava_next.py reads it)
 # LLaVA-NeXT's grid pinpoints (llava-hf/llava-v1.6-*): [height, width] of the tile canvases
 GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -90,6 +89,7 @@ class LlavaNextExport(LlavaExport):
     bound for TensorRT-LLM and the newline embedding the runtime needs."""
 
     name = "llava_next"
+    facts = FACTS
     model_types = ("llava_next",)
     hf_model_class = "LlavaNextForConditionalGeneration"
     # llava-v1.6-vicuna's conversation format (its chat template renders "USER: <image>\n... ASSISTANT:");

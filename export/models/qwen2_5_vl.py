@@ -43,6 +43,7 @@ from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
 from apet_trt.apet_ops.compat import pil_image_processor_class
+from apet_trt.engine_format.families.qwen2_5_vl import FACTS, engine_layout
 
 from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
 from .base import ExportFamily, Preset
@@ -82,58 +83,16 @@ class VisionParts(nn.Module):
         return cls(Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config), config).eval()
 
 
-# -- the layout of a batch of grids (example inputs; the runtime computes the same with numpy) ------
-def segments(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous segments of a sequence -> (gather [G, S], scatter [sum]): gather[g, s] is the
-    sequence index of segment g's s-th element (-1 past its end), scatter[i] = g * S + s."""
-    width = max(lengths)
-    gather = torch.full((len(lengths), width), -1, dtype=torch.int64)
-    scatter = torch.empty(sum(lengths), dtype=torch.int64)
-    start = 0
-    for g, n in enumerate(lengths):
-        gather[g, :n] = torch.arange(start, start + n)
-        scatter[start : start + n] = g * width + torch.arange(n)
-        start += n
-    return gather, scatter
-
-
+# -- the layout of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds
 def layout(grids: list[tuple[int, int, int]], *, merge: int, window_blocks: int) -> dict[str, torch.Tensor]:
     """The engine's index inputs for images of these (t, h, w) patch grids, in processor order."""
-    positions, window_index, window_lengths, image_lengths = [], [], [], []
-    offset = 0
-    for t, h, w in grids:
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        block = (h // merge, merge, w // merge, merge)  # the processor's order: merge blocks row-major
-        pos = torch.stack([x.reshape(block).transpose(1, 2).reshape(-1) for x in (rows, cols)], dim=-1)
-        positions.append(pos.repeat(t, 1))
-        gh, gw = h // merge, w // merge
-        index = torch.arange(t * gh * gw).reshape(t, gh, gw)
-        for f in range(t):
-            image_lengths.append(h * w)
-            for r0 in range(0, gh, window_blocks):
-                for c0 in range(0, gw, window_blocks):
-                    win = index[f, r0 : r0 + window_blocks, c0 : c0 + window_blocks].reshape(-1)
-                    window_index.append(win + offset)
-                    window_lengths.append(win.numel() * merge * merge)
-        offset += t * gh * gw
-    window_index = torch.cat(window_index)
-    image_gather, image_scatter = segments(image_lengths)
-    window_gather, window_scatter = segments(window_lengths)
-    return {
-        "patch_positions": torch.cat(positions),
-        "window_index": window_index,
-        "reverse_index": torch.argsort(window_index),
-        "image_gather": image_gather,
-        "image_scatter": image_scatter,
-        "window_gather": window_gather,
-        "window_scatter": window_scatter,
-    }
+    return {k: torch.from_numpy(v) for k, v in engine_layout(grids, merge, window_blocks).items()}
 
 
 # -- the engine -----------------------------------------------------------------------------------
 def segment_attention(attn: nn.Module, x, cos, sin, gather, scatter, num_heads: int):
     """Qwen2.5-VL's vision attention (qkv, rotary, softmax per segment, proj) on a padded layout:
-    x [P, D] -> [P, D]; `gather` [G, S] (-1 = padding), `scatter` [P] (see `segments`)."""
+    x [P, D] -> [P, D]; `gather` [G, S] (-1 = padding), `scatter` [P] (engine_format's `segments`)."""
     p, d = x.shape
     head_dim = d // num_heads
     q, k, v = attn.qkv(x).reshape(p, 3, num_heads, head_dim).permute(1, 0, 2, 3).unbind(0)  # [P, heads, hd]
@@ -260,6 +219,7 @@ def processor_pixels(processor) -> tuple[int, int]:
 
 class Qwen25VLExport(ExportFamily):
     name = "qwen2_5_vl"
+    facts = FACTS
     model_types = ("qwen2_5_vl",)
     hf_model_class = "Qwen2_5_VLForConditionalGeneration"
     prompt_template = CHAT_TEMPLATE
@@ -488,7 +448,7 @@ class Qwen25VLExport(ExportFamily):
                 "feature_dim": self.feature_dim,
             },
             "num_visual_tokens": self.rows_per_item(apet),
-            "qwen2_5_vl": {
+            FACTS.section: {
                 "images_per_call": 1 if apet is not None else None,
                 # TensorRT: a ratio budget's TopK K is computed at run time from N (ITopKLayer input 1,
                 # TensorRT >= 8.6) and must stay <= 3840; null: no limit

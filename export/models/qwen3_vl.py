@@ -15,8 +15,8 @@ row of a visual token to that token's hidden state after its decoder layer l. So
 tokens has 1 + L rows of the LLM's width, and a compressor that keeps T tokens must keep the same T
 at every level.
 
-The engine's inputs, computed by the runtime adapter from each image's grid with numpy
-(runtime/families/qwen3_vl.py):
+The engine's inputs, computed from each image's grid with numpy (engine_format/families/qwen3_vl.py,
+which the runtime adapter feeds):
 
     pixel_values     [patches, 1536] float32  the processor's output, image after image
     patch_positions  [patches, 2]    int64    (row, column) of each patch in its image (rotary)
@@ -46,10 +46,11 @@ from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
 from apet_trt.apet_ops.compat import pil_image_processor_class
+from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
 
 from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
 from .base import Preset
-from .qwen2_5_vl import Qwen25VLExport, parts, processor_pixels, segment_attention, segments
+from .qwen2_5_vl import Qwen25VLExport, parts, processor_pixels, segment_attention
 
 QWEN3_MEAN = [0.5, 0.5, 0.5]
 QWEN3_STD = [0.5, 0.5, 0.5]
@@ -75,47 +76,10 @@ class VisionParts(nn.Module):
         return cls(Qwen3VLVisionModel._from_config(config.vision_config), config).eval()
 
 
-# -- the index inputs of a batch of grids (example inputs; the runtime computes the same with numpy) --
-def interpolation_taps(grids, side: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear (align_corners) taps into a side x side position table for every patch of these
-    (t, h, w) grids, patches in merge-block order: indices [P, 4], weights [P, 4] float32."""
-    indices, weights = [], []
-    for t, h, w in grids:
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        block = (h // merge, merge, w // merge, merge)
-        r, c = (x.reshape(block).transpose(1, 2).reshape(-1).float() for x in (rows, cols))
-
-        def axis(i, n):
-            src = i * (side - 1) / max(n - 1, 1)
-            lo = src.floor()
-            taps = torch.stack([lo, lo + 1], dim=-1).long().clamp(0, side - 1)
-            frac = src - lo
-            return taps, torch.stack([1 - frac, frac], dim=-1)
-
-        (rt, rw), (ct, cw) = axis(r, h), axis(c, w)
-        indices.append((rt[:, :, None] * side + ct[:, None, :]).reshape(-1, 4).repeat(t, 1))
-        weights.append((rw[:, :, None] * cw[:, None, :]).reshape(-1, 4).repeat(t, 1))
-    return torch.cat(indices), torch.cat(weights)
-
-
+# -- the index inputs of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds
 def layout(grids, *, merge: int, side: int) -> dict[str, torch.Tensor]:
     """The engine's index inputs for images of these (t, h, w) patch grids, in processor order."""
-    positions, lengths = [], []
-    for t, h, w in grids:
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        block = (h // merge, merge, w // merge, merge)
-        pos = torch.stack([x.reshape(block).transpose(1, 2).reshape(-1) for x in (rows, cols)], dim=-1)
-        positions.append(pos.repeat(t, 1))
-        lengths += [h * w] * t
-    indices, weights = interpolation_taps(grids, side, merge)
-    gather, scatter = segments(lengths)
-    return {
-        "patch_positions": torch.cat(positions),
-        "interp_indices": indices,
-        "interp_weights": weights,
-        "image_gather": gather,
-        "image_scatter": scatter,
-    }
+    return {k: torch.from_numpy(v) for k, v in engine_layout(grids, merge, side).items()}
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -209,6 +173,7 @@ class Qwen3VLExport(Qwen25VLExport):
     TopK limit, one image per ApET call); Qwen3-VL's own tower, engine io and DeepStack outputs."""
 
     name = "qwen3_vl"
+    facts = FACTS
     model_types = ("qwen3_vl",)
     hf_model_class = "Qwen3VLForConditionalGeneration"
     prompt_template = CHAT_TEMPLATE

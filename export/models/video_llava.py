@@ -35,6 +35,7 @@ from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
 from apet_trt.apet_ops.compat import accepted_kwargs
+from apet_trt.engine_format.families.video_llava import FACTS
 
 from ..tokenizer import byte_level_tokenizer
 from .base import EnginePart, ExportFamily, Preset
@@ -147,6 +148,7 @@ def pixel_values(processor, frames) -> torch.Tensor:
 
 class VideoLlavaExport(ExportFamily):
     name = "video_llava"
+    facts = FACTS
     model_types = ("video_llava",)
     hf_model_class = "VideoLlavaForConditionalGeneration"
     # Video-LLaVA's conversation format; the <image> slot takes whatever media the request holds

@@ -2,13 +2,14 @@
 engine's outputs become each image's visual rows, and how those rows sit in the prompt.
 
 One family, one subclass, one file (runtime/families/<family>.py), listed by name in
-runtime/families/__init__.py. Everything else in the runtime - backends, prompt assembly,
-decoders, the pipeline, the CLI - speaks only this interface:
+runtime/families/__init__.py; its manifest fields are apet_trt.engine_format.families.<family>'s
+FACTS, which the subclass names as `facts`. Everything else in the runtime - backends, prompt
+assembly, decoders, the pipeline, the CLI - speaks only this interface:
 
     batch = family.preprocess(items)             # PIL images / Videos -> EngineBatch (named inputs, per-item facts)
     rows = family.encode(backend, batch)         # -> list[VisualRows], one per image
     family.position_ids(prompt_ids, slots, rows) # None (1-D positions) or the family's own ids
-    family.patch_map(rows)                       # where each uncompressed row sits in the image (overlays)
+    family.patch_map(batch, index)               # where image index's uncompressed rows sit (overlays)
     family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
     family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
     family.llm_stage_rows(num_rows)              # the rows ApET's stage inside the LLM prunes (llm_stage)
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from apet_trt.engine_format import FamilyFacts
 
 from ..manifest import Manifest
 
@@ -86,6 +89,7 @@ class RuntimeFamily(ABC):
     """The runtime side of one model family (the export side is export/models/<family>.py)."""
 
     name: str = ""
+    facts: FamilyFacts  # the family's manifest fields (engine_format/families/<family>.py), checked at read
     hf_model_class: str = "AutoModelForImageTextToText"  # the Transformers class of the whole VLM
     llm_stage: bool = False  # ApET's stage inside the LLM can prune this family's rows (llm_stage_rows)
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos

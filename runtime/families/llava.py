@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from apet_trt.engine_format.families.llava import FACTS
+
 from ..checks import check_ascending
 from ..images import ImagePreprocessor, expand_to_square
 from ..manifest import ManifestError
@@ -24,6 +26,7 @@ START = "start"  # engines built with --start random: [B] int64, each image's fi
 
 class LlavaFamily(RuntimeFamily):
     name = "llava"
+    facts = FACTS
     hf_model_class = "LlavaForConditionalGeneration"
     llm_stage = True
 

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from apet_trt.engine_format.families.llava_next import FACTS, SECTION
+
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
 from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
-SECTION = "llava_next"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def unpadded_window(image_size: tuple[int, int], grid: tuple[int, int], side: in
 
 class LlavaNextFamily(RuntimeFamily):
     name = "llava_next"
+    facts = FACTS
     hf_model_class = "LlavaNextForConditionalGeneration"
     tensorrt_llm_api = True  # LlavaNextInputProcessor.attach_multimodal_embeddings
     llm_stage = True  # ApET inside the LLM prunes the base crop's rows (llm_stage_rows)
@@ -102,7 +104,7 @@ class LlavaNextFamily(RuntimeFamily):
             self.image_size, self.patch_size = int(v["image_size"]), int(v["patch_size"])
             self.num_patches, self.rows = manifest.num_patches, manifest.num_visual_tokens
             strategy = v.get("select_strategy", "default")
-            section = manifest.data[SECTION]
+            section = manifest.section()
             self.pinpoints = [(int(h), int(w)) for h, w in section["image_grid_pinpoints"]]
             newline_file = section["image_newline"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -264,7 +266,7 @@ class LlavaNextFamily(RuntimeFamily):
 
     def summary(self) -> list[str]:
         v = self.manifest.vision
-        section = self.manifest.data[SECTION]
+        section = self.manifest.section()
         return [
             f"vision       layer {v.get('feature_layer')} (default), crops {self.image_size}px, patch "
             f"{self.patch_size}, N={self.num_patches} per crop, D={v.get('feature_dim')}",

@@ -6,12 +6,13 @@ an image of h x w patches hands the LLM N = h * w / 4 rows (one per merge block,
 
 Engine inputs (export/models/qwen2_5_vl.py documents the graph): the patches of the images of one
 call, and what the tower needs that is awkward to trace, computed here from each image's grid with
-numpy - the rotary (row, column) of every patch, the window order of the merge blocks and its
-inverse (Transformers' `get_vision_window_index`), and the full-attention (per image) and
-window-attention (112 px windows) segments as padded gather / scatter indices. An ApET engine takes
-one image per call (its compressor runs on one image's rows); the --no-apet engine takes up to
-batch.max images per call. Outputs: embeddings [rows, H], positions [rows] (indices among the call's
-uncompressed rows), split here into one VisualRows per image.
+numpy (apet_trt.engine_format.families.qwen2_5_vl, which export shares) - the rotary (row, column)
+of every patch, the window order of the merge blocks and its inverse (Transformers'
+`get_vision_window_index`), and the full-attention (per image) and window-attention (112 px windows)
+segments as padded gather / scatter indices. An ApET engine takes one image per call (its compressor
+runs on one image's rows); the --no-apet engine takes up to batch.max images per call. Outputs:
+embeddings [rows, H], positions [rows] (indices among the call's uncompressed rows), split here into
+one VisualRows per image.
 
 Positions for the LLM (`position_ids`): Qwen2.5-VL's 3-D M-RoPE ids of the *uncompressed* prompt
 (Transformers' `get_rope_index`: text tokens count up on all three components; an image's rows take
@@ -27,69 +28,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from apet_trt.engine_format.families.qwen2_5_vl import FACTS, engine_layout
+
 from ..checks import check_ascending
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
-from ..manifest_schema import Field
 from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
-# the manifest's "qwen2_5_vl" object (export/models/qwen2_5_vl.py writes it; docs/ENGINE_DIR.md)
-SECTION = {
-    "images_per_call": Field("int", null=True, lo=1, hi=4096),  # null: up to batch.max (no ApET)
-    "tensorrt_max_tokens": Field("int", null=True, lo=1, hi=1 << 24),
-    "image_token_id": Field("int", lo=0, hi=1 << 24),
-    "vision_start_token_id": Field("int", lo=0, hi=1 << 24),
-    "tokens_per_second": Field("number", lo=0, hi=1e6),
-}
-
-
-# -- the engine's index inputs for a list of grids ------------------------------------------------
-def _segments(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous segments -> (gather [G, S], -1 past each segment's end; scatter [sum]: g * S + s)."""
-    width = max(lengths)
-    gather = np.full((len(lengths), width), -1, dtype=np.int64)
-    scatter = np.empty(sum(lengths), dtype=np.int64)
-    start = 0
-    for g, n in enumerate(lengths):
-        gather[g, :n] = np.arange(start, start + n)
-        scatter[start : start + n] = g * width + np.arange(n)
-        start += n
-    return gather, scatter
-
-
-def engine_layout(grids: Sequence[tuple[int, int, int]], merge: int, window_blocks: int) -> dict[str, np.ndarray]:
-    """The engine's index inputs for images of these (t, h, w) patch grids (the processor's
-    image_grid_thw), the images' patches concatenated in the processor's order."""
-    positions, window_index, window_lengths, image_lengths = [], [], [], []
-    offset = 0
-    for t, h, w in grids:
-        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = (h // merge, merge, w // merge, merge)  # merge blocks row-major, 2 x 2 patches each
-        pos = np.stack([a.reshape(block).transpose(0, 2, 1, 3).reshape(-1) for a in (rows, cols)], axis=-1)
-        positions.append(np.tile(pos, (t, 1)))
-        gh, gw = h // merge, w // merge
-        index = np.arange(t * gh * gw).reshape(t, gh, gw)
-        for frame in range(t):
-            image_lengths.append(h * w)
-            for r in range(0, gh, window_blocks):  # windows of window_blocks^2 merge blocks, row-major
-                for c in range(0, gw, window_blocks):
-                    win = index[frame, r : r + window_blocks, c : c + window_blocks].reshape(-1)
-                    window_index.append(win + offset)
-                    window_lengths.append(win.size * merge * merge)
-        offset += t * gh * gw
-    window_index = np.concatenate(window_index).astype(np.int64)
-    image_gather, image_scatter = _segments(image_lengths)
-    window_gather, window_scatter = _segments(window_lengths)
-    return {
-        "patch_positions": np.concatenate(positions).astype(np.int64),
-        "window_index": window_index,
-        "reverse_index": np.argsort(window_index, kind="stable").astype(np.int64),
-        "image_gather": image_gather,
-        "image_scatter": image_scatter,
-        "window_gather": window_gather,
-        "window_scatter": window_scatter,
-    }
 
 
 # -- 3-D M-RoPE ------------------------------------------------------------------------------------
@@ -121,11 +67,12 @@ def mrope_position_ids(
 
 class Qwen25VLFamily(RuntimeFamily):
     name = "qwen2_5_vl"
+    facts = FACTS
     hf_model_class = "Qwen2_5_VLForConditionalGeneration"
 
     def __init__(self, manifest):
         super().__init__(manifest)
-        v, q = manifest.vision, manifest.section("qwen2_5_vl", SECTION)
+        v, q = manifest.vision, manifest.section()
         try:
             self.patch_size, self.merge = int(v["patch_size"]), int(v["spatial_merge_size"])
             self.window_blocks = int(v["window_size"]) // self.merge // self.patch_size

@@ -5,7 +5,8 @@ ApET on Qwen3-VL is this project's extension, not evaluated by the paper's autho
 
 Images: the checkpoint's own Qwen2-VL-class image processor (16 px patches, 2 x 2 merge blocks of
 32 px); an image of h x w patches hands the LLM N = h * w / 4 tokens. The engine's index inputs
-(export/models/qwen3_vl.py documents the graph) are computed here from each image's grid with numpy:
+(export/models/qwen3_vl.py documents the graph) are computed from each image's grid with numpy
+(engine_format/families/qwen3_vl.py, shared with the export side's example inputs):
 the rotary (row, column) of every patch, the four bilinear taps of the learned 48 x 48 position table
 (Transformers' `get_vision_interpolation_indices_and_weights`, align_corners) and the per-image
 attention segments. No windows: Qwen3-VL's blocks all attend over the whole image.
@@ -36,57 +37,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
+
 from ..checks import check_ascending
 from ..decoders.transformers import TransformersDecoder
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
-from ..manifest_schema import Field
 from .base import EngineBatch, VisualRows, submodule
-from .qwen2_5_vl import INPUT, Qwen25VLFamily, _segments
-
-# the manifest's "qwen3_vl" object (export/models/qwen3_vl.py writes it; docs/ENGINE_DIR.md)
-SECTION = {
-    "images_per_call": Field("int", null=True, lo=1, hi=4096),  # null: up to batch.max (no ApET)
-    "tensorrt_max_tokens": Field("int", null=True, lo=1, hi=1 << 24),
-    "image_token_id": Field("int", lo=0, hi=1 << 24),
-    "vision_start_token_id": Field("int", lo=0, hi=1 << 24),
-    "deepstack_visual_indexes": Field("list", max_len=64),
-    "deepstack_visual_indexes[]": Field("int", lo=0, hi=4096),
-    "num_position_embeddings": Field("int", lo=1, hi=1 << 24),
-}
-
-
-# -- the engine's index inputs for a list of grids ------------------------------------------------
-def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear taps (align_corners) of `index` on an axis of `size` into a table of `side`."""
-    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
-    lo = np.floor(src)
-    taps = np.clip(np.stack([lo, lo + 1], axis=-1).astype(np.int64), 0, side - 1)
-    frac = src - lo
-    return taps, np.stack([1 - frac, frac], axis=-1).astype(np.float32)
-
-
-def engine_layout(grids: Sequence[tuple[int, int, int]], merge: int, side: int) -> dict[str, np.ndarray]:
-    """The engine's index inputs for images of these (t, h, w) patch grids (the processor's
-    image_grid_thw), the images' patches concatenated in the processor's order."""
-    positions, indices, weights, lengths = [], [], [], []
-    for t, h, w in grids:
-        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = (h // merge, merge, w // merge, merge)  # merge blocks row-major, 2 x 2 patches each
-        r, c = (a.reshape(block).transpose(0, 2, 1, 3).reshape(-1) for a in (rows, cols))
-        positions.append(np.tile(np.stack([r, c], axis=-1), (t, 1)))
-        (rt, rw), (ct, cw) = _axis_taps(r, h, side), _axis_taps(c, w, side)
-        indices.append(np.tile((rt[:, :, None] * side + ct[:, None, :]).reshape(-1, 4), (t, 1)))
-        weights.append(np.tile((rw[:, :, None] * cw[:, None, :]).reshape(-1, 4), (t, 1)))
-        lengths += [h * w] * t
-    gather, scatter = _segments(lengths)
-    return {
-        "patch_positions": np.concatenate(positions).astype(np.int64),
-        "interp_indices": np.concatenate(indices).astype(np.int64),
-        "interp_weights": np.concatenate(weights).astype(np.float32),
-        "image_gather": gather,
-        "image_scatter": scatter,
-    }
+from .qwen2_5_vl import INPUT, Qwen25VLFamily
 
 
 def compact_grid(rows: int, merge: int) -> tuple[int, int, int]:
@@ -104,11 +62,12 @@ class Qwen3VLFamily(Qwen25VLFamily):
     checks, M-RoPE ids for images, the patch map); Qwen3-VL's engine inputs and DeepStack rows."""
 
     name = "qwen3_vl"
+    facts = FACTS
     hf_model_class = "Qwen3VLForConditionalGeneration"
 
     def __init__(self, manifest):  # Qwen2.5-VL's fields without its windows
         super(Qwen25VLFamily, self).__init__(manifest)
-        v, q = manifest.vision, manifest.section("qwen3_vl", SECTION)
+        v, q = manifest.vision, manifest.section()
         try:
             self.patch_size, self.merge = int(v["patch_size"]), int(v["spatial_merge_size"])
             self.min_tokens, self.max_tokens = int(v["min_tokens"]), int(v["max_tokens"])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from apet_trt.apet_ops.compat import accepted_kwargs
+from apet_trt.engine_format.families.video_llava import FACTS
 
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
@@ -35,6 +36,7 @@ def _new_key(processor) -> dict:
 
 class VideoLlavaFamily(RuntimeFamily):
     name = "video_llava"
+    facts = FACTS
     hf_model_class = "VideoLlavaForConditionalGeneration"
     # vLLM / SGLang register no Video-LLaVA: its rows reach them only as prompt embeddings of the
     # language model alone (README, "Video-LLaVA"), not as image_embeds parts

@@ -570,6 +570,26 @@ def test_failure_mid_way_leaves_an_existing_engine_intact(t64, tmp_path, monkeyp
     assert leftovers(tmp_path) == []
 
 
+def test_a_manifest_the_format_refuses_is_never_committed(tmp_path, monkeypatch, capsys):
+    """apet build checks its manifest with apet_trt.engine_format (what the runtime checks at load)
+    before the directory is committed: a family writing a field its facts do not declare fails the
+    build naming that field, and --out is never created."""
+    from apet_trt.export.models.llava import LlavaExport
+
+    right = LlavaExport.manifest_fields
+
+    def wrong(self, apet):
+        fields = right(self, apet)
+        return {**fields, "vision": {**fields["vision"], "window_size": 8}}  # Qwen2.5-VL's field
+
+    monkeypatch.setattr(LlavaExport, "manifest_fields", wrong)
+    out = tmp_path / "engine"
+    assert main(["build", "--model", PRESET, "--keep", "64", "--out", str(out), "--no-tensorrt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not match the engine-directory format" in err and "vision.window_size: unknown field" in err, err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_failure_mid_way_leaves_no_partial_directory(tmp_path, monkeypatch, capsys):
     def fail(module, path, **kw):  # half an ONNX file, then an error
         Path(path).write_bytes(b"half")

@@ -25,10 +25,11 @@ from PIL import Image
 from apet_trt import runtime
 from apet_trt.apet_ops import ApetConfig, compress_reference
 from apet_trt.apet_ops.compat import accepted_kwargs, transformers_version
+from apet_trt.engine_format.families.qwen2_5_vl import engine_layout
 from apet_trt.export.build import BuildConfig, build
 from apet_trt.export.models.qwen2_5_vl import Qwen25VLExport, layout
 from apet_trt.export.presets import load_preset
-from apet_trt.runtime.families.qwen2_5_vl import engine_layout, mrope_position_ids
+from apet_trt.runtime.families.qwen2_5_vl import mrope_position_ids
 
 PRESET = "tiny-qwen2.5-vl"
 KEEP = 48
@@ -123,10 +124,10 @@ def test_layout_equals_transformers_window_index_and_segments(hf, rng):
         for g, s in (("window_gather", "window_scatter"), ("image_gather", "image_scatter")):
             flat = ours[g].reshape(-1)
             assert np.array_equal(flat[ours[s]], np.arange(ours[s].size))
-        # the export side's own copy (example inputs) computes the same
+        # the export side's example inputs are the same layout as int64 tensors
         theirs = layout(grids, merge=2, window_blocks=4)
         for key, value in ours.items():
-            assert np.array_equal(value, theirs[key].numpy()), key
+            assert theirs[key].dtype == torch.int64 and np.array_equal(value, theirs[key].numpy()), key
 
 
 # -- rows -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ audit events and, where strace is installed, the process's system calls).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,12 +22,16 @@ from pathlib import Path
 import pytest
 
 from apet_trt import runtime
-from apet_trt.export import manifest as writer
-from apet_trt.runtime import engine_files
-from apet_trt.runtime.manifest import ManifestError, load_manifest, sha256_file
+from apet_trt.engine_format import SMALL_FILE_BYTES, fingerprint
+from apet_trt.runtime.manifest import ManifestError, load_manifest
 from apet_trt.scripts.cli import main
 from helpers.engines import build_engine_dir, clip_processor_class, make_model, make_tokenizer, write_manifest
 from helpers.guard import strace_paths, untouched
+
+
+def sha256_file(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
 
 PHOTO = str(Path(__file__).resolve().parents[2] / "assets" / "grace_hopper.jpg")
 
@@ -299,8 +304,8 @@ def test_checkpoint_by_path_is_declared_fingerprinted_and_never_copied(by_path, 
     assert ext["fingerprint"]["config.json"]["sha256"] == sha256_file(ckpt / "config.json")
     weights = sha256_file(ckpt / "model.safetensors")
     assert all(e["sha256"] != weights for e in data["files"].values())  # referenced, never copied
-    # the writer's fingerprint and the runtime's agree (one round trip)
-    assert engine_files.fingerprint(ckpt) == writer.fingerprint(ckpt) == ext["fingerprint"]
+    # the writer's (strict) fingerprint and the runtime's (lenient) agree on a readable checkpoint
+    assert fingerprint(ckpt, strict=False) == fingerprint(ckpt, strict=True) == ext["fingerprint"]
     capsys.readouterr()
     assert main(["inspect", str(engine)]) == 0
     out = capsys.readouterr().out
@@ -360,11 +365,23 @@ def test_the_fingerprint_follows_file_links_and_skips_hidden_names(tmp_path):
     (snap / ".gitattributes").write_text("*.bin lfs")
     (snap / "sub" / "tokenizer.json").write_text("{}")
     with open(snap / "big.safetensors", "wb") as f:
-        f.truncate(writer.SMALL_FILE_BYTES + 1)  # sized, not hashed
-    got = writer.fingerprint(snap)
-    assert got == engine_files.fingerprint(snap)
+        f.truncate(SMALL_FILE_BYTES + 1)  # sized, not hashed
+    got = fingerprint(snap, strict=True)
+    assert got == fingerprint(snap, strict=False)
     assert set(got) == {"config.json", "sub/tokenizer.json", "big.safetensors"}
     assert "sha256" not in got["big.safetensors"] and got["config.json"]["bytes"] == 23
+    assert got["config.json"]["sha256"] == hashlib.sha256(b'{"model_type": "llava"}').hexdigest()
+    assert got["sub/tokenizer.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()
+
+
+def test_a_dangling_link_fails_the_writer_and_differs_for_the_reader(tmp_path):
+    """Strict (apet build): a checkpoint file that cannot be read is an error naming it. Lenient (the
+    runtime at load): it is recorded as -1 bytes, which no fingerprint the writer made holds."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"model\.safetensors: a checkpoint file that cannot be read"):
+        fingerprint(tmp_path, strict=True)
+    assert fingerprint(tmp_path, strict=False)["model.safetensors"] == {"bytes": -1}
 
 
 def test_a_fresh_interpreter_refuses_with_one_line(dirs):

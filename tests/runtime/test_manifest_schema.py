@@ -15,9 +15,9 @@ import shutil
 import pytest
 
 from apet_trt import runtime
-from apet_trt.runtime import manifest_schema
+from apet_trt.engine_format import FamilyFacts, check_fields, family_facts
+from apet_trt.engine_format import manifest as format_manifest
 from apet_trt.runtime.manifest import Field, ManifestError, load_manifest, read_manifest
-from apet_trt.runtime.manifest_schema import check_fields
 from apet_trt.scripts.cli import main
 from helpers.engines import build_engine_dir
 from helpers.guard import untouched
@@ -162,20 +162,55 @@ def test_a_valid_manifest_passes_and_keeps_its_values(engine):
     assert m.apet == {"keep": 8, "basis": 4, "merge": True, "ridge": 1e-5, "start": 0}
 
 
-def test_a_family_adds_its_facts_with_one_line_and_checks_them_with_its_own_table(engine, monkeypatch):
-    """The seam's hook: the top-level table gains one line for the family's object, and the family
-    adapter checks that object against its own table through Manifest.section."""
-    monkeypatch.setitem(manifest_schema.SCHEMA, "family", Field("object", required=False, open=True))
-    rows = {"rows_per_image": Field("int", lo=1, hi=4096), "grid": Field("list", max_len=3), "grid[]": Field("int")}
-    _tamper(engine, _set("family", {"rows_per_image": 12, "grid": [2, 3]}))
-    m = read_manifest(engine)
-    assert m.section("family", rows) == {"rows_per_image": 12, "grid": [2, 3]}
-    _tamper(engine, _set("family", {"rows_per_image": 0, "grid": [2, "3"]}))
-    with pytest.raises(ManifestError, match=r"manifest\.json: family\.rows_per_image: must be in 1\.\.4096, got 0"):
-        read_manifest(engine).section("family", rows)
-    _tamper(engine, _set("family", {"rows_per_image": 1, "grid": [2, "3"]}))
-    with pytest.raises(ManifestError, match=r"family\.grid\[1\]: must be an int"):
-        read_manifest(engine).section("family", rows)
+def test_a_family_declares_its_section_and_vision_facts_and_they_are_checked_at_read(engine, monkeypatch):
+    """The seam: a family's FamilyFacts (engine_format/families/<family>.py) add its vision fields and
+    its own section, path fields included, to the common table; read_manifest checks them and
+    Manifest.section() hands the section out. Here the test family is llava with extra facts."""
+    base = family_facts("llava")
+    facts = FamilyFacts(
+        vision={**base.vision, "grid_rows": Field("int", lo=1, hi=64)},
+        section="family",
+        fields={
+            "rows_per_image": Field("int", lo=1, hi=4096),
+            "grid": Field("list", max_len=3),
+            "grid[]": Field("int"),
+            "table": Field("str", path="file"),
+        },
+    )
+    monkeypatch.setattr(format_manifest, "family_facts", lambda name: facts)
+    monkeypatch.setattr("apet_trt.runtime.manifest.family_facts", lambda name: facts)
+    good = {"rows_per_image": 12, "grid": [2, 3], "table": "vision.onnx"}
+    vision = {**json.loads((engine / "manifest.json").read_text())["vision"], "grid_rows": 6}
+
+    def reset(d):
+        d.update(family=json.loads(json.dumps(good)), vision=dict(vision))
+
+    _tamper(engine, reset)
+    assert read_manifest(engine).section() == good
+    for mutate, pattern in [
+        (_set("family.rows_per_image", 0), r"manifest\.json: family\.rows_per_image: must be in 1\.\.4096, got 0"),
+        (_set("family.grid", [2, "3"]), r"family\.grid\[1\]: must be an int"),
+        (_set("family.table", "missing.bin"), r"family\.table: 'missing\.bin' is not listed in files"),
+        (_set("family.table", "../x"), r"family\.table: '\.\./x' has an empty, '\.' or '\.\.' part"),
+        (_set("family.extra", 1), r"family\.extra: unknown field"),
+        (_drop("family.grid"), r"family\.grid: missing"),
+        (_set("vision.grid_rows", 65), r"vision\.grid_rows: must be in 1\.\.64"),
+        (_set("vision.window_size", 8), r"vision\.window_size: unknown field"),  # another family's field
+        (_drop("family"), r"manifest\.json: family: missing"),
+    ]:
+        _tamper(engine, reset)
+        _tamper(engine, mutate)
+        with pytest.raises(ManifestError, match=pattern):
+            read_manifest(engine)
+
+
+def test_an_unknown_family_is_refused_naming_the_known_ones(engine):
+    _tamper(engine, _set("model.family", "pixtral"))
+    with pytest.raises(ManifestError, match=r"model family 'pixtral' is not supported .*llava, llava_next, qwen2_5_vl"):
+        read_manifest(engine)
+    _tamper(engine, _set("model.family", "Not-A-Name"))
+    with pytest.raises(ManifestError, match=r"model\.family: \"Not-A-Name\" is not of the form"):
+        read_manifest(engine)
 
 
 def test_check_fields_on_fresh_random_values(rng):
