@@ -143,10 +143,31 @@ class Qwen3VLFamily(Qwen25VLFamily):
         return rows
 
     # -- the handoff to a serving engine ------------------------------------------------------
-    def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+    def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
+        """How `apet serve --upstream` hands the rows on (the interface of issue 22's routes): vLLM's
+        `image_embeds` dict form, and only with the operator's consent to approximate positions
+        (--upstream-grid-positions): vLLM derives the M-RoPE ids from the part's grid, not the kept
+        rows' own, and no exact route (a plugin) takes Qwen3-VL yet. trtllm-serve: not checked with
+        DeepStack rows, refused."""
+        if fmt != "vllm":
+            raise ValueError(
+                f"--upstream-format {fmt}: Qwen3-VL's rows [T, hidden x (1 + DeepStack levels)] are checked against "
+                "vLLM only; use --upstream-format vllm"
+            )
+        if not grid_positions:
+            raise ValueError(
+                "--upstream: vLLM places Qwen3-VL's image rows on a grid's M-RoPE positions, not the kept rows' own "
+                "(no exact route takes Qwen3-VL yet); pass --upstream-grid-positions to accept approximate "
+                "positions (a compact grid of the kept rows; docs/families/qwen3_vl.md)"
+            )
+        return "image_embeds"
+
+    def handoff_fields(self, rows: VisualRows, fmt: str = "vllm") -> dict[str, torch.Tensor]:
         """vLLM's Qwen3-VL `image_embeds` dict form: the rows [R, H * (1 + L)] as they are and the
         grid [3] = (1, h, w) of exactly R merge blocks (vLLM splits the rows by grid and derives the M-RoPE
         ids from it: approximate positions for ApET's kept rows, see docs/families/qwen3_vl.md)."""
+        if fmt != "vllm":
+            raise ValueError(f"the {self.name} family's rows go to vLLM's image_embeds dict form only, not {fmt!r}")
         grid = compact_grid(rows.num_rows, self.merge)  # one item's grid is [3]: vLLM batches the items
         return {"image_embeds": rows.embeddings, "image_grid_thw": torch.tensor(grid, dtype=torch.int64)}
 

@@ -342,6 +342,15 @@ def test_handoff_is_vllms_layout_and_comes_back(pipes, images):
         pipe.family.rows_from_handoff(narrow)
 
 
+def test_upstream_route_needs_the_grid_positions_opt_in_and_vllm(pipes):
+    family = pipes["ratio"].family
+    with pytest.raises(ValueError, match=r"^--upstream: vLLM places Qwen3-VL's image rows on a grid's M-RoPE"):
+        family.upstream_route("vllm")
+    assert family.upstream_route("vllm", grid_positions=True) == "image_embeds"
+    with pytest.raises(ValueError, match=r"--upstream-format trtllm: .* use --upstream-format vllm"):
+        family.upstream_route("trtllm", grid_positions=True)
+
+
 # -- errors, limits, manifest ---------------------------------------------------------------------
 def test_an_image_smaller_than_the_budget_is_refused_with_its_size(pipes):
     small = Image.new("RGB", (128, 128), (10, 20, 30))  # 4 x 4 blocks of 32 px = 16 tokens < 40
