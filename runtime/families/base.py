@@ -37,7 +37,8 @@ from ..manifest import Manifest
 class VisualRows:
     """One image's (or video's) rows for the LLM.
 
-    embeddings  [R, H] float32, in the order the LLM reads them
+    embeddings  [R, W] float32, in the order the LLM reads them; W is the family's `row_width` (the
+                LLM's hidden size H; Qwen3-VL: H * (1 + DeepStack levels), the levels side by side)
     positions   [R] int64: each row's index in the sequence of rows the uncompressed model would
                 hand the LLM for this image (so with no compression, 0..R-1; with ApET, the kept ones)
     num_patches that uncompressed row count

@@ -274,7 +274,11 @@ def _hf_generate_from_rows(hf, input_ids, rows, position_ids, new):
 
 
 def test_greedy_ids_equal_hf_generate_given_the_same_rows_deepstack_and_positions(hf, pipes, images):
+    from apet_trt.apet_ops.compat import transformers_version
     from apet_trt.runtime.decoders import SamplingConfig
+
+    if transformers_version() < (5, 0):
+        pytest.skip("generate takes pre-encoded image features (mm_encoder_outputs) from Transformers 5 on")
 
     pipe, new = pipes["ratio"], 8
     for image in images[:2]:
@@ -340,6 +344,39 @@ def test_handoff_is_vllms_layout_and_comes_back(pipes, images):
     narrow = {"image_embeds": torch.zeros(24, HIDDEN), "image_grid_thw": torch.tensor([[1, 8, 12]])}
     with pytest.raises(ValueError, match=r"image_embeds of width 64; this engine's rows are 256 wide"):
         pipe.family.rows_from_handoff(narrow)
+
+
+def test_apet_serve_answers_images_and_takes_its_own_handoff_parts(engines, pipes, images):
+    """`apet serve` on a Qwen3-VL engine: an image answers as Pipeline.generate does; an image_embeds
+    part (rows [T, H * (1 + L)] and the compact grid, what `apet encode` writes) is taken at the
+    family's row width and answers as the DeepStack decoder on those rows."""
+    import openai
+
+    from apet_trt.runtime.decoders import SamplingConfig
+    from apet_trt.runtime.serve import ServeConfig
+    from apet_trt.runtime.serve.payload import encode_part
+    from helpers.servers import data_url, image_message, running_server
+
+    pipe = pipes["ratio"]
+    with running_server(ServeConfig(engine=str(engines["ratio"]), batch_wait_ms=20), pipe=pipe) as (url, state):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ask = dict(model=state.model, temperature=0, max_tokens=6)
+        r = client.chat.completions.create(messages=image_message("What is it?", data_url(images[0])), **ask)
+        [ref] = pipe.generate(images[0], "What is it?", max_new_tokens=6)
+        assert r.choices[0].message.content == ref.text
+        [rows] = pipe.encode([images[1]])
+        fields = pipe.family.handoff_fields(rows)
+        part = encode_part(fields)
+        content = [part, {"type": "text", "text": "What is it?"}]
+        r = client.chat.completions.create(messages=[{"role": "user", "content": content}], **ask)
+        back = pipe.family.rows_from_handoff(fields)
+        a = pipe.assemble("What is it?", [back])
+        ids = pipe.decoder.generate([a], [[back.embeddings]], SamplingConfig(max_new_tokens=6)).ids[0]
+        assert r.choices[0].message.content == pipe.tokenizer.decode(ids, skip_special_tokens=True)
+        narrow = encode_part({**fields, "image_embeds": fields["image_embeds"][:, :HIDDEN]})
+        with pytest.raises(openai.BadRequestError, match="width 64"):
+            content = [narrow, {"type": "text", "text": "What is it?"}]
+            client.chat.completions.create(messages=[{"role": "user", "content": content}], **ask)
 
 
 def test_upstream_route_needs_the_grid_positions_opt_in_and_vllm(pipes):
