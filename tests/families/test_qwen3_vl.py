@@ -445,3 +445,13 @@ def test_manifest_has_the_fields_the_family_doc_documents_and_bad_ones_are_refus
     (bad / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=r"qwen3_vl\.deepstack_visual_indexes\[1\]: must be in 0\.\.4096"):
         runtime.load(bad, backend="onnxruntime")
+    # the engine outputs the family declares (engine_format FACTS.outputs): exactly these, typed
+    good = json.loads((engines["keep"] / "manifest.json").read_text())
+    for outputs, message in (
+        (good["io"]["outputs"][:2], r"io\.outputs: must be 'embeddings' and 'positions' and 'deepstack'"),
+        ([*good["io"]["outputs"], {"name": "extra", "dtype": "float32", "shape": [1]}], r"io\.outputs: must be"),
+        ([*good["io"]["outputs"][:2], {**good["io"]["outputs"][2], "dtype": "float16"}], r"deepstack must be float32"),
+    ):
+        (bad / "manifest.json").write_text(json.dumps({**good, "io": {**good["io"], "outputs": outputs}}))
+        with pytest.raises(ManifestError, match=message):
+            runtime.load(bad, backend="onnxruntime")
