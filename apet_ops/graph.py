@@ -19,6 +19,8 @@ matters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -130,21 +132,61 @@ def rank_within(err: torch.Tensor) -> torch.Tensor:
     return ahead.to(torch.float32).sum(dim=-1)
 
 
-def merge_into(x: torch.Tensor, dropped: torch.Tensor, cols: torch.Tensor, candidate: torch.Tensor, tokens):
-    """Step 5: every dropped token of x [B, N, D] (dropped [B, N]) is averaged into the candidate
-    column (cols [B, T] are the columns' rows of x, candidate [B, T]) of highest cosine similarity,
-    the first column among equals: column t becomes (tokens_t + sum) / (1 + count). Scatter-add as
-    a one-hot MatMul; memory [B, N, T]."""
+def merge_groups(x: torch.Tensor, dropped: torch.Tensor, cols: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Step 5's groups: every dropped token of x [B, N, D] (dropped [B, N]) goes to the candidate column
+    (cols [B, T] are the columns' rows of x, candidate [B, T]) of highest cosine similarity, the
+    first column among equals. -> one-hot [B, N, T] float32 (a row of zeros for a kept token)."""
     t = cols.shape[-1]
     unit = x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     sim = unit @ _gather_rows(unit, cols).transpose(1, 2)  # [B, N, T]
     sim = torch.where(candidate.unsqueeze(1), sim, torch.tensor(-3.0, device=x.device))  # never a target
     target = _first_argmax(sim)  # [B, N]
     onehot = (target.unsqueeze(-1) == torch.arange(t, device=x.device)) & dropped.unsqueeze(-1)
-    onehot = onehot.to(torch.float32)  # [B, N, T]
-    sums = onehot.transpose(1, 2) @ x  # [B, T, D]
+    return onehot.to(torch.float32)
+
+
+def merge_into(x: torch.Tensor, dropped: torch.Tensor, cols: torch.Tensor, candidate: torch.Tensor, tokens):
+    """Step 5: column t of `tokens` becomes (tokens_t + sum of the rows of x merged into it) / (1 +
+    count), the groups of `merge_groups`. Scatter-add as a one-hot MatMul; memory [B, N, T]."""
+    return merge_with(merge_groups(x, dropped, cols, candidate), x, tokens)
+
+
+def merge_with(onehot: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Groups `onehot` [B, N, T] applied to rows y [B, N, D]: (tokens + onehot^T y) / (1 + count)."""
+    sums = onehot.transpose(1, 2) @ y  # [B, T, D]
     counts = onehot.sum(dim=1).unsqueeze(-1)  # [B, T, 1]
     return (tokens + sums) / (1.0 + counts)
+
+
+@dataclass
+class Selection:
+    """ApET's decisions for a batch of images (image layout), as tensors: kept positions [B, T]
+    ascending, FPS seeds [B, k], which kept columns are seed slots [B, T] (bool), which seed each slot
+    receives (one-hot [B, T, k] float32), the seed blend w, the merge groups (one-hot [B, N, T]
+    float32, None without merge), and whether anything was dropped [B]. Model-agnostic: it applies
+    to any features of the same N tokens (`apply_selection`)."""
+
+    positions: torch.Tensor
+    seeds: torch.Tensor
+    is_slot: torch.Tensor
+    assign: torch.Tensor
+    seed_blend: float
+    groups: torch.Tensor | None
+    dropped_any: torch.Tensor
+
+
+def apply_selection(selection: Selection, y: torch.Tensor) -> torch.Tensor:
+    """The selection's tokens built from rows y [B, N, D] (float32): kept rows in position order,
+    each seed slot w * (its seed's row) + (1 - w) * (its own row), then each merge group averaged
+    into its kept row. On the features the selection was made on, this is ApET's output."""
+    base = _gather_rows(y, selection.positions)  # [B, T, D] original rows
+    placed = selection.assign @ _gather_rows(y, selection.seeds)  # [B, T, D] the seed of each slot (one-hot)
+    if selection.seed_blend != 1.0:
+        placed = selection.seed_blend * placed + (1.0 - selection.seed_blend) * base
+    tokens = torch.where(selection.is_slot.unsqueeze(-1), placed, base)
+    if selection.groups is not None:
+        tokens = merge_with(selection.groups, y, tokens)
+    return torch.where(selection.dropped_any[:, None, None], tokens, base)
 
 
 class ApetCompressor(nn.Module):
@@ -157,7 +199,12 @@ class ApetCompressor(nn.Module):
             raise TypeError(f"ApetCompressor needs an ApetConfig, got {type(config).__name__}")
         self.config = config
 
-    def forward(self, features: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, start: torch.Tensor | None = None, others=None):
+        """-> (tokens, positions); with `others` (a list of [B, N, D_i]), compress_with's
+        (tokens, positions, [tokens_i]) (called through the module, an exported graph's nodes are
+        scoped by its name)."""
+        if others is not None:
+            return self.compress_with(features, others, start)
         cfg = self.config
         b, n, _ = check_features(features)
         cfg.validate_for(n)  # under the tracer, n is the example's: checks the example only
@@ -190,6 +237,11 @@ class ApetCompressor(nn.Module):
         return start.to(torch.int64)
 
     def _image(self, x: torch.Tensor, start: torch.Tensor, t):
+        selection = self._select(x, start, t)
+        return apply_selection(selection, x), selection.positions
+
+    def _select(self, x: torch.Tensor, start: torch.Tensor, t) -> Selection:
+        """Steps 1-5's decisions on x [B, N, D] (float32), as tensors `apply_selection` applies."""
         cfg, k = self.config, self.config.basis
         # 1-2. seeds by FPS, every token reconstructed from them, squared error per token
         seeds = farthest_point_sampling(x, k, start)  # [B, k]
@@ -201,7 +253,6 @@ class ApetCompressor(nn.Module):
         slots = kept & ~first_in_ranking(err, t - k)
         # 6 (early). kept positions in ascending order
         positions = ascending_members(kept, t)  # [B, T]
-        base = _gather_rows(x, positions)  # [B, T, D] original features
         is_slot = torch.gather(slots, 1, positions)  # [B, T]
 
         # 4. seed j goes to the j-th slot by position, or by error rank (of the k slots only)
@@ -213,18 +264,36 @@ class ApetCompressor(nn.Module):
             slot_rank = rank_within(torch.gather(err, 1, torch.gather(positions, 1, slot_cols)))  # [B, k]
             seed_of = torch.gather(slot_rank, 1, by_position.clamp(max=k - 1).to(torch.int64))
         assign = (seed_of.unsqueeze(-1) == torch.arange(k, device=x.device).to(torch.float32)) & is_slot.unsqueeze(-1)
-        placed = assign.to(torch.float32) @ s  # [B, T, D] the seed of each slot (exact: one-hot)
-        if cfg.seed_blend != 1.0:
-            placed = cfg.seed_blend * placed + (1.0 - cfg.seed_blend) * base
-        tokens = torch.where(is_slot.unsqueeze(-1), placed, base)
 
         # 5. merge: each dropped token goes to the most similar kept non-seed token
-        if cfg.merge:
-            tokens = merge_into(x, ~kept, positions, ~is_slot, tokens)
+        groups = merge_groups(x, ~kept, positions, ~is_slot) if cfg.merge else None
         # T == N (only reachable in a traced graph, whose N is symbolic): the input unchanged
         dropped_any = (~kept).to(torch.float32).sum(dim=-1) > 0
-        tokens = torch.where(dropped_any[:, None, None], tokens, base)
-        return tokens, positions
+        return Selection(positions, seeds, is_slot, assign.to(torch.float32), cfg.seed_blend, groups, dropped_any)
+
+    def compress_with(
+        self, features: torch.Tensor, others: list[torch.Tensor], start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """ApET decides on `features` [B, N, D] and the same decisions (kept positions, seeds and their
+        slots, merge groups) are applied to each of `others` [B, N, D_i] (other features of the same N
+        tokens, any widths): -> (tokens [B, T, D], positions [B, T], [tokens_i [B, T, D_i]]), each in
+        its input's dtype, computed in float32. Image layout only."""
+        cfg = self.config
+        b, n, _ = check_features(features)
+        if cfg.layout != "image":
+            raise ValueError(f"compress_with: the {cfg.layout} layout is not supported (image layout only)")
+        for i, y in enumerate(others):
+            if check_features(y)[:2] != (b, n):
+                raise ValueError(f"others[{i}] has shape {tuple(y.shape)}; it must be [{b}, {n}, D_i] as the features")
+        cfg.validate_for(n)
+        x = features.float()
+        start = self._start(x, start)
+        t = cfg.keep_for(n)
+        if isinstance(n, int) and t == n:
+            return features, torch.arange(n, device=x.device).expand(b, n), list(others)
+        selection = self._select(x, start, t)
+        outs = [apply_selection(selection, y.float()).to(y.dtype) for y in others]
+        return apply_selection(selection, x).to(features.dtype), selection.positions, outs
 
     def _video(self, x: torch.Tensor, start: torch.Tensor):
         cfg, t, k = self.config, self.config.keep, self.config.basis

@@ -143,18 +143,24 @@ def _merged(x: torch.Tensor, dec: ImageDecisions, out: dict[int, torch.Tensor]) 
         out[p] = (out[p] + sums[p]) / (1 + counts[p])
 
 
+def apply_decisions(y: torch.Tensor, dec: ImageDecisions, config: ApetConfig) -> torch.Tensor:
+    """Steps 4-6 of one image's decisions applied to rows y [N, D'] (float64) of the same N tokens:
+    the kept rows in position order, each seed slot w * y[its seed] + (1 - w) * y[slot], each merge
+    group averaged into its kept row. On the features `dec` was made from, this is ApET's output."""
+    out = {p: y[p].clone() for p in dec.kept}
+    w = config.seed_blend
+    for p, j in dec.seed_of_slot.items():  # step 4
+        seed = y[dec.seeds[j]]
+        out[p] = seed.clone() if w == 1.0 else w * seed + (1 - w) * y[p]
+    if config.merge:  # step 5 (seed slots are never candidates)
+        _merged(y, dec, out)
+    return torch.stack([out[p] for p in dec.kept])  # step 6: spatial order
+
+
 def compress_image(x: torch.Tensor, config: ApetConfig, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-6 for one image x [N, D] (float64): tokens [T, D], positions [T]."""
     dec = decide(x, config, start)
-    out = {p: x[p].clone() for p in dec.kept}
-    w = config.seed_blend
-    for p, j in dec.seed_of_slot.items():  # step 4
-        seed = x[dec.seeds[j]]
-        out[p] = seed.clone() if w == 1.0 else w * seed + (1 - w) * x[p]
-    if config.merge:  # step 5 (seed slots are never candidates)
-        _merged(x, dec, out)
-    positions = torch.tensor(dec.kept, dtype=torch.int64)  # step 6: spatial order
-    return torch.stack([out[p] for p in dec.kept]), positions
+    return apply_decisions(x, dec, config), torch.tensor(dec.kept, dtype=torch.int64)
 
 
 def compress_frame(
@@ -214,3 +220,29 @@ def compress_reference(features: torch.Tensor, config: ApetConfig, start=None) -
     tokens, positions = zip(*(one(features[i].detach().cpu().double(), config, starts[i]) for i in range(b)))
     out = torch.stack(tokens).to(device=features.device, dtype=features.dtype)
     return out, torch.stack(positions).to(features.device)
+
+
+def compress_reference_with(
+    features: torch.Tensor, others, config: ApetConfig, start=None
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The oracle of ApetCompressor.compress_with: decisions on features [B, N, D], the same decisions
+    applied to each of `others` [B, N, D_i] -> (tokens, positions, [tokens_i]), each in its input's
+    dtype. Image layout only."""
+    b, n, _ = check_features(features)
+    if config.layout != "image":
+        raise ValueError(f"compress_reference_with: the {config.layout} layout is not supported (image layout only)")
+    for i, y in enumerate(others):
+        if check_features(y)[:2] != (b, n):
+            raise ValueError(f"others[{i}] has shape {tuple(y.shape)}; it must be [{b}, {n}, D_i] as the features")
+    config.validate_for(n)
+    starts = per_image_starts(start, b, n, config)
+    if config.keep_for(n) == n:
+        return features.clone(), torch.arange(n, dtype=torch.int64).expand(b, n).clone(), [y.clone() for y in others]
+    decisions = [decide(features[i].detach().cpu().double(), config, starts[i]) for i in range(b)]
+
+    def applied(y: torch.Tensor) -> torch.Tensor:
+        rows = [apply_decisions(y[i].detach().cpu().double(), decisions[i], config) for i in range(b)]
+        return torch.stack(rows).to(device=y.device, dtype=y.dtype)
+
+    positions = torch.stack([torch.tensor(d.kept, dtype=torch.int64) for d in decisions]).to(features.device)
+    return applied(features), positions, [applied(y) for y in others]

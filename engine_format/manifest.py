@@ -248,14 +248,21 @@ def _rule_batch(d: dict) -> None:
 
 
 def _rule_io(d: dict) -> None:
+    own = dict(family_facts(d["model"]["family"]).outputs)  # the family's outputs beside the two (main io)
     for prefix, io in [("io", d["io"]), *((f"parts.{k}.io", p["io"]) for k, p in (d.get("parts") or {}).items())]:
         for side in ("inputs", "outputs"):
             names = [x["name"] for x in io[side]]
             if not names or len(set(names)) != len(names):
                 _fail(f"{prefix}.{side}", f"names must be present and unique, got {names}")
         outputs = {o["name"]: (i, o) for i, o in enumerate(io["outputs"])}
-        if set(outputs) != {"embeddings", "positions"}:
-            _fail(f"{prefix}.outputs", f"must be 'embeddings' and 'positions', got {sorted(outputs)}")
+        extra = own if prefix == "io" else {}
+        if set(outputs) != {"embeddings", "positions", *extra}:
+            want = " and ".join(repr(n) for n in ("embeddings", "positions", *extra))
+            _fail(f"{prefix}.outputs", f"must be {want}, got {sorted(outputs)}")
+        for name, dtype in extra.items():
+            i, o = outputs[name]
+            if o["dtype"] != dtype:
+                _fail(f"{prefix}.outputs[{i}].dtype", f"{name} must be {dtype}, got {o['dtype']!r}")
         # [items, T, H] and [items, T]; or one call's rows, [rows, H] and [rows] (items of different
         # sizes, Qwen2.5-VL)
         lead = len(io["outputs"][outputs["positions"][0]]["shape"]) - 1

@@ -26,6 +26,13 @@ config, image processor and tokenizer.
     qwen2.5-vl-7b-arch the exact Qwen/Qwen2.5-VL-7B-Instruct configuration, random weights, the
                        vision tower only; the processor sized as ApET's Qwen evaluation sized it
                        (min/max pixels for 256..2048 visual tokens per image). For benchmarks.
+    tiny-qwen3-vl      Qwen3-VL architecture with its real geometry (16 px patches, 2 x 2 merge, temporal
+                       patch 2, the 48 x 48 position table, three DeepStack levels) but tiny widths (LLM head
+                       size 32, which vLLM's CPU attention takes); 4..192 visual tokens per image. For
+                       tests. Saved whole (hf/).
+    qwen3-vl-8b-arch   the exact Qwen/Qwen3-VL-8B-Instruct configuration, random weights, the vision tower
+                       and its DeepStack mergers only; the processor sized for 256..2048 visual tokens per
+                       image (as the Qwen2.5-VL benchmarks). For benchmarks (7B-class: not for a shared CPU).
 
 Random weights make the generated text noise; real checkpoints go in by path.
 """
@@ -286,6 +293,87 @@ PRESETS: dict[str, Preset] = {
                 # ApET's Qwen evaluation scripts: 256..2048 visual tokens per image
                 processor=dict(min_pixels=256 * 28 * 28, max_pixels=2048 * 28 * 28),
                 first_special_id=151643,  # Qwen2's <|endoftext|>; <|image_pad|> is then 151655
+            ),
+            materialise_language_model=False,
+        ),
+        Preset(
+            name="tiny-qwen3-vl",
+            family="qwen3_vl",
+            description="Qwen3-VL architecture and geometry (patch 16, merge 2, 3 DeepStack levels), tiny widths",
+            fields=dict(
+                vision=dict(
+                    depth=4,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_heads=2,
+                    out_hidden_size=64,
+                    deepstack_visual_indexes=[0, 1, 2],
+                    num_position_embeddings=2304,
+                    patch_size=16,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    in_channels=3,
+                    hidden_act="gelu_pytorch_tanh",
+                ),
+                text=dict(
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=4,  # > the 3 DeepStack levels, injected after layers 0..2
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    head_dim=32,  # vLLM's CPU attention takes head sizes 32 / 64
+                    max_position_embeddings=4096,
+                    rope_parameters={
+                        "rope_type": "default",
+                        "rope_theta": 5000000.0,
+                        "mrope_section": [6, 5, 5],
+                        "mrope_interleaved": True,
+                    },
+                ),
+                processor=dict(min_pixels=4 * 32 * 32, max_pixels=192 * 32 * 32),
+                first_special_id=None,
+            ),
+            materialise_language_model=True,
+        ),
+        Preset(
+            name="qwen3-vl-8b-arch",
+            family="qwen3_vl",
+            description="the exact Qwen/Qwen3-VL-8B-Instruct configuration, vision tower and DeepStack mergers only",
+            fields=dict(
+                vision=dict(
+                    depth=27,
+                    hidden_size=1152,
+                    intermediate_size=4304,
+                    num_heads=16,
+                    out_hidden_size=4096,
+                    deepstack_visual_indexes=[8, 16, 24],
+                    num_position_embeddings=2304,
+                    patch_size=16,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    in_channels=3,
+                    hidden_act="gelu_pytorch_tanh",
+                ),
+                text=dict(
+                    hidden_size=4096,
+                    intermediate_size=12288,
+                    num_hidden_layers=36,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    head_dim=128,
+                    max_position_embeddings=262144,
+                    rms_norm_eps=1e-6,
+                    rope_parameters={
+                        "rope_type": "default",
+                        "rope_theta": 5000000.0,
+                        "mrope_section": [24, 20, 20],
+                        "mrope_interleaved": True,
+                    },
+                    vocab_size=151936,
+                    hidden_act="silu",
+                ),
+                processor=dict(min_pixels=256 * 32 * 32, max_pixels=2048 * 32 * 32),
+                first_special_id=151643,  # Qwen's <|endoftext|>; <|image_pad|> is then 151655
             ),
             materialise_language_model=False,
         ),

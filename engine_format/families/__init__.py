@@ -26,11 +26,14 @@ class FamilyFacts:
     section  the name of the family's own top-level object, or None
     fields   that object's table, names relative to it (the SCHEMA form; `path=` fields are checked
              against `files` like every other path)
+    outputs  the main engine's outputs beside `embeddings` and `positions`, name -> dtype (required
+             when declared; e.g. Qwen3-VL's DeepStack levels), which the family's runtime adapter reads
     """
 
     vision: Mapping[str, Field] = field(default_factory=dict)
     section: str | None = None
     fields: Mapping[str, Field] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
 
     def schema(self) -> dict[str, Field]:
         """These facts as dotted names of the whole manifest."""

@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {  # family name -> "module:class"
     "llava": "apet_trt.export.models.llava:LlavaExport",
     "llava_next": "apet_trt.export.models.llava_next:LlavaNextExport",
     "qwen2_5_vl": "apet_trt.export.models.qwen2_5_vl:Qwen25VLExport",
+    "qwen3_vl": "apet_trt.export.models.qwen3_vl:Qwen3VLExport",
     "video_llava": "apet_trt.export.models.video_llava:VideoLlavaExport",
 }
 

@@ -55,9 +55,7 @@ def create_decoder(name: str, manifest: Manifest, family, model_loader):
 
         return stage2_decoder(model_loader(), manifest, family, **common)
     if name == "transformers":
-        from .transformers import TransformersDecoder
-
-        return TransformersDecoder(model_loader(), **common)
+        return family.transformers_decoder(model_loader(), **common)  # the family's (Qwen3-VL: DeepStack)
     if name not in DECODERS[1:]:
         raise ValueError(f"decoder must be one of {DECODERS[1:]} here, got {name!r}")
     if manifest.llm_stage:

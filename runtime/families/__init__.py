@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {  # manifest model.family -> "module:class"
     "llava": "apet_trt.runtime.families.llava:LlavaFamily",
     "llava_next": "apet_trt.runtime.families.llava_next:LlavaNextFamily",
     "qwen2_5_vl": "apet_trt.runtime.families.qwen2_5_vl:Qwen25VLFamily",
+    "qwen3_vl": "apet_trt.runtime.families.qwen3_vl:Qwen3VLFamily",
     "video_llava": "apet_trt.runtime.families.video_llava:VideoLlavaFamily",
 }
 

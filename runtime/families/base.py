@@ -40,7 +40,8 @@ START = "start"  # the vision engine's per-item first FPS seed input (--start ra
 class VisualRows:
     """One image's (or video's) rows for the LLM.
 
-    embeddings  [R, H] float32, in the order the LLM reads them
+    embeddings  [R, W] float32, in the order the LLM reads them; W is the family's `row_width` (the
+                LLM's hidden size H; Qwen3-VL: H * (1 + DeepStack levels), the levels side by side)
     positions   [R] int64: each row's index in the sequence of rows the uncompressed model would
                 hand the LLM for this image (so with no compression, 0..R-1; with ApET, the kept ones)
     num_patches that uncompressed row count
@@ -123,6 +124,19 @@ class RuntimeFamily(ABC):
         if self._starts is None:
             raise RuntimeError(f"{self.manifest.root}: the engine draws no random starts (manifest random_start)")
         return torch.randint(0, rows, (count,), generator=self._starts, dtype=torch.int64).numpy()
+
+    @property
+    def row_width(self) -> int:
+        """The width of one visual row (what decoders and an upstream take per kept token): the LLM's
+        hidden size, unless the family's rows carry more (Qwen3-VL: its DeepStack levels side by side)."""
+        return int(self.manifest.llm["hidden_size"])
+
+    def transformers_decoder(self, model, **common):
+        """The Transformers decoder for this family's rows (`common`: TransformersDecoder's keyword
+        arguments); a family whose rows need more than the input embeddings gives its own subclass."""
+        from ..decoders.transformers import TransformersDecoder
+
+        return TransformersDecoder(model, **common)
 
     @property
     def fixed_rows(self) -> int | None:

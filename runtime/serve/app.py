@@ -136,7 +136,7 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
             metrics=metrics,
             decode=cfg.upstream is None,
         )
-        limits = EmbedsLimits(int(p.manifest.llm["hidden_size"]), int(p.manifest.llm["max_position_embeddings"]))
+        limits = EmbedsLimits(p.family.row_width, int(p.manifest.llm["max_position_embeddings"]))
         upstream = None
         if cfg.upstream is not None:
             from .upstream import Upstream

@@ -230,11 +230,12 @@ class LanguageModel:
 
 
 def runtime_decoder(model: torch.nn.Module, manifest, lm: LanguageModel):
-    """The runtime's TransformersDecoder over the benchmark's model, never stopping at EOS (every
-    call makes exactly the tokens asked for)."""
-    from apet_trt.runtime.decoders import TransformersDecoder
+    """The runtime's Transformers decoder of the engine's family (TransformersDecoder, or the family's
+    own, e.g. Qwen3-VL's DeepStack one) over the benchmark's model, never stopping at EOS (every call
+    makes exactly the tokens asked for)."""
+    from apet_trt.runtime.families import family_for
 
-    return TransformersDecoder(model, **_decoder_kwargs(manifest, lm))
+    return family_for(manifest).transformers_decoder(model, **_decoder_kwargs(manifest, lm))
 
 
 def _decoder_kwargs(manifest, lm: LanguageModel) -> dict:

@@ -1,0 +1,333 @@
+"""Qwen3-VL family (Transformers `Qwen3VLForConditionalGeneration`), DeepStack levels included.
+
+ApET on Qwen3-VL is this project's extension: the paper's authors evaluated LLaVA-1.5, LLaVA-NeXT,
+Video-LLaVA and Qwen2.5-VL, not Qwen3-VL (docs/families/qwen3_vl.md).
+
+Geometry: the processor resizes each image to multiples of 32 px within its min/max pixels and cuts
+it into 16 px patches (3 channels x 2 temporal copies x 16 x 16 = 1536 values each), every 4
+consecutive patches one 2 x 2 merge block; an image of h x w patches hands the LLM N = h * w / 4 rows.
+Unlike Qwen2.5-VL the tower has no window attention (every block attends over the whole image) and
+adds a learned position embedding, bilinearly resampled from a 48 x 48 table to each image's grid.
+
+DeepStack: after the blocks `deepstack_visual_indexes` (8, 16, 24 in the 8B model) the hidden
+states go through a merger of their own (LayerNorm after the 2 x 2 shuffle); the LLM adds level l's
+row of a visual token to that token's hidden state after its decoder layer l. So each of the N
+tokens has 1 + L rows of the LLM's width, and a compressor that keeps T tokens must keep the same T
+at every level.
+
+The engine's inputs, computed from each image's grid with numpy (engine_format/families/qwen3_vl.py,
+which the runtime adapter feeds):
+
+    pixel_values     [patches, 1536] float32  the processor's output, image after image
+    patch_positions  [patches, 2]    int64    (row, column) of each patch in its image (rotary)
+    interp_indices   [patches, 4]    int64    the 4 taps of the 48 x 48 position table per patch
+    interp_weights   [patches, 4]    float32  and their bilinear weights (align_corners)
+    image_gather     [images, image_patches] int64  attention segments (one per image), -1 padded,
+    image_scatter    [patches]               int64  and each patch's padded slot
+
+Then the main merger and the DeepStack mergers -> rows [N, H] and levels [L, N, H] in the
+processor's order -> ApET (apet_ops.ApetCompressor.compress_with, float32): the selection is made on
+the main rows and the same kept positions, seed slots and merge groups are applied to every level
+-> embeddings [rows, H] float32, positions [rows] int64 (each row's index among the call's
+uncompressed rows), deepstack [L, rows, H] float32. An ApET engine takes one image per call (ApET runs per image);
+the --no-apet engine takes several.
+
+Presets (export/presets.py) give `fields` = {"vision": Qwen3VLVisionConfig kwargs, "text":
+Qwen3VLTextConfig kwargs, "processor": {"min_pixels", "max_pixels"}, "first_special_id": int | None}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apet_trt.apet_ops import ApetCompressor, ApetConfig
+from apet_trt.apet_ops.compat import pil_image_processor_class
+from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
+
+from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
+from .base import Preset
+from .qwen2_5_vl import Qwen25VLExport, parts, processor_pixels, segment_attention
+
+QWEN3_MEAN = [0.5, 0.5, 0.5]
+QWEN3_STD = [0.5, 0.5, 0.5]
+OUTPUTS = ("embeddings", "positions", "deepstack")  # the first two: what every family's engine returns
+# Qwen3-VL's chat template (no default system prompt), one image
+CHAT_TEMPLATE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+class VisionParts(nn.Module):
+    """Only the vision tower (with its mergers): a 7B-class language model stays unbuilt."""
+
+    def __init__(self, visual: nn.Module, config):
+        super().__init__()
+        self.visual = visual
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config) -> VisionParts:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        return cls(Qwen3VLVisionModel._from_config(config.vision_config), config).eval()
+
+
+# -- the index inputs of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds
+def layout(grids, *, merge: int, side: int) -> dict[str, torch.Tensor]:
+    """The engine's index inputs for images of these (t, h, w) patch grids, in processor order."""
+    return {k: torch.from_numpy(v) for k, v in engine_layout(grids, merge, side).items()}
+
+
+# -- the engine -----------------------------------------------------------------------------------
+class Qwen3VLTower(nn.Module):
+    """The checkpoint's patch embedding, resampled position table and blocks, attention per image on
+    padded segments: the engine's inputs -> (last hidden states [P, D], the hidden states after each
+    DeepStack block [L x [P, D]]), patches in the processor's order."""
+
+    def __init__(self, visual):
+        super().__init__()
+        cfg = visual.config
+        self.patch_embed, self.pos_embed, self.blocks = visual.patch_embed, visual.pos_embed, visual.blocks
+        self.num_heads = cfg.num_heads
+        self.taps = {int(i): j for j, i in enumerate(cfg.deepstack_visual_indexes)}
+        # a constant, not a buffer: --fp16 halves buffers, and the rotary angles stay float32
+        self.inv_freq = tuple(float(f) for f in visual.rotary_pos_emb.inv_freq)
+
+    def forward(self, pixel_values, patch_positions, interp_indices, interp_weights, image_gather, image_scatter):
+        proj = self.patch_embed.proj  # Conv3d with stride = kernel: one matmul per patch
+        x = F.linear(pixel_values.to(proj.weight.dtype), proj.weight.reshape(proj.weight.shape[0], -1), proj.bias)
+        x = x + (self.pos_embed(interp_indices) * interp_weights[:, :, None]).sum(1).to(x.dtype)
+        freqs = patch_positions.unsqueeze(-1).float() * torch.tensor(self.inv_freq, dtype=torch.float32)
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        taps: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x = x + segment_attention(block.attn, block.norm1(x), cos, sin, image_gather, image_scatter, self.num_heads)
+            x = x + block.mlp(block.norm2(x))
+            if i in self.taps:
+                taps.append(x)
+        return x, taps
+
+
+class Qwen3VLMergers(nn.Module):
+    """The main PatchMerger and the DeepStack mergers: hidden states -> rows [N, H], levels [L, N, H]."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.merger, self.deepstack = visual.merger, visual.deepstack_merger_list
+
+    def forward(self, x, taps):
+        return self.merger(x), torch.stack([m(t) for m, t in zip(self.deepstack, taps)])
+
+
+class Qwen3VLVisionEngine(nn.Module):
+    """The engine's named inputs (module docstring) -> (embeddings [rows, H] float32, positions [rows]
+    int64, deepstack [L, rows, H] float32). Submodules vision_tower / projector / compressor name the graph's
+    node scopes (export/precision.py reads each part's dtype from them)."""
+
+    def __init__(self, model, apet: ApetConfig | None):
+        super().__init__()
+        visual = parts(model)
+        self.vision_tower = Qwen3VLTower(visual)
+        self.projector = Qwen3VLMergers(visual)
+        self.compressor = ApetCompressor(apet) if apet is not None else None
+
+    def forward(self, pixel_values, patch_positions, interp_indices, interp_weights, image_gather, image_scatter):
+        x, taps = self.vision_tower(
+            pixel_values, patch_positions, interp_indices, interp_weights, image_gather, image_scatter
+        )
+        rows, levels = self.projector(x, taps)
+        if self.compressor is None:
+            return rows.float(), torch.arange(rows.shape[0], device=rows.device), levels.float()
+        # the selection on the main rows; the same kept positions, seeds and merge groups on every level
+        tokens, positions, kept = self.compressor(rows.unsqueeze(0), others=list(levels.unsqueeze(1).unbind(0)))
+        return tokens[0].float(), positions[0], torch.stack([k[0] for k in kept]).float()
+
+
+def image_processor(min_pixels: int, max_pixels: int):
+    """Qwen3-VL's image processor (Qwen2-VL's class with 16 px patches and 0.5 mean/std), PIL backend."""
+    return pil_image_processor_class("Qwen2VLImageProcessor")(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=QWEN3_MEAN,
+        image_std=QWEN3_STD,
+        do_resize=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        do_convert_rgb=True,
+        resample=3,
+    )
+
+
+class Qwen3VLExport(Qwen25VLExport):
+    """Qwen2.5-VL's adapter for what the two share (pixel range, token range, ratio budget, TensorRT's
+    TopK limit, one image per ApET call); Qwen3-VL's own tower, engine io and DeepStack outputs."""
+
+    name = "qwen3_vl"
+    facts = FACTS
+    model_types = ("qwen3_vl",)
+    hf_model_class = "Qwen3VLForConditionalGeneration"
+    prompt_template = CHAT_TEMPLATE
+    image_token = QWEN_IMAGE_TOKEN
+    trtllm_model_class = None
+    # the official ApET Qwen2.5-VL rules (its qwen2_5_vl_custom.py), carried over: seeds blended 0.5 /
+    # 0.5 into their slots; the budget is the build's (--keep-ratio 0.3 is the official one)
+    apet_defaults = {"seed_blend": 0.5}
+
+    def __init__(self, config, processor=None):  # noqa: D107 - Qwen2.5-VL's fields without its windows
+        self.config = config
+        self.processor = processor
+        v = config.vision_config
+        self.patch_size, self.merge = v.patch_size, v.spatial_merge_size
+        self.temporal_patch_size = v.temporal_patch_size
+        self.feature_dim = v.out_hidden_size
+        self.levels = len(v.deepstack_visual_indexes)
+        self.side = int(v.num_position_embeddings**0.5)
+        self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+        self.factor = self.patch_size * self.merge
+        lo, hi = processor_pixels(processor) if processor is not None else (64 * 32 * 32, 16384 * 32 * 32)
+        self.min_tokens = max(1, math.ceil(lo / self.factor**2))
+        self.max_tokens = max(self.min_tokens, hi // self.factor**2)
+        self.apet: ApetConfig | None = None
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def preset_config(cls, preset: Preset):
+        from transformers import Qwen3VLConfig
+
+        f = preset.fields
+        tokenizer = qwen_tokenizer(f.get("first_special_id"))
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+        text = dict(f["text"])
+        text.setdefault("vocab_size", len(tokenizer))
+        text.update(
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]
+        )
+        config = Qwen3VLConfig(
+            vision_config=dict(f["vision"]),
+            text_config=text,
+            image_token_id=ids[QWEN_IMAGE_TOKEN],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+        for key, value in (("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>")):
+            setattr(config, key, ids[value])
+        config.pad_token_id = ids["<|endoftext|>"]
+        return config, image_processor(**f["processor"]), tokenizer
+
+    def vision_parts(self) -> nn.Module:
+        return VisionParts.from_config(self.config)
+
+    # -- the engine ---------------------------------------------------------------------------
+    def tensorrt_profile(self, apet: ApetConfig | None, opt_batch: int, max_batch: int) -> dict:
+        """min: one image of the fewest tokens; opt: opt_batch images of the geometric middle of the
+        token range; max: max_batch images of the most tokens."""
+        limit = self.tensorrt_token_limit()
+        if limit is not None and self.max_tokens > limit:
+            raise ValueError(
+                f"images of up to {self.max_tokens} tokens with {self.apet.to_dict()}: TensorRT's TopK takes "
+                f"K <= 3840, so a TensorRT plan takes N <= {limit} tokens per image; build with --max-pixels <= "
+                f"{limit * self.factor**2} (or --no-tensorrt for the ONNX engine alone)"
+            )
+        unit = self.merge**2
+        opt_tokens = min(self.max_tokens, max(self.min_tokens, round(math.sqrt(self.min_tokens * self.max_tokens))))
+        dims = {
+            "patches": (unit * self.min_tokens, unit * opt_tokens * opt_batch, unit * self.max_tokens * max_batch),
+            "images": (1, opt_batch, max_batch),
+            "image_patches": (unit * self.min_tokens, unit * opt_tokens, unit * self.max_tokens),
+        }
+        profile = {}
+        for t in self.io(apet)["inputs"]:
+            shape = [dims[d] if isinstance(d, str) else (d, d, d) for d in t["shape"]]
+            profile[t["name"]] = tuple(tuple(s[i] for s in shape) for i in range(3))
+        return profile
+
+    def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
+        return Qwen3VLVisionEngine(model, apet)
+
+    def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        grids = self.example_grids(batch, generator)
+        patches = sum(t * h * w for t, h, w in grids)
+        return {
+            "pixel_values": torch.randn(patches, self.patch_dim, generator=generator),
+            **layout(grids, merge=self.merge, side=self.side),
+        }
+
+    def io(self, apet: ApetConfig | None) -> dict:
+        h = self.config.text_config.hidden_size
+        rows = "rows" if apet is None or apet.keep is None else apet.keep
+        images = "images" if apet is None else 1
+
+        def tensor(name, dtype, *shape):
+            return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+        return {
+            "inputs": [
+                tensor("pixel_values", "float32", "patches", self.patch_dim),
+                tensor("patch_positions", "int64", "patches", 2),
+                tensor("interp_indices", "int64", "patches", 4),
+                tensor("interp_weights", "float32", "patches", 4),
+                tensor("image_gather", "int64", images, "image_patches"),
+                tensor("image_scatter", "int64", "patches"),
+            ],
+            "outputs": [
+                tensor(OUTPUTS[0], "float32", rows, h),
+                tensor(OUTPUTS[1], "int64", rows),
+                tensor(OUTPUTS[2], "float32", self.levels, rows, h),
+            ],
+        }
+
+    def reference_rows(self, model: nn.Module, processor, images: list) -> list[torch.Tensor]:
+        """Transformers' own `get_image_features` (the vision model's forward for the vision parts
+        alone), per image its main rows and each DeepStack level's side by side: [R, H * (1 + L)],
+        vLLM's layout, what the runtime hands the decoder."""
+        out = processor(images=images, return_tensors="pt")
+        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        sizes = (grid.prod(-1) // self.merge**2).tolist()
+        inner = getattr(model, "model", model)
+        get = getattr(inner, "get_image_features", None) or (lambda p, g: parts(model)(p, grid_thw=g))
+        with torch.no_grad():
+            features = get(pixel_values, grid)
+        # Transformers 5: a model output (per-image splits); 4.57: a tuple (main, levels unsplit)
+        main, levels = (
+            features if isinstance(features, tuple) else (features.pooler_output, features.deepstack_features)
+        )
+        main = torch.split(main, sizes) if isinstance(main, torch.Tensor) else main
+        levels = [torch.split(x, sizes) if isinstance(x, torch.Tensor) else x for x in levels]
+        return [torch.cat([m, *(lvl[i] for lvl in levels)], dim=-1).float() for i, m in enumerate(main)]
+
+    # -- the manifest -------------------------------------------------------------------------
+    def manifest_fields(self, apet: ApetConfig | None) -> dict:
+        v = self.config.vision_config
+        return {
+            "vision": {
+                "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size,
+                "spatial_merge_size": self.merge,
+                "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
+                "min_tokens": self.min_tokens,
+                "max_tokens": self.max_tokens,
+                "feature_dim": self.feature_dim,
+            },
+            "num_visual_tokens": self.rows_per_item(apet),
+            "qwen3_vl": {
+                "images_per_call": 1 if apet is not None else None,
+                "tensorrt_max_tokens": self.tensorrt_token_limit(),
+                "image_token_id": self.config.image_token_id,
+                "vision_start_token_id": self.config.vision_start_token_id,
+                # DeepStack: level l is added to the LLM's hidden states after decoder layer l
+                "deepstack_visual_indexes": [int(i) for i in v.deepstack_visual_indexes],
+                "num_position_embeddings": int(v.num_position_embeddings),
+            },
+        }
