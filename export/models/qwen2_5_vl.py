@@ -107,6 +107,16 @@ def layout(grids: list[tuple[int, int, int]], *, merge: int, window_blocks: int)
     return {k: torch.from_numpy(v) for k, v in engine_layout(grids, merge, window_blocks).items()}
 
 
+def check_token_bound(max_tokens: int, max_pixels: int, factor: int) -> None:
+    """--max-pixels whose images would exceed the engine format's tokens per image: refused before
+    anything is built (the runtime's schema would refuse the engine)."""
+    if max_tokens > MAX_TOKENS_PER_IMAGE:
+        raise ValueError(
+            f"--max-pixels {max_pixels}: images of up to {max_tokens:,} tokens, over the engine format's "
+            f"{MAX_TOKENS_PER_IMAGE:,} tokens per image; build with --max-pixels <= {MAX_TOKENS_PER_IMAGE * factor**2}"
+        )
+
+
 # -- the engine -----------------------------------------------------------------------------------
 def segment_attention(
     attn: nn.Module, x, cos, sin, gather, scatter, num_heads: int, chunks: tuple[int, int] | None = None
@@ -291,12 +301,7 @@ class Qwen25VLExport(ExportFamily):
         self.min_tokens = max(1, math.ceil(lo / self.factor**2))
         self.max_tokens = max(self.min_tokens, hi // self.factor**2)
         self.max_pixels = hi
-        if self.max_tokens > MAX_TOKENS_PER_IMAGE:  # the runtime's schema would refuse the engine
-            raise ValueError(
-                f"--max-pixels {hi}: images of up to {self.max_tokens:,} tokens, over the engine format's "
-                f"{MAX_TOKENS_PER_IMAGE:,} tokens per image; build with --max-pixels <= "
-                f"{MAX_TOKENS_PER_IMAGE * self.factor**2}"
-            )
+        check_token_bound(self.max_tokens, hi, self.factor)
         self.apet: ApetConfig | None = None  # the build's (check_apet): example images must meet it
         self.attention_chunk = ATTENTION_CHUNK
 

@@ -50,7 +50,7 @@ from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
 
 from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
 from .base import Preset
-from .qwen2_5_vl import Qwen25VLExport, parts, processor_pixels, segment_attention
+from .qwen2_5_vl import Qwen25VLExport, check_token_bound, parts, processor_pixels, segment_attention
 
 QWEN3_MEAN = [0.5, 0.5, 0.5]
 QWEN3_STD = [0.5, 0.5, 0.5]
@@ -197,7 +197,13 @@ class Qwen3VLExport(Qwen25VLExport):
         lo, hi = processor_pixels(processor) if processor is not None else (64 * 32 * 32, 16384 * 32 * 32)
         self.min_tokens = max(1, math.ceil(lo / self.factor**2))
         self.max_tokens = max(self.min_tokens, hi // self.factor**2)
+        self.max_pixels = hi
+        check_token_bound(self.max_tokens, hi, self.factor)
         self.apet: ApetConfig | None = None
+        # the engine attends over each image whole (not in query slices), so `apet build` estimates its
+        # memory (check_memory) with the whole score matrix; the estimate's constants were fitted on
+        # Qwen2.5-VL's tower (docs/LIMITS.md) and are not re-fitted for Qwen3-VL's
+        self.attention_chunk = None
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
