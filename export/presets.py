@@ -235,11 +235,11 @@ PRESETS: dict[str, Preset] = {
                     hidden_size=64,
                     intermediate_size=128,
                     num_hidden_layers=2,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
+                    num_attention_heads=2,  # head size 32: vLLM's CPU attention takes 32 or 64, not 16
+                    num_key_value_heads=1,
                     max_position_embeddings=2048,
                     rope_theta=1000000.0,
-                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},  # sums to head size / 2
                 ),
                 processor=dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256),
                 first_special_id=None,  # right after the byte-level tokenizer's 256 tokens

@@ -234,6 +234,52 @@ class Qwen25VLFamily(RuntimeFamily):
             offset += r.num_rows
         return mrope_position_ids(int(input_ids.numel()), runs, self.merge)
 
+    # -- the handoff to a serving engine ------------------------------------------------------
+    def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
+        """vLLM and trtllm-serve derive an image's M-RoPE ids from a grid (vLLM: the part's
+        image_grid_thw; TensorRT-LLM: one it infers from R), so the kept rows' own ids cannot reach
+        them: only with the operator's explicit consent to those approximate positions."""
+        if not grid_positions:
+            raise ValueError(
+                "--upstream: vLLM and trtllm-serve place Qwen2.5-VL's image rows on a grid's M-RoPE positions, not "
+                "the kept rows' own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md); pass "
+                "--upstream-grid-positions to accept approximate positions (a compact grid of the kept rows)"
+            )
+        return "image_embeds"
+
+    def handoff_fields(self, rows: VisualRows, fmt: str = "vllm") -> dict[str, torch.Tensor]:
+        """The one place the Qwen2.5-VL payload is built. vLLM: the dict form, `image_embeds` [R, H] and
+        a 1-D `image_grid_thw` [1, h, w] whose h * w / merge^2 = R (the most square compact grid of the
+        R kept rows; vLLM's M-RoPE ids then come from it: approximate, docs/UPSTREAM.md).
+        trtllm-serve: the rows alone (its processor infers such a grid itself)."""
+        if fmt == "trtllm":
+            return {"image_embeds": rows.embeddings}
+        return {"image_embeds": rows.embeddings, "image_grid_thw": self.compact_grid(rows.num_rows)}
+
+    def compact_grid(self, num_rows: int) -> torch.Tensor:
+        """[1, h, w] patches, h * w / merge^2 = num_rows, h <= w as close to square as num_rows allows."""
+        a = max(d for d in range(1, int(num_rows**0.5) + 1) if num_rows % d == 0)
+        return torch.tensor([1, a * self.merge, num_rows // a * self.merge], dtype=torch.int64)
+
+    def rows_from_handoff(self, fields: dict[str, torch.Tensor]) -> VisualRows:
+        """An image_embeds part (what handoff_fields sends, or the rows alone): the rows on the part's
+        grid (else the compact grid), positions 0..R-1 of that grid."""
+        extra = sorted(set(fields) - {"image_embeds", "image_grid_thw"})
+        if extra:
+            raise ValueError(f"the {self.name} family takes image_embeds and image_grid_thw, not {extra}")
+        emb = fields["image_embeds"]
+        r = int(emb.shape[0])
+        grid = fields.get("image_grid_thw")
+        grid = self.compact_grid(r) if grid is None else grid.reshape(-1)
+        if grid.numel() != 3 or grid.is_floating_point() or int(grid[0]) != 1:
+            raise ValueError(f"image_grid_thw must be [1, h, w] (one image), got {grid.tolist()}")
+        t, h, w = (int(x) for x in grid)
+        if h % self.merge or w % self.merge or h * w // self.merge**2 != r:
+            raise ValueError(
+                f"image_grid_thw {[t, h, w]} holds {h * w // self.merge**2} merged rows, the embeddings {r}"
+            )
+        return VisualRows(emb, torch.arange(r, dtype=torch.int64), r, extras={"grid_thw": (t, h, w)})
+
     # -- pictures -----------------------------------------------------------------------------
     def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
         """One box per merge block (28 x 28 px), over the resized image the engine saw."""

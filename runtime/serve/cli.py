@@ -58,6 +58,12 @@ def register(subparsers) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the rows sent upstream (default: the engine's llm.dtype)",
     )
+    g.add_argument(
+        "--upstream-grid-positions",
+        action="store_true",
+        help="Qwen2.5-VL: send each image's rows with a compact image_grid_thw and accept the M-RoPE positions the "
+        "upstream derives from it (approximate; the exact route is the apet-trt vLLM plugin, docs/VLLM_PLUGIN.md)",
+    )
     s.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     s.set_defaults(func=serve_command)
 
@@ -80,6 +86,17 @@ def register(subparsers) -> None:
     e.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     e.add_argument("--device", default=None)
     e.set_defaults(func=encode_command)
+
+    c = subparsers.add_parser(
+        "chat-template",
+        help="the engine's conversation format as a Jinja chat template (vllm serve --chat-template)",
+        description="Print (or write to --out) a Jinja chat template that renders exactly the prompt this "
+        "engine builds for a chat request (its prompt_template, one image token per image, the tokenizer's BOS), "
+        "for an upstream that renders chats itself: `vllm serve HF_DIR --chat-template t.jinja`.",
+    )
+    c.add_argument("--engine", required=True, help="engine directory")
+    c.add_argument("--out", default=None, help="write the template to this file (default: print it)")
+    c.set_defaults(func=chat_template_command)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -109,9 +126,22 @@ def serve_command(args: argparse.Namespace) -> int:
         upstream_api_key=args.upstream_api_key,
         upstream_format=args.upstream_format,
         embeds_dtype=args.embeds_dtype,
+        upstream_grid_positions=args.upstream_grid_positions,
         graceful_shutdown_s=args.graceful_shutdown,
     )
     return serve(cfg)
+
+
+def chat_template_command(args: argparse.Namespace) -> int:
+    from .chat_template import engine_chat_template
+
+    text = engine_chat_template(args.engine)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"{args.out}: the chat template of {args.engine}", file=sys.stderr)
+    return 0
 
 
 def encode_command(args: argparse.Namespace) -> int:
@@ -129,7 +159,7 @@ def encode_command(args: argparse.Namespace) -> int:
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=VisionOnlyDecoder.for_manifest)
     [rows] = pipe.encode(args.image)
     dtype = torch_dtype(args.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
-    fields = pipe.family.handoff_fields(rows)
+    fields = pipe.family.handoff_fields(rows, args.format)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         out.write_text(json.dumps(encode_part(fields, args.format, dtype)))

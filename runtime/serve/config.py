@@ -40,6 +40,7 @@ class ServeConfig:
     upstream_api_key: str | None = None
     upstream_format: str = "vllm"  # how image_embeds parts are written: "vllm" | "trtllm"
     embeds_dtype: str | None = None  # dtype of the rows sent upstream; None: the manifest's llm.dtype
+    upstream_grid_positions: bool = False  # Qwen2.5-VL: accept the upstream's grid M-RoPE positions (approximate)
     graceful_shutdown_s: float = 30.0  # in-flight requests get this long after SIGTERM
 
     def validate(self) -> None:
