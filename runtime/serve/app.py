@@ -450,11 +450,11 @@ async def _forward(state: ServerState, body: dict, req: protocol.ChatCompletionR
         rows = (await _wait(state, job, t0))["rows"]
         dtype = _embeds_dtype(state)
 
+        fields = [pipe.family.handoff_fields(r, cfg.upstream_format) for r in rows]
+        _check_vllm_batch(cfg, fields)
+
         def encode_all():
-            return [
-                encode_part(pipe.family.handoff_fields(r, cfg.upstream_format), cfg.upstream_format, dtype)
-                for r in rows
-            ]
+            return [encode_part(f, cfg.upstream_format, dtype) for f in fields]
 
         for part, new in zip(parts, await anyio.to_thread.run_sync(encode_all)):
             body["messages"][part.message]["content"][part.part] = new
@@ -464,6 +464,20 @@ async def _forward(state: ServerState, body: dict, req: protocol.ChatCompletionR
     state.metrics.observe_stage("upstream", time.perf_counter() - t1)
     _count(state, response.status_code)
     return response
+
+
+def _check_vllm_batch(cfg: ServeConfig, fields: list[dict]) -> None:
+    """vLLM 0.32 stacks a request's bare image_embeds tensors: rows of different counts (LLaVA-NeXT's
+    images of different aspect ratios) fail in its engine core ("data contains inconsistent shapes")
+    and take the engine down, so they are refused here (the dict form, split by grid, is not stacked)."""
+    counts = sorted({int(f["image_embeds"].shape[0]) for f in fields if set(f) == {"image_embeds"}})
+    if cfg.upstream_format == "vllm" and len(counts) > 1:
+        raise bad_request(
+            f"images of {counts} rows in one request: vLLM takes several images' embeddings in one request only "
+            "when they have the same number of rows; send one image per request",
+            param="messages",
+            code="images_of_different_sizes",
+        )
 
 
 def _embeds_dtype(state: ServerState):
