@@ -136,6 +136,8 @@ def chat_template_command(args: argparse.Namespace) -> int:
     from .chat_template import engine_chat_template
 
     text = engine_chat_template(args.engine)
+    if args.out is not None and Path(args.engine).resolve() in Path(args.out).resolve().parents:
+        raise ValueError(f"--out {args.out}: write it outside the engine directory (its manifest lists every file)")
     if args.out is None:
         sys.stdout.write(text)
     else:

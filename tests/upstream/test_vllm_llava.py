@@ -129,4 +129,10 @@ def test_several_images(stack, rng):
     )
     assert resp.status_code == 400
     assert "the upstream takes the images of one message only" in resp.json()["error"]["message"]
+    # a turn the engine's format does not hold: the chat template refuses it, vLLM answers 400
+    system = [{"role": "system", "content": "Be brief."}, *image_message("A", data_url(a))]
+    resp = httpx.post(
+        stack["url"] + "/v1/chat/completions", json={"model": stack["model"], "messages": system}, timeout=60
+    )
+    assert resp.status_code == 400 and "one user message" in resp.text
     assert alive(stack["vllm"])
