@@ -51,7 +51,13 @@ def register(subparsers) -> None:
     )
     g.add_argument("--upstream-model", default=None, help="its model name (default: the first of its /v1/models)")
     g.add_argument("--upstream-api-key", default=None, help="bearer token for the upstream")
-    g.add_argument("--upstream-format", default="vllm", choices=["vllm", "trtllm"], help="image_embeds part format")
+    g.add_argument(
+        "--upstream-format",
+        default="vllm",
+        choices=["vllm", "trtllm"],
+        help="image_embeds part format: vllm (tested: vLLM 0.32), trtllm (trtllm-serve of a TensorRT-LLM that has "
+        "NVIDIA/TensorRT-LLM PR #9715, Dec 2025; LLaVA-1.5 refused)",
+    )
     g.add_argument(
         "--embeds-dtype",
         default=None,

@@ -62,3 +62,23 @@ def test_a_client_hanging_up_mid_stream_leaves_both_servers_serving(stack):
     assert alive(stack["url"]) and alive(stack["vllm"])
     after = ask(c, stack["model"], _messages(CLIP.as_uri(), "Describe it."), max_tokens=8)
     assert after.choices[0].token_ids == before.choices[0].token_ids
+
+
+def test_16_requests_at_concurrency_4_equal_the_serial_answers(stack):
+    """The prompt-embeds route under load: encoding batched across requests, embedding in threads,
+    the completions translated back; every answer as when asked alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = client(stack["url"])
+    prompts = ["What happens?", "Who is there?", "Describe it.", "Colours?"]
+
+    def one(i: int):
+        return ask(c, stack["model"], _messages(CLIP.as_uri(), prompts[i % 4]), max_tokens=6)
+
+    serial = [one(i) for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(one, range(16)))
+    for s, p in zip(serial, parallel):
+        assert p.choices[0].token_ids == s.choices[0].token_ids
+        assert p.choices[0].message.content == s.choices[0].message.content
+        assert p.usage.prompt_tokens == s.usage.prompt_tokens
