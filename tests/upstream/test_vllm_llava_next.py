@@ -16,7 +16,7 @@ from helpers.vllm import alive, ask, chat_template_file, client, same_text, stre
 
 pytestmark = pytest.mark.vllm
 PHOTO = Image.open(Path(__file__).parents[2] / "assets" / "grace_hopper.jpg").convert("RGB")  # 512 x 600
-# the whole photo (2 x 1 tiles, 324 rows at T=64) and a wide crop of it (1 x 2 tiles, 216 rows)
+# the whole photo (2 x 2 tiles, 324 rows at T=64) and a wide crop of it (1 x 2 tiles, 216 rows)
 IMAGES = {"whole": PHOTO, "wide": PHOTO.crop((0, 0, 512, 260))}
 
 
