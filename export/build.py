@@ -2,6 +2,9 @@
 
     build(BuildConfig(model="tiny-llava", keep=64, basis=10, out="engines/tiny-llava-t64"))
 
+No budget at all (keep, keep_ratio, budget, llm_stage, no_apet) builds the family's paper setting,
+which its export adapter declares (`paper_budget`; docs/DEFAULTS.md).
+
 Steps: load the model -> export vision tower + ApET + projector to ONNX (validated: checker,
 shape inference, TensorRT op allowlist) -> ONNX Runtime vs PyTorch -> processor, tokenizer and
 decoder checkpoint -> TensorRT plan (where tensorrt imports) -> TensorRT-LLM engine (where
@@ -13,6 +16,7 @@ existing one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -40,7 +44,7 @@ from .trtllm_build import TrtllmBuildConfig, build_trtllm, tensorrt_llm_version
 class BuildConfig:
     model: str  # a preset name or a local checkpoint directory
     out: str
-    keep: int | None = None  # T; None (and no keep_ratio, or no_apet) builds the uncompressed baseline
+    keep: int | None = None  # T; no budget at all (keep, keep_ratio, budget, llm_stage): the family's paper_budget
     keep_ratio: float | None = None  # R instead of keep: T = floor(R * N) per image
     seed_blend: float | None = None  # weight of a seed in its slot; None: the family's (1.0 LLaVA, 0.5 Qwen2.5-VL)
     basis: int = 10
@@ -61,6 +65,11 @@ class BuildConfig:
     llm_stage: str | None = None  # "LAYER:KEEP": ApET again on the image rows after LAYER decoder layers
     start_seed: int = 0  # seeds the run-time draws of start="random"
     image_aspect: str = "default"  # "pad": LLaVA-1.5's expand2square before the processor
+    frame_sampling: str | None = None  # video families: "transformers" (default) | "official" (runtime/videos.py)
+
+    def gives_budget(self) -> bool:
+        """Whether the build names its budget (or the baseline); if not, the family's paper setting applies."""
+        return self.no_apet or any(v is not None for v in (self.keep, self.keep_ratio, self.budget, self.llm_stage))
 
     def apet(self, defaults: dict | None = None) -> ApetConfig | None:
         """The ApET config; `defaults` are the family's for what the build leaves unset (seed_blend)."""
@@ -159,6 +168,31 @@ def _resolve(model: str, pixels: dict | None = None) -> tuple[str, ExportFamily]
     return "path", family(config, processor)
 
 
+def _family_class(model: str) -> type[ExportFamily] | None:
+    """The family of a preset or a local checkpoint (its config.json only); None where that cannot be
+    read (the build's own checks then say why)."""
+    try:
+        if model in PRESETS:
+            return family_class(get_preset(model).family)
+        return family_for_model_type(config_model_type(checkpoint_config(Path(model).expanduser())))
+    except (OSError, ValueError):
+        return None
+
+
+def with_paper_budget(config: BuildConfig) -> tuple[BuildConfig, str | None]:
+    """No budget given (no --keep, --keep-ratio, --budget, --llm-stage, --no-apet): the config with
+    the family's paper setting (its export adapter's `paper_budget`), and a line saying which."""
+    if config.gives_budget():
+        return config, None
+    family = _family_class(config.model)
+    if family is None or not family.paper_budget:
+        return config, None
+    line = (
+        f"no budget given: the {family.name} family's paper setting, {family.paper_budget_text} (--no-apet: all rows)"
+    )
+    return dataclasses.replace(config, **family.paper_budget), line
+
+
 def _load(model: str, source: str, family: ExportFamily) -> LoadedModel:
     if source == "preset":
         return load_preset(model)
@@ -213,6 +247,9 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
         raise ValueError(
             f"--opt-batch must be an integer in 1..max_batch={config.max_batch}, got opt_batch={config.opt_batch!r}"
         )
+    config, default_line = with_paper_budget(config)
+    if default_line and not quiet:
+        print(default_line, flush=True)
     apet = config.apet()  # keep / basis / start / ridge checked here
     options = parity.resolve(config)
     pixels = {k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None}
@@ -221,7 +258,16 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
     writer = EngineDirWriter(config.out, force=config.force, inputs=checkpoint)  # --out checked before the build
     # the family's defaults for what the build left unset (seed_blend), then its variant (e.g. the video layout)
     apet = family.apet_config(config.apet(family.apet_defaults))
-    family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    try:
+        family.check_apet(apet)  # keep <= N, start < N: before any weights are built
+    except ValueError as exc:
+        if default_line is None:
+            raise
+        raise ValueError(
+            f"no budget given, and the {family.name} family's paper setting does not fit this model ({exc}); "
+            "pass --keep / --keep-ratio, or --no-apet"
+        ) from exc
+    family.configure_frames(config.frame_sampling)  # video families: how the runtime samples frames
     parity.check_family(options, family, apet, config)
     family.start_input = apet is not None and options.random_seed is not None  # the engine takes "start"
     budget = family.budget_text(apet)
@@ -383,14 +429,18 @@ def build(config: BuildConfig, *, quiet: bool = False) -> dict:
             "plans": plans,
             "decoder": {"transformers": decoder, "tensorrt_llm": trtllm},
             "versions": _versions(),
-            "build": {k: v for k, v in asdict(config).items() if k not in ("out", "force")},
+            "build": {
+                **{k: v for k, v in asdict(config).items() if k not in ("out", "force")},
+                "paper_budget": default_line is not None,  # no budget given: the family's paper setting
+            },
         }
         data = manifest_writer.write_manifest(work, fields)
         steps.done()
         writer.commit()
 
     if not quiet:
-        print(f"\nengine directory {writer.out}  ({budget} visual tokens per {family.item})")
+        paper = ", the paper's setting" if default_line else ""
+        print(f"\nengine directory {writer.out}  ({budget} visual tokens per {family.item}{paper})")
         if options.llm_stage is not None:
             stage = options.llm_stage
             print(f"  then ApET after LLM layer {stage.layer}: -> {stage.keep} rows (the Transformers decoder runs it)")

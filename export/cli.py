@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .models import FAMILIES, family_class
 from .parity import IMAGE_ASPECTS, OFFICIAL_BUDGETS, RANDOM
 from .presets import preset_names
 
@@ -17,18 +18,31 @@ def _start(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an index or {RANDOM!r}, got {text!r}") from None
 
 
+def _paper_budgets() -> str:
+    """Each family's default budget, as its export adapter declares it (paper_budget_text)."""
+    lines = [f"  {name:12s} {family_class(name).paper_budget_text}" for name in FAMILIES]
+    return "with no budget option, each family's paper setting:\n" + "\n".join(lines)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "build",
         help="checkpoint or preset -> engine directory (ONNX, TensorRT, manifest)",
         description="Export vision tower + ApET + projector to ONNX, build TensorRT / TensorRT-LLM "
         "engines where installed, and write one engine directory with a manifest.",
+        epilog=_paper_budgets() + "\n--no-apet builds the uncompressed baseline (docs/DEFAULTS.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--model", required=True, help=f"local checkpoint directory or a preset: {', '.join(preset_names())}"
     )
     p.add_argument("--out", required=True, help="engine directory to write, e.g. engines/NAME")
-    p.add_argument("--keep", type=int, default=None, help="T, visual tokens kept per image (omit: no compression)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        help="T, visual tokens kept per image (omit every budget option: the family's paper setting, below)",
+    )
     p.add_argument(
         "--keep-ratio",
         type=float,
@@ -49,7 +63,8 @@ def register(sub) -> None:
         "--start",
         type=_start,
         default=0,
-        help="index of the first FPS seed (default 0), or 'random': drawn per image at run time from --start-seed "
+        help="index of the first FPS seed (default 0), or 'random': drawn per engine item (image, crop or frame) "
+        "at run time from --start-seed "
         "(the official code's choice; for parity runs)",
     )
     p.add_argument("--start-seed", type=int, default=0, help="seed of the run-time draws of --start random (default 0)")
@@ -76,6 +91,13 @@ def register(sub) -> None:
         "expand2square with the processor's mean colour first, as the official LLaVA code does",
     )
     p.add_argument("--no-apet", action="store_true", help="build the uncompressed baseline (all N tokens)")
+    p.add_argument(
+        "--frame-sampling",
+        choices=("transformers", "official"),
+        default=None,
+        help="video families: which frames the runtime samples; transformers (default): Transformers' "
+        "load_video, frame floor(i * n / 8); official: LanguageBind's np.linspace(0, n - 1, 8, dtype=int)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines take (default 8)")
     p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT optimises for (default 1)")
     p.add_argument(
@@ -118,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             budget=args.budget,
             llm_stage=args.llm_stage,
             image_aspect=args.image_aspect,
+            frame_sampling=args.frame_sampling,
             no_apet=args.no_apet,
             max_batch=args.max_batch,
             opt_batch=args.opt_batch,

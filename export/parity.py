@@ -89,7 +89,7 @@ def resolve(config) -> Plan:
         if isinstance(config.start_seed, bool) or not isinstance(config.start_seed, int):
             raise ValueError(f"--start-seed must be an integer, got {config.start_seed!r}")
         if keep is None and config.keep_ratio is None and stage is None:
-            raise ValueError("--start random: nothing to draw starts for (no --keep and no --llm-stage)")
+            raise ValueError("--start random: nothing to draw starts for (--no-apet and no --llm-stage)")
         start, seed = 0, config.start_seed
     elif isinstance(start, str):
         raise ValueError(f"--start must be an index or 'random', got {start!r}")

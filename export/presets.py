@@ -231,15 +231,16 @@ PRESETS: dict[str, Preset] = {
                     tokens_per_second=2,
                     hidden_act="silu",
                 ),
+                # head size 32 (hidden 64 in 2 heads; one KV head): vLLM's CPU attention takes 32 or 64, not 16
                 text=dict(
                     hidden_size=64,
                     intermediate_size=128,
                     num_hidden_layers=2,
-                    num_attention_heads=2,  # head size 32: vLLM's CPU attention takes 32 or 64, not 16
+                    num_attention_heads=2,
                     num_key_value_heads=1,
                     max_position_embeddings=2048,
                     rope_theta=1000000.0,
-                    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},  # sums to head size / 2
+                    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
                 ),
                 processor=dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256),
                 first_special_id=None,  # right after the byte-level tokenizer's 256 tokens

@@ -121,6 +121,7 @@ SCHEMA: dict[str, Field] = {
     "vision.feature_dim": _int(1, 1 << 16),
     "vision.num_frames": _int(1, 4096, required=False),  # video_llava: frames sampled per video
     "vision.image_rows": _int(1, 1 << 20, required=False),  # video_llava: rows of a still image
+    "vision.frame_sampling": _str(required=False, choices=("transformers", "official")),  # video_llava
     "vision.temporal_patch_size": _int(1, 64, required=False),  # qwen2_5_vl: dynamic resolution
     "vision.spatial_merge_size": _int(1, 64, required=False),
     "vision.window_size": _int(1, 16384, required=False),

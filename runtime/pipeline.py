@@ -97,7 +97,8 @@ class Pipeline:
             frames = self.family.frames_per_video
             if frames is None:
                 raise ValueError(f"the {self.family.name} family takes no videos (images only)")
-            items += [read_video(v, frames, i) for i, v in enumerate(as_video_list(videos))]
+            sampling = self.family.frame_sampling  # the engine's vision.frame_sampling
+            items += [read_video(v, frames, i, sampling=sampling) for i, v in enumerate(as_video_list(videos))]
         if not items:
             raise ValueError("empty batch: pass at least one image or video")
         return items

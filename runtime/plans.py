@@ -48,8 +48,12 @@ def rebuild_command(manifest: Manifest) -> str:
     build = manifest.data.get("build") or {}
     model = manifest.external_checkpoint or build.get("model") or manifest.data["model"].get("id")
     parts = ["apet build", "--model", str(model)]
-    for key in ("keep", "basis", "start", "max_batch", "opt_batch"):
-        if build.get(key) is not None:
+    skip = {"start_seed": build.get("start") != "random", "image_aspect": build.get("image_aspect") == "default"}
+    for key in (
+        *("keep", "keep_ratio", "seed_blend", "basis", "start", "start_seed", "budget", "llm_stage"),
+        *("image_aspect", "frame_sampling", "min_pixels", "max_pixels", "max_batch", "opt_batch"),
+    ):
+        if build.get(key) is not None and not skip.get(key):
             parts += [f"--{key.replace('_', '-')}", str(build[key])]
     flags = {"no_apet": True, "merge": False, "fp16": True}
     parts += [f"--{'no-merge' if k == 'merge' else k.replace('_', '-')}" for k, v in flags.items() if build.get(k) is v]

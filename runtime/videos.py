@@ -5,13 +5,16 @@ Accepted per video: a path (str / os.PathLike) to a file PyAV reads, an array (n
 [F, H, W, 3] uint8 of frames already decoded, or a `Video`. `read_video(item, num_frames)` returns
 a `Video` holding `num_frames` frames.
 
-Sampling: frame i of `num_frames` is frame floor(i * total / num_frames) of the video, counted in
-decode order - Transformers' `default_sample_indices_fn` (video_utils.py) for a clip of at least
-`num_frames` frames. A clip with fewer frames than `num_frames` is not refused: the same formula then
-repeats frames (3 frames for 8: 0, 0, 0, 1, 1, 1, 2, 2), so the model always sees `num_frames`
-frames, as Video-LLaVA's own loader (`np.linspace(0, total - 1, 8)`) does; `Video.indices` says
-which. A file whose header gives no frame count, or more frames than decode, is sampled over the
-frames that decode (counted in a first pass).
+Sampling (`SAMPLINGS`, the engine's `vision.frame_sampling`): with "transformers" (the default),
+frame i of `num_frames` is frame floor(i * total / num_frames) of the video, counted in decode order -
+Transformers' `default_sample_indices_fn` (video_utils.py) for a clip of at least `num_frames`
+frames; with "official", about i * (total - 1) / (num_frames - 1) truncated: exactly the indices of
+`np.linspace(0, total - 1, num_frames, dtype=int)` that Video-LLaVA's own loader (LanguageBind
+processing_video.py, decord backend) reads (the 100-frame bunny clip: 0, 14, 28, ..., 99 against
+0, 12, 25, ..., 87). A clip with fewer frames than `num_frames` is not refused: both formulas then
+repeat frames (3 frames for 8: 0, 0, 0, 1, 1, 1, 2, 2 / 0, 0, 0, 0, 1, 1, 1, 2), so the model always
+sees `num_frames` frames; `Video.indices` says which. A file whose header gives no frame count, or
+more frames than decode, is sampled over the frames that decode (counted in a first pass).
 
 Bounds (`VideoLimits`): file size, frames in the stream, frame width/height and pixels, duration.
 A zero-length file, a file PyAV cannot open (corrupt, truncated, not a video), one with no video
@@ -65,10 +68,21 @@ class Video:
         return int(self.frames.shape[0])
 
 
-def sample_indices(total: int, num_frames: int) -> list[int]:
-    """floor(i * total / num_frames), i = 0..num_frames-1: uniform, repeating frames when total < num_frames."""
+SAMPLINGS = ("transformers", "official")
+
+
+def sample_indices(total: int, num_frames: int, sampling: str = "transformers") -> list[int]:
+    """Uniform frame indices, i = 0..num_frames-1, repeating frames when total < num_frames:
+    "transformers" floor(i * total / num_frames); "official" np.linspace(0, total - 1, num_frames,
+    dtype=int), i.e. i * (total - 1) / (num_frames - 1) truncated, as the official loader computes it."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"frame sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if total < 1 or num_frames < 1:
         raise ValueError(f"cannot sample {num_frames} frame(s) from {total}")
+    if sampling == "official":
+        # numpy's own float steps, not exact integer division: they differ where a step lands just
+        # under an integer (123 frames for 15: frame 60 here, 61 by exact division)
+        return [int(i) for i in np.linspace(0, total - 1, num_frames, dtype=int)]
     return [i * total // num_frames for i in range(num_frames)]
 
 
@@ -87,24 +101,34 @@ def as_video_list(videos: VideoLike | Sequence[VideoLike]) -> list[VideoLike]:
     )
 
 
-def read_video(video: VideoLike, num_frames: int, index: int = 0, limits: VideoLimits | None = None) -> Video:
-    """One video of any accepted kind -> a Video of `num_frames` uniformly sampled frames."""
+def read_video(
+    video: VideoLike,
+    num_frames: int,
+    index: int = 0,
+    limits: VideoLimits | None = None,
+    sampling: str = "transformers",
+) -> Video:
+    """One video of any accepted kind -> a Video of `num_frames` uniformly sampled frames (`sampling`:
+    which, SAMPLINGS)."""
     where = f"video {index}"
     limits = limits or VideoLimits()
+    sample_indices(1, 1, sampling)  # an unknown sampling fails before any file is read
     if isinstance(video, Video):
-        return _resample(video.frames, video.indices, video.total_frames, num_frames, video.fps, video.source, where)
+        return _resample(
+            video.frames, video.indices, video.total_frames, num_frames, video.fps, video.source, where, sampling
+        )
     if isinstance(video, (str, os.PathLike)):
-        return _from_path(check_local_file(video, where, "video"), num_frames, where, limits)
+        return _from_path(check_local_file(video, where, "video"), num_frames, where, limits, sampling)
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         frames = _frames_array(video, where, limits)
-        return _resample(frames, list(range(len(frames))), len(frames), num_frames, None, "", where)
+        return _resample(frames, list(range(len(frames))), len(frames), num_frames, None, "", where, sampling)
     raise TypeError(f"{where}: expected a video file path or [F, H, W, 3] uint8 frames, got {type(video).__name__}")
 
 
-def _resample(frames, indices, total, num_frames, fps, source, where) -> Video:
+def _resample(frames, indices, total, num_frames, fps, source, where, sampling) -> Video:
     if len(frames) == 0:
         raise ValueError(f"{where}: no frames")
-    pick = sample_indices(len(frames), num_frames)
+    pick = sample_indices(len(frames), num_frames, sampling)
     return Video(np.stack([frames[i] for i in pick]), [indices[i] for i in pick], total, fps, source)
 
 
@@ -132,7 +156,7 @@ def _check_size(width: int, height: int, where: str, limits: VideoLimits) -> Non
         )
 
 
-def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits) -> Video:
+def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits, sampling: str) -> Video:
     import av
 
     size = path.stat().st_size  # a local regular file (check_local_file)
@@ -151,7 +175,7 @@ def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits) -> 
             total = int(stream.frames or 0)
             if total > limits.max_frames:
                 raise ValueError(f"{where}: {path} has {total} frames, over the {limits.max_frames}-frame limit")
-            indices = sample_indices(total, num_frames) if total else []
+            indices = sample_indices(total, num_frames, sampling) if total else []
             frames = _decode(container, stream, indices, path, where, limits)[0] if total else {}
         if total and len(frames) == len(set(indices)):  # every sampled frame decoded
             return _video(frames, indices, total, fps, path)
@@ -162,7 +186,7 @@ def _from_path(path: Path, num_frames: int, where: str, limits: VideoLimits) -> 
             raise ValueError(f"{where}: {path} has a video stream but no frame decodes (corrupt or truncated)")
         if total:
             log.warning("%s: %s promises %d frames but only %d decode; sampling those", where, path, total, counted)
-        indices = sample_indices(counted, num_frames)
+        indices = sample_indices(counted, num_frames, sampling)
         with av.open(str(path)) as container:
             stream = _video_stream(container, path, where)
             frames, _ = _decode(container, stream, indices, path, where, limits)

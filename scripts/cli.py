@@ -6,6 +6,7 @@
     apet serve    (runtime/serve/cli.py) OpenAI-compatible server (or a vision front for vLLM)
     apet encode   (runtime/serve/cli.py) image -> its rows as an image_embeds payload
     apet bench    (scripts/bench/) latency per stage, compressed vs uncompressed
+    apet eval     (scripts/eval/)  answers and scores per engine vs the uncompressed one, on a JSONL set
 
 Errors the user can act on are printed as one line (no traceback) and exit with status 2;
 set APET_DEBUG=1 to see the traceback. An unknown option is reported by the subcommand's own
@@ -28,6 +29,7 @@ _STAGES = (
     "apet_trt.runtime.cli",
     "apet_trt.runtime.serve.cli",
     "apet_trt.scripts.bench",
+    "apet_trt.scripts.eval",
 )
 
 

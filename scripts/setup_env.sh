@@ -15,3 +15,4 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0
   || { echo "[setup] installing torch==2.13.0 (CPU build)"; python -m pip install -q torch==2.13.0; }
 echo "[setup] installing apet-trt[test] (editable)"
 python -m pip install -q -e ".[test]"
+[ "${APET_NO_LMMS_EVAL:-}" = 1 ] || bash scripts/setup_lmms_eval.sh   # the lmms-eval adapter's test (docs/EVAL.md)

@@ -14,7 +14,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("apet_ops", "export", "runtime", "scripts")
+FOLDERS = ("apet_ops", "export", "runtime", "scripts", "vllm_plugin")
 
 
 def _pyproject() -> dict:
@@ -41,6 +41,7 @@ def test_no_module_imports_a_folder_by_its_bare_name():
         *ROOT.glob("export/**/*.py"),
         *ROOT.glob("runtime/**/*.py"),
         *ROOT.glob("scripts/**/*.py"),
+        *ROOT.glob("vllm_plugin/**/*.py"),
         *ROOT.glob("tests/**/*.py"),
     ]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -85,7 +86,10 @@ def test_wheel_holds_only_the_apet_trt_namespace(wheel):
     assert "apet_trt/runtime/__init__.py" in names and "apet_trt/apet_ops/trt_onnx_ops.json" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:
-        assert "apet = apet_trt.scripts.cli:main" in zf.read(entry_points).decode()
+        text = zf.read(entry_points).decode()
+    assert "apet = apet_trt.scripts.cli:main" in text
+    # vLLM's plugin group: the entry point's module imports nothing but the standard library
+    assert "[vllm.general_plugins]\napet_trt = apet_trt.vllm_plugin:register" in text
 
 
 def test_installed_from_outside_the_repository(wheel, tmp_path):
@@ -114,3 +118,18 @@ def test_installed_from_outside_the_repository(wheel, tmp_path):
         [sys.executable, "-m", "apet_trt.scripts.cli", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert help_text.returncode == 0 and "build" in help_text.stdout and "run" in help_text.stdout
+
+
+def test_the_vllm_plugin_entry_point_imports_only_the_standard_library():
+    """vLLM imports `apet_trt.vllm_plugin` in each of its processes (its entry point): that module must
+    load without torch, vLLM or the rest of apet-trt (the model class loads only when vLLM builds it)."""
+    code = (
+        "import sys\n"
+        "import apet_trt.vllm_plugin as p\n"
+        "assert callable(p.register) and p.ARCHITECTURE.endswith('ForConditionalGeneration')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'numpy', 'transformers')\n"
+        "               or (m.startswith('apet_trt.') and not m.startswith('apet_trt.vllm_plugin')))\n"
+        "assert heavy == [], heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

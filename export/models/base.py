@@ -71,6 +71,14 @@ class ExportFamily(ABC):
     compressed_media: tuple[str, ...] = ("image",)  # which of them ApET compresses (the rest pass whole)
     item: str = "image"  # what one engine item is ("image", "crop", "frame"), for messages
     apet_defaults: dict = {}  # ApetConfig fields the build leaves unset, as the family's official code has them
+    # The paper's setting: the BuildConfig budget `apet build` uses when given none (no --keep,
+    # --keep-ratio, --budget, --llm-stage or --no-apet), and how the build and --help describe it
+    paper_budget: dict = {}
+    paper_budget_text: str = ""
+    # Video sampling modes the runtime adapter honours (--frame-sampling; the first is the default);
+    # empty: the family takes no videos. Build sets `frame_sampling` on the instance.
+    frame_samplings: tuple[str, ...] = ()
+    frame_sampling: str | None = None
     # tensorrt_llm.models class that converts the language model for TensorRT-LLM's engine flow (the
     # prompt-table decoder); None: the family has no such route
     trtllm_model_class: str | None = None
@@ -88,6 +96,13 @@ class ExportFamily(ABC):
     def __init__(self, config, processor=None):
         self.config = config
         self.processor = processor  # the image processor the engine is built for (None: not known yet)
+
+    def configure_frames(self, sampling: str | None) -> None:
+        """--frame-sampling: how the runtime picks a video's frames (None: the family's default)."""
+        if sampling is not None and sampling not in self.frame_samplings:
+            takes = ", ".join(self.frame_samplings) if self.frame_samplings else "no videos"
+            raise ValueError(f"--frame-sampling {sampling}: the {self.name} family takes {takes}")
+        self.frame_sampling = sampling or (self.frame_samplings[0] if self.frame_samplings else None)
 
     @classmethod
     def configure_processor(cls, processor, *, min_pixels: int | None = None, max_pixels: int | None = None):

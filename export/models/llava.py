@@ -124,6 +124,10 @@ class LlavaExport(ExportFamily):
     llm_stage = True  # stage 2 prunes all of an image's rows (the official layer_prune)
     supports_start_input = True
     image_aspects = ("default", "pad")  # pad: the official LLaVA-1.5 preprocessing (expand2square)
+    # the paper's vision-stage budget (its "64" for LLaVA-1.5), which every decoder can take; the
+    # two-stage official pair is --budget 64
+    paper_budget = {"keep": 64}
+    paper_budget_text = "T=64 rows per image (LLaVA-1.5-7B: 576 -> 64), vision stage only"
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)

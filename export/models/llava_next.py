@@ -99,11 +99,13 @@ class LlavaNextExport(LlavaExport):
     item = "crop"
     trtllm_model_class = "LLaMAForCausalLM"  # examples/multimodal: the LLaMA converter reads text_config
     # Paper parity: stage 2 inside the LLM prunes the base crop's rows only (the official llava_arch.py
-    # prunes the base image's span for anyres); the per-crop engine takes no start input and
+    # prunes the base image's span for anyres); --start random draws one start per crop;
     # expand2square is LLaVA-1.5's preprocessing, not anyres's
     llm_stage = True
-    supports_start_input = False
+    supports_start_input = True
     image_aspects = ("default",)
+    paper_budget = {"keep": 64}  # the official code's T per crop (base and every tile alike)
+    paper_budget_text = "T=64 rows per crop (base and tiles; LLaVA-NeXT-7B: 576 -> 64 each), vision stage only"
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)

@@ -17,6 +17,8 @@ by the runtime adapter from each image's grid (runtime/families/qwen2_5_vl.py):
     image_scatter    [patches]                 int64  padded with -1, and each patch's padded slot
     window_gather    [windows, window_patches] int64  window-attention segments (<= 8 x 8 patches),
     window_scatter   [patches]                 int64  the same for the windows
+    start            [1]                       int64  --start random only: the image's first FPS
+                                                      seed, drawn by the runtime
 
 Attention runs per segment on a padded [segments, longest, ...] block with the padding masked,
 exactly HF's cu_seqlens split (window layers: the 8 x 8 patch windows; full layers: the whole
@@ -50,6 +52,7 @@ from .base import ExportFamily, Preset
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 OUTPUTS = ("embeddings", "positions")
+START = "start"  # with --start random: [1] int64, the image's first FPS seed among its N rows
 # Qwen2.5-VL's chat format (its processor's chat template with the default system prompt), one image
 CHAT_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -210,6 +213,7 @@ class Qwen25VLVisionEngine(nn.Module):
         image_scatter,
         window_gather,
         window_scatter,
+        start=None,
     ):
         x = self.vision_tower(
             pixel_values, patch_positions, window_index, image_gather, image_scatter, window_gather, window_scatter
@@ -217,7 +221,7 @@ class Qwen25VLVisionEngine(nn.Module):
         rows = self.projector(x)[reverse_index]  # [N, H], the processor's order
         if self.compressor is None:
             return rows.float(), torch.arange(rows.shape[0], device=rows.device)
-        tokens, positions = self.compressor(rows.unsqueeze(0))  # float32 inside, the input dtype out
+        tokens, positions = self.compressor(rows.unsqueeze(0), start)  # float32 inside, the input dtype out
         return tokens[0].float(), positions[0]
 
 
@@ -267,6 +271,9 @@ class Qwen25VLExport(ExportFamily):
     trtllm_model_class = None  # TensorRT-LLM takes Qwen2.5-VL through its LLM API (PyTorch backend) only
     # the official ApET Qwen2.5-VL code blends each seed into its slot: 0.5 * seed + 0.5 * slot
     apet_defaults = {"seed_blend": 0.5}
+    supports_start_input = True  # --start random: one start per image (one image per engine call)
+    paper_budget = {"keep_ratio": 0.3}  # the official Qwen2.5-VL budget
+    paper_budget_text = "T = floor(0.3 N) rows per image (ratio 0.3), seeds blended 0.5/0.5"
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)
@@ -425,10 +432,14 @@ class Qwen25VLExport(ExportFamily):
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         grids = self.example_grids(batch, generator)
         patches = sum(t * h * w for t, h, w in grids)
-        return {
+        inputs = {
             "pixel_values": torch.randn(patches, self.patch_dim, generator=generator),
             **layout(grids, merge=self.merge, window_blocks=self.window_blocks),
         }
+        if self.start_input:  # an ApET engine: one image per call, its start among its N rows
+            n = min(t * h * w for t, h, w in grids) // self.merge**2
+            inputs[START] = torch.randint(0, n, (1,), generator=generator)
+        return inputs
 
     def io(self, apet: ApetConfig | None) -> dict:
         h = self.config.text_config.hidden_size
@@ -448,6 +459,7 @@ class Qwen25VLExport(ExportFamily):
                 i64("image_scatter", "patches"),
                 i64("window_gather", "windows", "window_patches"),
                 i64("window_scatter", "patches"),
+                *([i64(START, 1)] if self.start_input else []),  # --start random: the image's first FPS seed
             ],
             "outputs": [
                 {"name": OUTPUTS[0], "dtype": "float32", "shape": [rows, h]},

@@ -16,6 +16,8 @@ Engines (the manifest's io and parts):
   vision.onnx  pixel_values_videos [frames, 3, 224, 224] -> video tower -> layer -> projector ->
                ApET (video layout) -> embeddings [frames, 33, H] float32, positions [frames, 33]
                (each row's index in its frame: CLS 0, patch p -> p + 1); without ApET 257 rows.
+               With --start random also start [frames] int64: each frame's first FPS seed (0..255
+               among its patch rows), drawn by the runtime.
   image.onnx   pixel_values [images, 3, 224, 224] -> image tower -> layer, CLS dropped ->
                projector -> embeddings [images, 256, H], positions [images, 256].
 
@@ -41,6 +43,7 @@ from .base import EnginePart, ExportFamily, Preset
 from .llava import CLIP_MEAN, CLIP_STD, llama_text_config
 
 VIDEO_INPUT, IMAGE_INPUT = "pixel_values_videos", "pixel_values"
+START = "start"  # with --start random: [frames] int64, each frame's first FPS seed among its patch rows
 OUTPUTS = ("embeddings", "positions")
 NUM_FRAMES = 8  # Video-LLaVA samples 8 frames a video (LanguageBind's video tower is trained on 8)
 
@@ -92,12 +95,12 @@ class VideoEngine(nn.Module):
         self.feature_layer = feature_layer
         self.compressor = ApetCompressor(apet) if apet is not None else None  # node names: /compressor/...
 
-    def forward(self, pixel_values_videos: torch.Tensor):
+    def forward(self, pixel_values_videos: torch.Tensor, start: torch.Tensor | None = None):
         dtype = next(self.vision_tower.parameters()).dtype
         hidden = self.vision_tower(pixel_values_videos.to(dtype), output_hidden_states=True).hidden_states
         rows = self.projector(hidden[self.feature_layer])  # all rows of every frame, CLS first
         if self.compressor is not None:
-            rows, positions = self.compressor(rows)  # per frame, float32 inside, input dtype out
+            rows, positions = self.compressor(rows, start)  # per frame, float32 inside, input dtype out
         else:  # a constant 0..R-1, so the exported row axis is static
             positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows[:, :, 0])
         return rows.float(), positions
@@ -160,6 +163,13 @@ class VideoLlavaExport(ExportFamily):
     # TensorRT-LLM's converter does not know model_type video_llava: trtllm_checkpoint writes the
     # language model as a plain LLaMA checkpoint, which LLaMAForCausalLM.from_hugging_face reads
     trtllm_model_class = "LLaMAForCausalLM"
+    supports_start_input = True  # --start random: one start per frame
+    # the official encode_videos: 22 kept by error + CLS + 10 FPS seeds per frame (basis 10)
+    paper_budget = {"keep": 22}
+    paper_budget_text = "22 rows + CLS + 10 seeds = 33 per frame (Video-LLaVA-7B: 257 -> 33, 2,056 -> 264 a video)"
+    # transformers: Transformers' load_video, frame floor(i * n / 8); official: LanguageBind's
+    # np.linspace(0, n - 1, 8, dtype=int) (runtime/videos.py)
+    frame_samplings = ("transformers", "official")
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)
@@ -225,10 +235,16 @@ class VideoLlavaExport(ExportFamily):
         return VideoEngine(model, apet, self.feature_layer)
 
     def example_inputs(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {VIDEO_INPUT: torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)}
+        pixels = torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)
+        if not self.start_input:
+            return {VIDEO_INPUT: pixels}
+        return {VIDEO_INPUT: pixels, START: torch.randint(0, self._rows - 1, (batch,), generator=generator)}
 
     def io(self, apet: ApetConfig | None) -> dict:
-        return self._io(VIDEO_INPUT, "frames", self.rows_per_item(apet))
+        io = self._io(VIDEO_INPUT, "frames", self.rows_per_item(apet))
+        if self.start_input:  # FPS runs over a frame's patch rows (CLS excluded): starts in 0..255
+            io["inputs"].append({"name": START, "dtype": "int64", "shape": ["frames"]})
+        return io
 
     def _io(self, name: str, axis: str, rows: int) -> dict:
         s, h = self.image_size, self.config.text_config.hidden_size
@@ -283,6 +299,7 @@ class VideoLlavaExport(ExportFamily):
                 "feature_dim": self.feature_dim,
                 "num_frames": self.num_frames,
                 "image_rows": self.image_rows,  # rows of a still image (uncompressed)
+                "frame_sampling": self.frame_sampling or self.frame_samplings[0],  # runtime/videos.py
             },
             "num_visual_tokens": self.rows_per_item(apet),  # rows per frame
             "video_token": self.video_token,

@@ -12,6 +12,7 @@ decoders, the pipeline, the CLI - speaks only this interface:
     family.upstream_route(fmt, grid_positions)   # how `apet serve --upstream` hands them on (or why not)
     family.handoff_fields(rows, fmt)             # the rows as an OpenAI-compatible upstream takes them
     family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
+    family.vllm_plugin_fields(rows)              # the rows with their own positions, for apet_trt.vllm_plugin
     family.llm_stage_rows(num_rows)              # the rows ApET's stage inside the LLM prunes (llm_stage)
 
 Rows are per image and their number may differ between images (LLaVA-NeXT's anyres layout,
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 
 from ..manifest import Manifest
+
+START = "start"  # the vision engine's per-item first FPS seed input (--start random)
 
 
 @dataclass
@@ -91,6 +94,10 @@ class RuntimeFamily(ABC):
     llm_stage: bool = False  # ApET's stage inside the LLM can prune this family's rows (llm_stage_rows)
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos
     frames_per_video: int | None = None
+    frame_sampling: str = "transformers"  # which frames (runtime/videos.py, SAMPLINGS)
+    # apet-trt's vLLM plugin (apet_trt.vllm_plugin) takes this family's rows with their own positions
+    # (vllm_plugin_fields; apet serve --upstream-format vllm-apet)
+    vllm_plugin: bool = False
     # TensorRT-LLM's LLM API (PyTorch backend) takes this family's rows as `multi_modal_embeddings`
     # (its input processor implements attach_multimodal_embeddings)
     tensorrt_llm_api: bool = False
@@ -99,6 +106,8 @@ class RuntimeFamily(ABC):
         self.manifest = manifest
         seeded = manifest.random_start  # --start random: the vision stage's draws (the LLM stage's: seed + 1)
         self._starts = None if not seeded else torch.Generator().manual_seed(int(seeded["seed"]))
+        # an engine built with --start random takes "start" [items] int64: one draw per engine item
+        self.feeds_start = START in [i["name"] for i in manifest.data["io"]["inputs"]]
 
     def draw_starts(self, count: int, rows: int) -> np.ndarray:
         """`count` first-FPS-seed indices in 0..rows-1 (int64), for an engine built with --start random:
@@ -144,8 +153,8 @@ class RuntimeFamily(ABC):
 
     # -- the handoff to a serving engine ------------------------------------------------------
     def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
-        """How `apet serve --upstream` hands this family's rows to an upstream speaking `fmt` ("vllm"
-        or "trtllm" image_embeds parts): "image_embeds" (each image part of the chat request becomes
+        """How `apet serve --upstream` hands this family's rows to an upstream speaking `fmt` ("vllm",
+        "vllm-apet" or "trtllm" image_embeds parts): "image_embeds" (each image part of the chat request becomes
         an `image_embeds` part) or "prompt_embeds" (the whole prompt as embeddings to the upstream's
         /v1/completions). `grid_positions`: the operator accepts M-RoPE positions the upstream derives
         from a compact grid (--upstream-grid-positions). Raises ValueError, one line naming the route
@@ -168,6 +177,14 @@ class RuntimeFamily(ABC):
             raise ValueError(f"the {self.name} family takes image_embeds alone, not {extra}")
         emb = fields["image_embeds"]
         return VisualRows(emb, torch.arange(emb.shape[0], dtype=torch.int64), int(emb.shape[0]))
+
+    def vllm_plugin_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+        """One image's rows as apet_trt.vllm_plugin takes them (families with `vllm_plugin`): the
+        fields of vLLM's dict-form `image_embeds` part, the rows' positions among them."""
+        raise ValueError(
+            f"apet-trt's vLLM plugin takes Qwen2.5-VL rows; the {self.name} family's rows go to vLLM as plain "
+            "image_embeds parts (--upstream-format vllm)"
+        )
 
     # -- pictures -----------------------------------------------------------------------------
     @abstractmethod

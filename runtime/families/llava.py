@@ -16,10 +16,9 @@ import torch
 from ..checks import check_ascending
 from ..images import ImagePreprocessor, expand_to_square
 from ..manifest import ManifestError
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows, submodule
+from .base import START, EngineBatch, PatchMap, RuntimeFamily, VisualRows, submodule
 
 INPUT = "pixel_values"
-START = "start"  # engines built with --start random: [B] int64, each image's first FPS seed
 
 
 class LlavaFamily(RuntimeFamily):
@@ -42,7 +41,6 @@ class LlavaFamily(RuntimeFamily):
         self.batch_max = manifest.batch_max
         self.preprocessor = ImagePreprocessor(manifest.processor_dir, image_size=self.image_size)
         self.pad = manifest.image_aspect == "pad"
-        self.feeds_start = START in [i["name"] for i in manifest.data["io"]["inputs"]]
 
     @property
     def fixed_rows(self) -> int:

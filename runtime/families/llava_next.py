@@ -31,7 +31,7 @@ import torch
 
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
+from .base import START, EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
 SECTION = "llava_next"
@@ -174,6 +174,8 @@ class LlavaNextFamily(RuntimeFamily):
             items.append({"layout": layout, "image_size": (int(size[0]), int(size[1])), "crops": (start, start + n)})
             start += n
         feeds = {INPUT: np.ascontiguousarray(np.concatenate(crops))}
+        if self.feeds_start:  # --start random: one draw per crop, in crop order
+            feeds[START] = self.draw_starts(start, self.num_patches)
         return EngineBatch(feeds=feeds, items=items, images=list(images))
 
     # -- engine outputs -> rows ---------------------------------------------------------------
@@ -183,8 +185,9 @@ class LlavaNextFamily(RuntimeFamily):
         pixel_values = batch.feeds[INPUT]
         embeddings, positions = [], []
         for start in range(0, pixel_values.shape[0], self.batch_max):  # at most batch.max crops a call
-            chunk = np.ascontiguousarray(pixel_values[start : start + self.batch_max])
-            out = run({INPUT: chunk})
+            part = slice(start, start + self.batch_max)
+            chunk = np.ascontiguousarray(pixel_values[part])
+            out = run({name: np.ascontiguousarray(value[part]) for name, value in batch.feeds.items()})
             emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
             b = chunk.shape[0]
             if tuple(emb.shape[:2]) != (b, self.rows) or tuple(pos.shape) != (b, self.rows):

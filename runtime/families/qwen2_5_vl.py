@@ -31,7 +31,7 @@ from ..checks import check_ascending
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
 from ..manifest_schema import Field
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows
+from .base import START, EngineBatch, PatchMap, RuntimeFamily, VisualRows
 
 INPUT = "pixel_values"
 # the manifest's "qwen2_5_vl" object (export/models/qwen2_5_vl.py writes it; docs/ENGINE_DIR.md)
@@ -93,6 +93,18 @@ def engine_layout(grids: Sequence[tuple[int, int, int]], merge: int, window_bloc
 
 
 # -- 3-D M-RoPE ------------------------------------------------------------------------------------
+def image_mrope_ids(grid: tuple[int, int, int], kept: torch.Tensor, merge: int) -> torch.Tensor:
+    """The M-RoPE ids [3, R] of an image's rows `kept` (indices among its t*h*w/merge^2 uncompressed
+    rows), relative to the image's start: (t, row, column) of each row's merge block, as Transformers'
+    get_rope_index lays out the uncompressed image."""
+    t, h, w = grid
+    if t != 1:
+        raise ValueError(f"an image grid has t={t}; images have one temporal patch (videos are not supported)")
+    gw = w // merge
+    kept = kept.to(torch.int64)
+    return torch.stack([torch.zeros_like(kept), kept // gw, kept % gw])
+
+
 def mrope_position_ids(
     length: int, image_runs: Sequence[tuple[int, tuple[int, int, int], torch.Tensor]], merge: int
 ) -> torch.Tensor:
@@ -104,16 +116,11 @@ def mrope_position_ids(
     current = 0  # the next id, as get_rope_index counts on the uncompressed prompt
     done = 0  # prompt index up to which ids are written
     for start, (t, h, w), kept in image_runs:
-        if t != 1:
-            raise ValueError(f"an image grid has t={t}; images have one temporal patch (videos are not supported)")
         text = start - done
         out[:, done:start] = torch.arange(current, current + text)
         current += text
-        gh, gw = h // merge, w // merge
-        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        full = torch.stack([torch.zeros(gh * gw, dtype=torch.int64), rows.reshape(-1), cols.reshape(-1)]) + current
-        out[:, start : start + kept.numel()] = full[:, kept]
-        current += max(gh, gw)
+        out[:, start : start + kept.numel()] = image_mrope_ids((t, h, w), kept, merge) + current
+        current += max(h // merge, w // merge)
         done = start + kept.numel()
     out[:, done:] = torch.arange(current, current + length - done)
     return out
@@ -122,6 +129,7 @@ def mrope_position_ids(
 class Qwen25VLFamily(RuntimeFamily):
     name = "qwen2_5_vl"
     hf_model_class = "Qwen2_5_VLForConditionalGeneration"
+    vllm_plugin = True  # apet_trt.vllm_plugin takes its rows with their M-RoPE ids (vllm_plugin_fields)
 
     def __init__(self, manifest):
         super().__init__(manifest)
@@ -163,6 +171,8 @@ class Qwen25VLFamily(RuntimeFamily):
             n = t * h * w // self.merge**2
             self._check_budget(i, image, n, (h // self.merge, w // self.merge))
             items.append({"grid": (t, h, w), "patch_start": start, "num_patches": t * h * w, "num_rows": n})
+            if self.feeds_start:  # --start random: one draw per image, among its N rows
+                items[-1]["start"] = self.draw_starts(1, n)
             start += t * h * w
         if start != pixel_values.shape[0]:
             raise ValueError(f"the image processor made {pixel_values.shape[0]} patches, its grids say {start}")
@@ -193,7 +203,10 @@ class Qwen25VLFamily(RuntimeFamily):
             [batch.feeds[INPUT][p["patch_start"] : p["patch_start"] + p["num_patches"]] for p in parts]
         )
         layout = engine_layout([p["grid"] for p in parts], self.merge, self.window_blocks)
-        return {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+        feeds = {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+        if self.feeds_start:  # an ApET engine: one image per call
+            feeds[START] = np.concatenate([p["start"] for p in parts])
+        return feeds
 
     def encode(
         self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
@@ -238,12 +251,14 @@ class Qwen25VLFamily(RuntimeFamily):
     def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
         """vLLM and trtllm-serve derive an image's M-RoPE ids from a grid (vLLM: the part's
         image_grid_thw; TensorRT-LLM: one it infers from R), so the kept rows' own ids cannot reach
-        them: only with the operator's explicit consent to those approximate positions."""
-        if not grid_positions:
+        them: only with the operator's explicit consent to those approximate positions. The exact route
+        is vLLM with apet-trt's plugin (--upstream-format vllm-apet, vllm_plugin_fields)."""
+        if fmt != "vllm-apet" and not grid_positions:
             raise ValueError(
                 "--upstream: vLLM and trtllm-serve place Qwen2.5-VL's image rows on a grid's M-RoPE positions, not "
-                "the kept rows' own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md); pass "
-                "--upstream-grid-positions to accept approximate positions (a compact grid of the kept rows)"
+                "the kept rows' own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md; "
+                "--upstream-format vllm-apet); pass --upstream-grid-positions to accept approximate positions "
+                "(a compact grid of the kept rows)"
             )
         return "image_embeds"
 
@@ -279,6 +294,22 @@ class Qwen25VLFamily(RuntimeFamily):
                 f"image_grid_thw {[t, h, w]} holds {h * w // self.merge**2} merged rows, the embeddings {r}"
             )
         return VisualRows(emb, torch.arange(r, dtype=torch.int64), r, extras={"grid_thw": (t, h, w)})
+
+    # -- the handoff to vLLM with apet-trt's plugin ---------------------------------------------
+    def vllm_plugin_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
+        """One image's rows as apet_trt.vllm_plugin takes them (`--upstream-format vllm-apet`): the
+        rows, each row's M-RoPE id relative to the image's start [R, 3], the uncompressed patch grid
+        and R. vLLM then places every kept row where it sat in the uncompressed prompt, as the
+        Transformers decoder does (mrope_position_ids)."""
+        from apet_trt.vllm_plugin import GRID, NUM_ROWS, POSITIONS  # the field names (standard library only)
+
+        grid = tuple(int(x) for x in rows.extras["grid_thw"])
+        return {
+            "image_embeds": rows.embeddings,
+            POSITIONS: image_mrope_ids(grid, rows.positions, self.merge).T.contiguous(),
+            GRID: torch.tensor(grid, dtype=torch.int64),
+            NUM_ROWS: torch.tensor(rows.num_rows, dtype=torch.int64),
+        }
 
     # -- pictures -----------------------------------------------------------------------------
     def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
@@ -323,13 +354,13 @@ class Qwen25VLTorchVision(torch.nn.Module):
             raise RuntimeError("the checkpoint model has no 'visual' tower; not a Qwen2.5-VL model")
         self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
 
-    def forward(self, pixel_values, patch_positions, image_gather, **_) -> dict[str, torch.Tensor]:
+    def forward(self, pixel_values, patch_positions, image_gather, start=None, **_) -> dict[str, torch.Tensor]:
         lengths = (image_gather >= 0).sum(dim=1).tolist()
-        grids, start = [], 0
+        grids, first = [], 0
         for n in lengths:
-            rc = patch_positions[start : start + n]
+            rc = patch_positions[first : first + n]
             grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
-            start += n
+            first += n
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pixel_values.to(dtype), grid_thw=torch.tensor(grids, device=pixel_values.device))
         rows = getattr(out, "pooler_output", out).float()  # Transformers 5 returns a model output
@@ -337,5 +368,5 @@ class Qwen25VLTorchVision(torch.nn.Module):
             return {"embeddings": rows, "positions": torch.arange(rows.shape[0], device=rows.device)}
         if len(grids) != 1:
             raise ValueError(f"an ApET engine call takes one image, got {len(grids)}")
-        tokens, positions = self.compressor(rows.unsqueeze(0))
+        tokens, positions = self.compressor(rows.unsqueeze(0), start)
         return {"embeddings": tokens[0].float(), "positions": positions[0]}

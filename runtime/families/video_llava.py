@@ -24,7 +24,7 @@ from apet_trt.apet_ops.compat import accepted_kwargs
 from ..images import ImagePreprocessor
 from ..manifest import ManifestError
 from ..videos import Video
-from .base import EngineBatch, PatchMap, RuntimeFamily, VisualRows, submodule
+from .base import START, EngineBatch, PatchMap, RuntimeFamily, VisualRows, submodule
 
 VIDEO_INPUT, IMAGE_INPUT = "pixel_values_videos", "pixel_values"
 
@@ -46,6 +46,7 @@ class VideoLlavaFamily(RuntimeFamily):
             self.frames_per_video = int(v["num_frames"])
             self.image_rows = int(v["image_rows"])
             self.select_strategy = v.get("select_strategy", "default")
+            self.frame_sampling = v.get("frame_sampling", "transformers")  # older manifests: Transformers'
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(
                 f"{manifest.root}: the video_llava family needs vision.image_size/patch_size/num_patches/"
@@ -85,16 +86,25 @@ class VideoLlavaFamily(RuntimeFamily):
         feeds = {}
         if frames:
             feeds[VIDEO_INPUT] = self._pixels(frames, f"{len(frames)} video frames")
+            if self.feeds_start:  # --start random: one draw per frame among its patch rows (CLS excluded)
+                feeds[START] = self.draw_starts(len(frames), self.frame_rows - 1)
         if stills:
             feeds[IMAGE_INPUT] = self._pixels(stills, f"{len(stills)} image(s)")
         return EngineBatch(feeds=feeds, items=items, images=list(images))
 
     # -- engine outputs -> rows ---------------------------------------------------------------
-    def _run(self, run, name: str, pixels: np.ndarray, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All of `pixels` through the engine taking `name`, in chunks of its batch range."""
+    def _run(
+        self, run, name: str, pixels: np.ndarray, rows: int, starts: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of `pixels` (and their `starts`, if any) through the engine taking `name`, in chunks of
+        its batch range."""
         embs, poss = [], []
         for start in range(0, pixels.shape[0], self.batch_max):
-            out = run({name: np.ascontiguousarray(pixels[start : start + self.batch_max])})
+            part = slice(start, start + self.batch_max)
+            feeds = {name: np.ascontiguousarray(pixels[part])}
+            if starts is not None:
+                feeds[START] = np.ascontiguousarray(starts[part])
+            out = run(feeds)
             emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
             b = min(self.batch_max, pixels.shape[0] - start)
             if tuple(emb.shape[:2]) != (b, rows) or tuple(pos.shape) != (b, rows):
@@ -111,7 +121,7 @@ class VideoLlavaFamily(RuntimeFamily):
     ) -> list[VisualRows]:
         out = {}
         if VIDEO_INPUT in batch.feeds:
-            out["video"] = self._run(run, VIDEO_INPUT, batch.feeds[VIDEO_INPUT], self.rows)
+            out["video"] = self._run(run, VIDEO_INPUT, batch.feeds[VIDEO_INPUT], self.rows, batch.feeds.get(START))
         if IMAGE_INPUT in batch.feeds:
             out["image"] = self._run(run, IMAGE_INPUT, batch.feeds[IMAGE_INPUT], self.image_rows)
         rows = []
@@ -176,7 +186,7 @@ class VideoLlavaFamily(RuntimeFamily):
         return [
             f"vision       layer {v.get('feature_layer')}, {self.image_size}px, patch {self.patch_size}, "
             f"{self.frames_per_video} frames x {self.frame_rows} rows -> {self.rows} per frame; still images "
-            f"{self.image_rows} rows, uncompressed"
+            f"{self.image_rows} rows, uncompressed; frames sampled as {self.frame_sampling}"
         ]
 
 
@@ -207,7 +217,7 @@ class VideoLlavaTorchVision(torch.nn.Module):
         positions = torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1)
         return {"embeddings": rows.float(), "positions": positions}
 
-    def forward(self, pixel_values_videos=None, pixel_values=None) -> dict[str, torch.Tensor]:
+    def forward(self, pixel_values_videos=None, pixel_values=None, start=None) -> dict[str, torch.Tensor]:
         if (pixel_values_videos is None) == (pixel_values is None):
             raise ValueError("pass pixel_values_videos (frames) or pixel_values (still images), one of them")
         if pixel_values is not None:
@@ -215,5 +225,5 @@ class VideoLlavaTorchVision(torch.nn.Module):
         rows = self._rows(self.video_tower, pixel_values_videos, False)
         if self.compressor is None:
             return self._all(rows)
-        tokens, positions = self.compressor(rows)
+        tokens, positions = self.compressor(rows, start)
         return {"embeddings": tokens.float(), "positions": positions}

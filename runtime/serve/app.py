@@ -6,6 +6,13 @@ The pipeline loads when the app starts (lifespan), so the port opens only once t
 answer; shutdown refuses new requests, answers the queued ones with 503 and stops the workers.
 Every request carries an id (the client's X-Request-Id when it sends a sane one, else a new one),
 echoed in the X-Request-Id header and the completion's id, and logged with its outcome.
+
+A chat request meets, in order (docs/SERVING.md lists what each answers): the API key (401), its
+Content-Type (JSON only: 415) and declared length (413), admission (a slot, or 503, before the
+body is read), the body within its deadline (408) and size (413), JSON within a nesting depth
+(400), the request's fields (400/404), its images and image_embeds within the request's decoding
+budget (400), then the workers. A non-streaming request whose client hangs up stops being decoded
+at the next step (499 in the log and the metrics).
 """
 
 from __future__ import annotations
@@ -23,20 +30,25 @@ import anyio
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..families import VisualRows
 from . import protocol
-from .batching import Batcher, Job
+from .access import ApiKeyMiddleware
+from .batching import Batcher, Job, Slot
 from .chat import conversation, image_parts, user_turn
-from .config import ServeConfig
+from .config import ServeConfig, redact_url
 from .errors import APIError, bad_request
+from .limits import DecodeBudget, check_json
 from .media import load_image_url
 from .metrics import Metrics
-from .payload import EmbedsLimits, decode_part, encode_part, torch_dtype
+from .payload import EmbedsLimits, decode_part, encode_part, handoff_fields, torch_dtype
 
 log = logging.getLogger("apet.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_JSON_TYPES = ("application/json",)
+MIN_TEMPERATURE = 1e-2  # vLLM's floor (sampling_params._MAX_TEMP): below it, logits / T overflow
 
 
 @dataclass
@@ -67,6 +79,11 @@ def load_pipeline(cfg: ServeConfig):
 
     pipe = load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=VisionOnlyDecoder.for_manifest)
     pipe.family.upstream_route(cfg.upstream_format, cfg.upstream_grid_positions)  # or refused here, one line
+    if cfg.upstream_format == "vllm-apet" and not pipe.family.vllm_plugin:
+        raise ValueError(
+            f"--upstream-format vllm-apet: apet-trt's vLLM plugin takes Qwen2.5-VL rows with their M-RoPE ids; "
+            f"the {pipe.family.name} family's positions are 1-D and survive vLLM's own path: use --upstream-format vllm"
+        )
     return pipe
 
 
@@ -87,11 +104,13 @@ def describe(state: ServerState) -> str:
         + (f"T={t} rows per image" if t is not None else "rows per image vary")
         + f" ({how})"
     )
-    where = f"upstream {cfg.upstream} ({cfg.upstream_format} image_embeds)" if cfg.upstream else pipe.decoder.name
+    where = pipe.decoder.name
+    if cfg.upstream:
+        where = f"upstream {redact_url(cfg.upstream)} ({cfg.upstream_format} image_embeds)"
     return (
         f"model {state.model!r}: engine {m.root} (family {m.family}, {rows}); vision backend {pipe.backend} "
         f"[{pipe.backend_reason}]; decoder {where}; batch <= {state.batcher.max_batch} images, wait "
-        f"{cfg.batch_wait_ms:g} ms, queue {cfg.max_queue}"
+        f"{cfg.batch_wait_ms:g} ms, queue {cfg.max_queue}; " + ("API key required" if cfg.api_key else "no API key")
     )
 
 
@@ -141,6 +160,8 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
                 await upstream.aclose()
 
     app = FastAPI(title="apet serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if cfg.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=cfg.api_key, open_paths=("/health",))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -153,10 +174,11 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return APIError(500, f"internal error: {type(exc).__name__}").response()
+        return APIError(500, f"internal error ({type(exc).__name__}); see the server log").response()
 
     @app.get("/health")
     async def health():
+        """Ready: loaded, not shutting down, every worker running (not: has room; /metrics says that)."""
         state = holder.get("state")
         if state is None or not state.batcher.alive:
             return APIError(503, "not ready").response()
@@ -173,7 +195,7 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
                     "object": "model",
                     "created": int(state.started),
                     "owned_by": "apet-trt",
-                    "root": str(state.pipe.manifest.root),
+                    "root": state.model,  # not the engine's path: clients need not know the server's files
                     "max_model_len": state.max_length,
                 }
             ],
@@ -190,19 +212,70 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
         given = request.headers.get("x-request-id", "")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         t0 = time.perf_counter()
+        slot = None
         try:
-            response = await _chat(state, request, rid, t0)
+            _check_headers(request, state.cfg)
+            slot = state.batcher.admit()  # before a byte of the body is read
+            body = await _read_json(request, state.cfg)
         except APIError as err:
-            _count(state, err.status, err)
-            log.info("request %s -> %d %s", rid, err.status, err.message)
-            headers = {"X-Request-Id": rid}
-            if err.status == 503:
-                headers["Retry-After"] = "1"
-            return err.response(headers)
+            if slot is not None:
+                slot.release()
+            return _refused(state, err, rid, close=True)  # the body is not read: the connection ends
+        try:
+            response = await _chat(state, request, body, slot, rid, t0)
+        except APIError as err:
+            slot.release()
+            return _refused(state, err, rid)
+        except BaseException:
+            slot.release()
+            raise
+        if not isinstance(response, SlotStream):  # a stream lets go of the slot when it ends
+            slot.release()
         response.headers["X-Request-Id"] = rid
         return response
 
     return app
+
+
+class SlotStream(StreamingResponse):
+    """A streamed answer that holds its request's slot until the stream ends, however it ends
+    (finished, failed, or cancelled by the client going away before the first chunk)."""
+
+    def __init__(self, content, slot: Slot, **kwargs):
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
+def _refused(state: ServerState, err: APIError, rid: str, close: bool = False) -> Response:
+    _count(state, err.status, err)
+    log.info("request %s -> %d %s", rid, err.status, err.message)
+    headers = {"X-Request-Id": rid}
+    if err.status == 503:
+        headers["Retry-After"] = "1"
+    if close:
+        headers["Connection"] = "close"
+    return err.response(headers)
+
+
+def _check_headers(request: Request, cfg: ServeConfig) -> None:
+    """What the headers alone decide: a JSON body (no form or text/plain posts a web page could
+    send across origins), of a declared length within the limit."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in _JSON_TYPES:
+        raise APIError(
+            415,
+            f"the body must be JSON sent as Content-Type: application/json, not {media or 'no Content-Type'}",
+            code="unsupported_media_type",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+        raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {cfg.max_body_bytes} bytes")
 
 
 def _count(state: ServerState, status: int, err: APIError | None = None) -> None:
@@ -212,21 +285,32 @@ def _count(state: ServerState, status: int, err: APIError | None = None) -> None
 
 
 async def _read_json(request: Request, cfg: ServeConfig) -> dict:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-        raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {cfg.max_body_bytes} bytes")
+    """The body, read within body_timeout_s (408 for a slow client) and max_body_bytes (413), as a
+    JSON object nested at most MAX_JSON_DEPTH deep (400)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cfg.max_body_bytes:
-            raise APIError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(cfg.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise APIError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise APIError(
+            408, f"the request body did not arrive within {cfg.body_timeout_s:g} s", code="body_timeout"
+        ) from exc
+    except ClientDisconnect as exc:
+        raise APIError(499, "the client went away while sending its body") from exc
     try:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON ({exc})", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise bad_request("the body is nested too deeply", code="invalid_json") from exc
+    del chunks
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
+    check_json(body)
     return body
 
 
@@ -241,9 +325,7 @@ def _validated(body: dict) -> protocol.ChatCompletionRequest:
     return req
 
 
-async def _chat(state: ServerState, request: Request, rid: str, t0: float) -> Response:
-    cfg = state.cfg
-    body = await _read_json(request, cfg)
+async def _chat(state: ServerState, request: Request, body: dict, slot: Slot, rid: str, t0: float) -> Response:
     req = _validated(body)
     if req.model != state.model:
         raise APIError(
@@ -252,13 +334,15 @@ async def _chat(state: ServerState, request: Request, rid: str, t0: float) -> Re
             param="model",
             code="model_not_found",
         )
+    budget = DecodeBudget(state.cfg.max_decoded_bytes)
     if state.upstream is not None:
-        return await _forward(state, body, req, rid, t0)
-    job = await _local_job(state, body, req, rid)
+        return await _forward(state, request, body, req, slot, budget, rid, t0)
+    job = await _local_job(state, body, req, rid, budget)
+    job.slot = slot
     state.batcher.submit(job)
     if req.stream:
-        return StreamingResponse(_stream(state, request, job, req, t0), media_type="text/event-stream")
-    result = await _wait(state, job, t0)
+        return SlotStream(_stream(state, request, job, req, t0), slot, media_type="text/event-stream")
+    result = await _wait(state, job, t0, request)
     _count(state, 200)
     _record(state, job, result, rid, t0)
     return JSONResponse(
@@ -271,6 +355,8 @@ async def _chat(state: ServerState, request: Request, rid: str, t0: float) -> Re
 def _sampling(req: protocol.ChatCompletionRequest) -> dict:
     temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default samples
     greedy = temperature == 0.0
+    if 0.0 < temperature < MIN_TEMPERATURE:  # as vLLM does: 1e-40 would make the logits inf / NaN
+        temperature = MIN_TEMPERATURE
     return dict(
         do_sample=not greedy,
         temperature=1.0 if greedy else temperature,
@@ -280,31 +366,43 @@ def _sampling(req: protocol.ChatCompletionRequest) -> dict:
     )
 
 
-async def _images(state: ServerState, parts) -> tuple[list, list[VisualRows | None]]:
-    """Each image part -> a PIL image to encode, or (image_embeds) the rows it carries."""
+async def _image_url(state: ServerState, part, budget: DecodeBudget):
+    spec = part.body.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    return await load_image_url(url, state.cfg, part.where, budget)
+
+
+async def _embeds(state: ServerState, part, budget: DecodeBudget) -> VisualRows:
+    """An image_embeds part -> the rows it carries, checked as this engine's own would be."""
+    fields = await anyio.to_thread.run_sync(decode_part, part.body, state.limits, part.where, budget)
+    try:
+        return state.pipe.family.rows_from_handoff(fields)
+    except ValueError as exc:
+        raise bad_request(f"{part.where}: {exc}", code="invalid_image_embeds") from exc
+
+
+async def _images(state: ServerState, parts, budget: DecodeBudget) -> tuple[list, list[VisualRows | None]]:
+    """Each image part -> a PIL image to encode, or (image_embeds) the rows it carries; one after
+    another, each charged to the request's budget before it is decoded."""
     images, rows = [], []
     for part in parts:
         if part.kind == "image_url":
-            spec = part.body.get("image_url")
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            images.append(await load_image_url(url, state.cfg, part.where))
+            images.append(await _image_url(state, part, budget))
             rows.append(None)
             state.metrics.images.labels(source="image_url").inc()
         else:
-            fields = await anyio.to_thread.run_sync(decode_part, part.body, state.limits, part.where)
-            try:
-                rows.append(state.pipe.family.rows_from_handoff(fields))
-            except ValueError as exc:
-                raise bad_request(f"{part.where}: {exc}", code="invalid_image_embeds") from exc
+            rows.append(await _embeds(state, part, budget))
             images.append(None)
             state.metrics.images.labels(source="image_embeds").inc()
     return images, rows
 
 
-async def _local_job(state: ServerState, body: dict, req: protocol.ChatCompletionRequest, rid: str) -> Job:
+async def _local_job(
+    state: ServerState, body: dict, req: protocol.ChatCompletionRequest, rid: str, budget: DecodeBudget
+) -> Job:
     pipe = state.pipe
     turn = user_turn(body["messages"], state.cfg.max_images, pipe.manifest.image_token)
-    images, rows = await _images(state, turn.images)
+    images, rows = await _images(state, turn.images, budget)
     text = conversation(pipe.manifest.prompt_template, pipe.manifest.image_token, turn.text, len(images))
     fixed = pipe.family.fixed_rows
     counts = [r.num_rows if r is not None else fixed for r in rows]
@@ -328,6 +426,7 @@ async def _local_job(state: ServerState, body: dict, req: protocol.ChatCompletio
         max_tokens=req.requested_max_tokens,
         sampling=_sampling(req),
         stream=req.stream,
+        given=any(r is not None for r in rows),
     )
 
 
@@ -340,13 +439,47 @@ async def _next_event(state: ServerState, job: Job, t0: float):
         raise APIError(504, f"the request took longer than {state.cfg.request_timeout_s:g} s") from exc
 
 
-async def _wait(state: ServerState, job: Job, t0: float) -> dict:
+async def _until_disconnect(request: Request, job: Job) -> None:
+    """Wait for the client to hang up (its body is read: what comes now is the disconnect), then
+    stop the job: the decoder drops it at its next step."""
     while True:
-        kind, value = await _next_event(state, job, t0)
-        if kind == "done":
-            return value
-        if kind == "error":
-            raise value
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled.set()
+            return
+
+
+async def _unless_gone(request: Request, work):
+    """Await `work`, unless the client hangs up first: then it is cancelled (an upstream call
+    closes its connection, which vLLM takes as an abort) and the request ends as 499."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(request.receive())  # the body is read: what comes now is the disconnect
+    try:
+        done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if job in done:
+            return job.result()
+        if gone.result()["type"] != "http.disconnect":  # cannot happen after the body; wait it out
+            return await job
+        job.cancel()
+        raise APIError(499, "the client went away; the upstream call was cancelled")
+    finally:
+        for task in (job, gone):
+            if not task.done():
+                task.cancel()
+
+
+async def _wait(state: ServerState, job: Job, t0: float, request: Request | None = None) -> dict:
+    watch = asyncio.ensure_future(_until_disconnect(request, job)) if request is not None else None
+    try:
+        while True:
+            kind, value = await _next_event(state, job, t0)
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
 def _usage(job: Job, result: dict) -> dict:
@@ -424,14 +557,33 @@ async def _stream(state: ServerState, request: Request, job: Job, req: protocol.
             log.info("request %s -> client went away mid-stream", job.id)
 
 
-async def _forward(state: ServerState, body: dict, req: protocol.ChatCompletionRequest, rid: str, t0: float):
-    """Upstream mode, by the family's route: image_embeds parts in the chat request, or the whole
-    prompt as embeddings (runtime/serve/prompt_embeds.py)."""
+async def _check_given_embeds(state: ServerState, parts, budget: DecodeBudget) -> None:
+    """Upstream mode: the client's own image_embeds parts go on only if this engine's local mode
+    would take them (decoded and checked the same way, within the same budget): vLLM documents
+    --enable-mm-embeds for trusted clients only, and this server is what its clients talk to."""
+    for part in parts:
+        if part.kind == "image_embeds":
+            await _embeds(state, part, budget)
+
+
+async def _forward(
+    state: ServerState,
+    request: Request,
+    body: dict,
+    req: protocol.ChatCompletionRequest,
+    slot: Slot,
+    budget: DecodeBudget,
+    rid: str,
+    t0: float,
+):
+    """Upstream mode, by the family's route: the image_url parts encoded here (batched with other
+    requests) and put in as image_embeds parts, or the whole prompt as embeddings
+    (runtime/serve/prompt_embeds.py); then the request goes to the upstream."""
     if state.upstream.route == "prompt_embeds":
-        return await _forward_prompt_embeds(state, body, req, rid, t0)
+        return await _forward_prompt_embeds(state, request, body, req, slot, budget, rid, t0)
     cfg, pipe = state.cfg, state.pipe
-    found = image_parts(body["messages"], cfg.max_images)
-    messages = sorted({p.message for p in found})
+    every = image_parts(body["messages"], cfg.max_images)
+    messages = sorted({p.message for p in every})
     if len(messages) > 1:  # vLLM takes a request's images from one message (and so does the engine's format)
         raise bad_request(
             f"image parts in messages {messages}: the upstream takes the images of one message only; put them in "
@@ -439,28 +591,27 @@ async def _forward(state: ServerState, body: dict, req: protocol.ChatCompletionR
             param="messages",
             code="images_in_several_messages",
         )
-    parts = [p for p in found if p.kind == "image_url"]
+    await _check_given_embeds(state, every, budget)
+    parts = [p for p in every if p.kind == "image_url"]
     if parts:
-        images = []
-        for part in parts:
-            spec = part.body.get("image_url")
-            images.append(await load_image_url(spec.get("url") if isinstance(spec, dict) else spec, cfg, part.where))
-        job = Job(id=rid, images=images, rows=[None] * len(images), loop=asyncio.get_running_loop())
+        images = [await _image_url(state, part, budget) for part in parts]
+        job = Job(id=rid, images=images, rows=[None] * len(images), loop=asyncio.get_running_loop(), slot=slot)
+        del images
         state.batcher.submit(job)
-        rows = (await _wait(state, job, t0))["rows"]
+        rows = (await _wait(state, job, t0, request))["rows"]
         dtype = _embeds_dtype(state)
-
-        fields = [pipe.family.handoff_fields(r, cfg.upstream_format) for r in rows]
+        fmt = cfg.upstream_format
+        fields = [handoff_fields(pipe.family, r, fmt) for r in rows]
         _check_vllm_batch(cfg, fields)
 
         def encode_all():
-            return [encode_part(f, cfg.upstream_format, dtype) for f in fields]
+            return [encode_part(f, fmt, dtype) for f in fields]
 
         for part, new in zip(parts, await anyio.to_thread.run_sync(encode_all)):
             body["messages"][part.message]["content"][part.part] = new
         _record(state, job, {}, rid, t0)
     t1 = time.perf_counter()
-    response = await state.upstream.forward(body, rid, req.stream)
+    response = await _unless_gone(request, state.upstream.forward(body, rid, req.stream))
     state.metrics.observe_stage("upstream", time.perf_counter() - t1)
     _count(state, response.status_code)
     return response
@@ -485,7 +636,14 @@ def _embeds_dtype(state: ServerState):
 
 
 async def _forward_prompt_embeds(
-    state: ServerState, body: dict, req: protocol.ChatCompletionRequest, rid: str, t0: float
+    state: ServerState,
+    request: Request,
+    body: dict,
+    req: protocol.ChatCompletionRequest,
+    slot: Slot,
+    budget: DecodeBudget,
+    rid: str,
+    t0: float,
 ):
     """The prompt-embeds route (Video-LLaVA): media encoded here, the prompt assembled and embedded as
     local decoding does it, sent to the upstream's /v1/completions."""
@@ -501,11 +659,12 @@ async def _forward_prompt_embeds(
             frames = int(pipe.family.frames_per_video)
             media.append(await anyio.to_thread.run_sync(load_video_url, url, cfg, frames, where))
         else:
-            media.append(await load_image_url(url, cfg, where))
+            media.append(await load_image_url(url, cfg, where, budget))
         kinds.append(kind)
-    job = Job(id=rid, images=media, rows=[None] * len(media), loop=asyncio.get_running_loop())
+    job = Job(id=rid, images=media, rows=[None] * len(media), loop=asyncio.get_running_loop(), slot=slot)
+    del media
     state.batcher.submit(job)
-    rows = (await _wait(state, job, t0))["rows"]
+    rows = (await _wait(state, job, t0, request))["rows"]
     dtype = _embeds_dtype(state)
 
     def embed():
@@ -520,8 +679,8 @@ async def _forward_prompt_embeds(
         raise bad_request(str(exc)) from exc
     _record(state, job, {}, rid, t0)
     t1 = time.perf_counter()
-    request = completion_body(body, embeds, await state.upstream.model_name())
-    response = await state.upstream.complete({**request, "max_tokens": max_tokens}, rid, req.stream)
+    upstream_body = {**completion_body(body, embeds, await state.upstream.model_name()), "max_tokens": max_tokens}
+    response = await _unless_gone(request, state.upstream.complete(upstream_body, rid, req.stream))
     state.metrics.observe_stage("upstream", time.perf_counter() - t1)
     _count(state, response.status_code)
     return response

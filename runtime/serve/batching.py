@@ -15,9 +15,20 @@ Two worker threads, built on the runtime's own stages (runtime/pipeline.py) rath
 
 The two overlap (the next batch's vision runs while the current batch decodes). Requests whose
 images all came as `image_embeds` skip the vision thread. In upstream mode the decoder thread is not
-started: a request is done when its rows are. Admission is bounded: at most `max_queue` requests are
-inside at once, the next gets 503 at once rather than a growing queue. This object is the
-pipeline's only user while the server runs (the stages are called without Pipeline's lock).
+started: a request is done when its rows are. This object is the pipeline's only user while the
+server runs (the stages are called without Pipeline's lock).
+
+Admission is bounded and comes first: a request takes a `Slot` (`admit`) as soon as its headers are
+in, before its body is read, and the next one past `max_queue` gets 503 at once. The slot is held by
+the request's handler and, once submitted, by the job in the workers; it frees when both let go (a
+request that timed out keeps its slot until the workers drop it).
+
+The workers cannot die of a request: every exception fails the requests it concerns and the loop
+goes on. A failed batch is retried one request at a time, so one bad request fails alone. What the
+failure was decides the status: an image the family's preprocessing refuses (ValueError: too small
+for T, an aspect it cannot take) or rows given as `image_embeds` the family cannot place are the
+client's (400); the engine or decoder failing on good input is the server's (500, details in the
+log, not in the answer).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ class Job:
     images: list[Any]  # per image of the request: a PIL image to encode, or None where rows came given
     rows: list[VisualRows | None]  # given rows (image_embeds) or, once encoded, the engine's
     loop: asyncio.AbstractEventLoop
+    slot: Slot | None = None  # the request's admission; the job holds a share of it while inside
     conversation: str | None = None  # None: vision only (upstream mode)
     max_tokens: int | None = None  # what the client asked for; None: the server's default
     sampling: dict = field(default_factory=dict)  # SamplingConfig fields except max_new_tokens
@@ -57,13 +69,43 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     admitted: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
+    given: bool = False  # some rows came as image_embeds parts (the client's, not the engine's)
+    streamed: bool = False  # a text delta went out (such a request cannot be decoded again)
+    finished: bool = False
 
     @property
     def needs_vision(self) -> bool:
         return any(img is not None for img in self.images)
 
     def post(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        if kind == "delta":
+            self.streamed = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed (the server stopped): nobody is waiting
+            pass
+
+
+class Slot:
+    """One admitted request's place in the server; frees itself when every holder released it."""
+
+    def __init__(self, free: Callable[[], None]):
+        self._free, self._holders, self._lock = free, 1, threading.Lock()
+
+    def share(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._free()
+
+
+class ClientFault(Exception):
+    """A request the workers cannot serve through no fault of the server's (-> 400)."""
 
 
 class Detokenizer:
@@ -115,9 +157,11 @@ class Batcher:
         self._inside = 0
         self._count_lock = threading.Lock()
         self._closing = False
-        self._threads = [threading.Thread(target=self._vision_loop, name="apet-vision", daemon=True)]
-        if decode:
-            self._threads.append(threading.Thread(target=self._decoder_loop, name="apet-decoder", daemon=True))
+        vision = self._guarded(self._vision_loop, "vision", [self._vision_q])
+        self._threads = [threading.Thread(target=vision, name="apet-vision", daemon=True)]
+        if decode:  # without a decoder, what vision hands on waits for nobody: both queues go
+            decoder = self._guarded(self._decoder_loop, "decoder", [self._vision_q, self._decoder_q])
+            self._threads.append(threading.Thread(target=decoder, name="apet-decoder", daemon=True))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -126,6 +170,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
+        """Ready to serve: started, not shutting down, every worker running."""
         return not self._closing and all(t.is_alive() for t in self._threads)
 
     @property
@@ -135,24 +180,20 @@ class Batcher:
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new requests, fail the queued ones (503), let the running batch finish, stop."""
         self._closing = True
-        for q in (self._vision_q, self._decoder_q):
-            while True:
-                try:
-                    job = q.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not _STOP:
-                    self._fail(job, APIError(503, "the server is shutting down"))
+        self._drain(APIError(503, "the server is shutting down"))
         self._vision_q.put(_STOP)
         for t in self._threads:
             if t.ident is not None:  # started
                 t.join(timeout)
 
     # -- admission ----------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    def admit(self) -> Slot:
+        """A place for one request, taken before its body is read; 503 when there is none."""
         with self._count_lock:
             if self._closing:
                 raise APIError(503, "the server is shutting down")
+            if any(t.ident is not None and not t.is_alive() for t in self._threads):
+                raise APIError(503, "the server is not ready")
             if self._inside >= self.max_queue:
                 raise APIError(
                     503,
@@ -161,12 +202,27 @@ class Batcher:
                 )
             self._inside += 1
             self.metrics.queue_depth.set(self._inside)
-        (self._vision_q if job.needs_vision else self._decoder_q).put(job)
+        return Slot(self._free)
 
-    def _finish(self, job: Job, kind: str, value) -> None:
+    def _free(self) -> None:
         with self._count_lock:
             self._inside -= 1
             self.metrics.queue_depth.set(self._inside)
+
+    def submit(self, job: Job) -> None:
+        """Hand an admitted request (job.slot) to the workers; they hold a share of its slot."""
+        if self._closing:
+            raise APIError(503, "the server is shutting down")
+        if job.slot is not None:
+            job.slot.share()
+        (self._vision_q if job.needs_vision else self._decoder_q).put(job)
+
+    def _finish(self, job: Job, kind: str, value) -> None:
+        if job.finished:  # answered already (a failure path met a job twice)
+            return
+        job.finished = True
+        if job.slot is not None:
+            job.slot.release()
         job.post(kind, value)
 
     def _fail(self, job: Job, error: APIError) -> None:
@@ -198,6 +254,38 @@ class Batcher:
                 live.append(job)
         return live
 
+    def _guarded(self, loop: Callable[[], None], name: str, queues: list[queue.Queue]) -> Callable[[], None]:
+        """A worker's loop that outlives its requests' failures; should it end anyway, what waits
+        for it in `queues` is answered (503) rather than left waiting, admission refuses new
+        requests and /health says not ready."""
+
+        def run() -> None:
+            try:
+                loop()
+            finally:
+                if not self._closing:
+                    log.critical("the %s worker stopped; the server is not ready", name)
+                    self._drain(APIError(503, "the server is not ready"), queues)
+
+        return run
+
+    def _drain(self, error: APIError, queues: list[queue.Queue] | None = None) -> None:
+        for q in queues or (self._vision_q, self._decoder_q):
+            while True:
+                try:
+                    job = q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not _STOP:
+                    self._fail(job, error)
+
+    def _fail_all(self, jobs: list[Job], exc: BaseException, stage: str) -> None:
+        """The last resort of a loop: a failure outside the per-request handling (a bug) fails
+        the requests in hand and the loop goes on."""
+        log.error("%s worker: unexpected failure; failing %d request(s)", stage, len(jobs), exc_info=exc)
+        for job in jobs:
+            self._fail(job, APIError(500, f"the {stage} stage failed ({type(exc).__name__}); see the server log"))
+
     # -- vision -------------------------------------------------------------------------------
     def _vision_loop(self) -> None:
         while True:
@@ -206,33 +294,46 @@ class Batcher:
                 if self.decode:
                     self._decoder_q.put(_STOP)
                 return
-            if jobs:
-                try:
-                    self._encode(jobs)
-                except Exception as exc:  # a batch that fails: each request alone, so one bad one fails alone
-                    if len(jobs) > 1:
-                        log.warning("vision batch of %d failed (%s); retrying one by one", len(jobs), exc)
-                        for job in jobs:
-                            self._encode_alone(job)
-                    else:
-                        self._encode_failed(jobs[0], exc)
+            try:
+                self._vision_batch(jobs)
+            except Exception as exc:  # those already handed on are the decoder's
+                self._fail_all([j for j in jobs if j.needs_vision], exc, "vision")
 
-    def _encode_alone(self, job: Job) -> None:
+    def _vision_batch(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
         try:
-            self._encode([job])
-        except Exception as exc:
-            self._encode_failed(job, exc)
+            self._encode(jobs)
+        except Exception as exc:  # a batch that fails: each request alone, so one bad one fails alone
+            if len(jobs) == 1:
+                self._encode_failed(jobs[0], exc)
+                return
+            log.warning("vision batch of %d failed (%s); retrying one by one", len(jobs), type(exc).__name__)
+            for job in jobs:
+                if not job.needs_vision:  # encoded and handed on before the failure
+                    continue
+                try:
+                    self._encode([job])
+                except Exception as exc1:
+                    self._encode_failed(job, exc1)
 
     def _encode_failed(self, job: Job, exc: Exception) -> None:
-        log.exception("request %s: vision failed", job.id, exc_info=exc)
-        self._fail(job, APIError(500, f"the vision engine failed: {type(exc).__name__}: {exc}"))
+        if isinstance(exc, ClientFault):
+            log.info("request %s: its images were refused: %s", job.id, exc)
+            self._fail(job, bad_request(str(exc), code="invalid_image"))
+            return
+        log.error("request %s: vision failed", job.id, exc_info=exc)
+        self._fail(job, APIError(500, f"the vision engine failed ({type(exc).__name__}); see the server log"))
 
     def _encode(self, jobs: list[Job]) -> None:
         pipe, t0 = self.pipe, time.perf_counter()
         for job in jobs:
             self.metrics.observe_stage("queue", t0 - job.admitted)
         images = [img for job in jobs for img in job.images if img is not None]
-        batch = pipe.preprocess(images)
+        try:
+            batch = pipe.preprocess(images)
+        except (ValueError, TypeError) as exc:  # the family's checks on what the client sent
+            raise ClientFault(str(exc)) from exc
         t1 = time.perf_counter()
         rows = pipe.family.encode(pipe.vision, batch)
         t2 = time.perf_counter()
@@ -270,28 +371,70 @@ class Batcher:
             jobs = self._take(self._decoder_q, lambda j: 1)
             if jobs is None:
                 return
-            groups: dict[Any, list] = {}
-            for job in jobs:
-                try:
-                    with self.tokenizer_lock:
-                        prompt = self.pipe.assemble(job.conversation, job.rows)
-                    n = self.plan_tokens(int(prompt.input_ids.numel()), job.max_tokens)
-                    sampling = SamplingConfig(max_new_tokens=n, **job.sampling)
-                except APIError as err:
-                    self._fail(job, err)
+            try:
+                self._decode_batch(jobs)
+            except Exception as exc:
+                self._fail_all(jobs, exc, "decoder")
+
+    def _prepare(self, job: Job):
+        """(prompt, sampling) of one job, or None when it failed (answered here)."""
+        try:
+            with self.tokenizer_lock:
+                prompt = self.pipe.assemble(job.conversation, job.rows)
+            n = self.plan_tokens(int(prompt.input_ids.numel()), job.max_tokens)
+            return prompt, SamplingConfig(max_new_tokens=n, **job.sampling)
+        except APIError as err:
+            self._fail(job, err)
+        except ValueError as exc:
+            self._fail(job, bad_request(str(exc)))
+        except Exception as exc:
+            if job.given:  # rows the client sent that this family cannot place (e.g. without their grid)
+                log.info("request %s: its image_embeds cannot be used: %s: %s", job.id, type(exc).__name__, exc)
+                self._fail(
+                    job,
+                    bad_request(
+                        f"this model cannot use the image_embeds parts sent ({type(exc).__name__}: {exc}); "
+                        "send the images as image_url parts",
+                        code="invalid_image_embeds",
+                    ),
+                )
+            else:
+                log.error("request %s: its prompt could not be assembled", job.id, exc_info=exc)
+                self._fail(job, APIError(500, f"the prompt could not be assembled ({type(exc).__name__})"))
+        return None
+
+    def _decode_batch(self, jobs: list[Job]) -> None:
+        groups: dict[Any, list] = {}
+        for job in jobs:
+            prepared = self._prepare(job)
+            if prepared is None:
+                continue
+            prompt, sampling = prepared
+            alone = sampling.do_sample and sampling.seed is not None
+            groups.setdefault(id(job) if alone else sampling, []).append((job, prompt, sampling))
+        for group in groups.values():
+            try:
+                self._generate(group)
+            except Exception as exc:  # a group that fails: each request alone, so one bad one fails alone
+                if len(group) == 1:
+                    self._decode_failed(group[0][0], exc)
                     continue
-                except ValueError as exc:
-                    self._fail(job, bad_request(str(exc)))
-                    continue
-                alone = sampling.do_sample and sampling.seed is not None
-                groups.setdefault(id(job) if alone else sampling, []).append((job, prompt, sampling))
-            for group in groups.values():
-                try:
-                    self._generate(group)
-                except Exception as exc:
-                    log.exception("decoder batch failed")
-                    for job, _, _ in group:
-                        self._fail(job, APIError(500, f"the decoder failed: {type(exc).__name__}: {exc}"))
+                log.warning("decoder batch of %d failed (%s); retrying one by one", len(group), type(exc).__name__)
+                for item in group:
+                    job = item[0]
+                    if job.finished:
+                        continue
+                    if job.streamed:  # its client has part of an answer: it cannot start again
+                        self._decode_failed(job, exc)
+                        continue
+                    try:
+                        self._generate([item])
+                    except Exception as exc1:
+                        self._decode_failed(job, exc1)
+
+    def _decode_failed(self, job: Job, exc: Exception) -> None:
+        log.error("request %s: decoding failed", job.id, exc_info=exc)
+        self._fail(job, APIError(500, f"the decoder failed ({type(exc).__name__}); see the server log"))
 
     def _text(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -321,6 +464,7 @@ class Batcher:
         for job, prompt, detok, ids in zip(jobs, prompts, streams, out.ids):
             if job.cancelled.is_set():
                 self.metrics.cancelled.inc()
+                log.info("request %s: decoding stopped after %d tokens (client gone or timed out)", job.id, len(ids))
                 self._fail(job, APIError(499, "the client went away"))
                 continue
             text = self._text(ids)

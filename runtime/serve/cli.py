@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,13 +32,35 @@ def register(subparsers) -> None:
     g.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others (5)")
     g.add_argument("--max-queue", type=int, default=64, help="requests inside at once; more get 503 (64)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 504 (600)")
+    g.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive; else 408 (10)"
+    )
+    g.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds for an admitted body to arrive; else 408 (30)"
+    )
     g = s.add_argument_group("request limits")
     g.add_argument("--max-body-bytes", type=int, default=32 << 20, help="JSON body size cap (32 MiB)")
     g.add_argument("--max-images", type=int, default=4, help="images per request (4)")
     g.add_argument("--max-image-bytes", type=int, default=20 << 20, help="one encoded image (20 MiB)")
+    g.add_argument("--max-image-pixels", type=int, default=40_000_000, help="one image's width x height (40 M)")
+    g.add_argument(
+        "--max-decoded-bytes",
+        type=int,
+        default=128 << 20,
+        help="decoded images and image_embeds one request may hold, checked before decoding (128 MiB)",
+    )
     g.add_argument("--max-tokens-default", type=int, default=256, help="max_tokens when a request names none")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR", help="accept file:// images below DIR")
     g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs (off by default)")
+    g.add_argument(
+        "--remote-image-timeout", type=float, default=10.0, help="seconds for the whole fetch of one remote image (10)"
+    )
+    g = s.add_argument_group("access")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("APET_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $APET_API_KEY; unset: none)",
+    )
     g = s.add_argument_group("runtime")
     g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     g.add_argument("--decoder", default="auto", choices=["auto", "transformers", "tensorrt_llm", "tensorrt_llm_api"])
@@ -54,9 +77,10 @@ def register(subparsers) -> None:
     g.add_argument(
         "--upstream-format",
         default="vllm",
-        choices=["vllm", "trtllm"],
-        help="image_embeds part format: vllm (tested: vLLM 0.32), trtllm (trtllm-serve of a TensorRT-LLM that has "
-        "NVIDIA/TensorRT-LLM PR #9715, Dec 2025; LLaVA-1.5 refused)",
+        choices=["vllm", "vllm-apet", "trtllm"],
+        help="image_embeds part format: vllm (tested: vLLM 0.32; docs/UPSTREAM.md), vllm-apet (vLLM with apet-trt's "
+        "plugin, Qwen2.5-VL's rows with their true M-RoPE ids, docs/VLLM_PLUGIN.md), trtllm (trtllm-serve of a "
+        "TensorRT-LLM that has NVIDIA/TensorRT-LLM PR #9715, Dec 2025; LLaVA-1.5 refused)",
     )
     g.add_argument(
         "--embeds-dtype",
@@ -70,6 +94,12 @@ def register(subparsers) -> None:
         help="Qwen2.5-VL: send each image's rows with a compact image_grid_thw and accept the M-RoPE positions the "
         "upstream derives from it (approximate; the exact route is the apet-trt vLLM plugin, docs/VLLM_PLUGIN.md)",
     )
+    g.add_argument(
+        "--max-upstream-response-bytes",
+        type=int,
+        default=16 << 20,
+        help="a non-streamed upstream answer larger than this gets 502 (16 MiB)",
+    )
     s.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     s.set_defaults(func=serve_command)
 
@@ -82,7 +112,12 @@ def register(subparsers) -> None:
     e.add_argument("--engine", required=True, help="engine directory")
     e.add_argument("--image", required=True, help="image file")
     e.add_argument("--out", required=True, help="OUT.json (the content part) or OUT.pt (the tensor / dict)")
-    e.add_argument("--format", default="vllm", choices=["vllm", "trtllm"], help="content part format (vllm)")
+    e.add_argument(
+        "--format",
+        default="vllm",
+        choices=["vllm", "vllm-apet", "trtllm"],
+        help="content part format (vllm); vllm-apet: for vLLM with apet-trt's plugin (Qwen2.5-VL, docs/VLLM_PLUGIN.md)",
+    )
     e.add_argument(
         "--embeds-dtype",
         default=None,
@@ -118,12 +153,18 @@ def serve_command(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
         max_body_bytes=args.max_body_bytes,
         max_images=args.max_images,
         max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_decoded_bytes=args.max_decoded_bytes,
         default_max_tokens=args.max_tokens_default,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_remote_images=args.allow_remote_images,
+        remote_image_timeout_s=args.remote_image_timeout,
+        api_key=args.api_key or None,
         backend=args.backend,
         decoder=args.decoder,
         device=args.device,
@@ -133,6 +174,7 @@ def serve_command(args: argparse.Namespace) -> int:
         upstream_format=args.upstream_format,
         embeds_dtype=args.embeds_dtype,
         upstream_grid_positions=args.upstream_grid_positions,
+        max_upstream_response_bytes=args.max_upstream_response_bytes,
         graceful_shutdown_s=args.graceful_shutdown,
     )
     return serve(cfg)
@@ -156,7 +198,7 @@ def encode_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load
-    from .payload import encode_part, torch_dtype
+    from .payload import encode_part, handoff_fields, torch_dtype
     from .vision_only import VisionOnlyDecoder
 
     out = Path(args.out)
@@ -167,7 +209,7 @@ def encode_command(args: argparse.Namespace) -> int:
     pipe = load(args.engine, backend=args.backend, device=args.device, decoder=VisionOnlyDecoder.for_manifest)
     [rows] = pipe.encode(args.image)
     dtype = torch_dtype(args.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
-    fields = pipe.family.handoff_fields(rows, args.format)
+    fields = handoff_fields(pipe.family, rows, args.format)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         out.write_text(json.dumps(encode_part(fields, args.format, dtype)))

@@ -57,11 +57,13 @@ def make_server(cfg: ServeConfig, sock: socket.socket, pipe=None, on_ready=None,
     """A uvicorn.Server for the app on an already bound socket (also what the tests run in a thread)."""
     import uvicorn
 
+    from .access import header_deadline_protocol
     from .app import create_app
 
     app = create_app(cfg, pipe=pipe, on_ready=on_ready)
     config = uvicorn.Config(
         app,
+        http=header_deadline_protocol(cfg.header_timeout_s),  # h11 with a deadline for request headers
         log_level=log_level,
         access_log=False,  # the app logs one line per request, with its id
         timeout_graceful_shutdown=cfg.graceful_shutdown_s,
@@ -80,8 +82,12 @@ def serve(cfg: ServeConfig) -> int:
     pipe = load_pipeline(cfg)
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
-    if not cfg.loopback:
-        log.warning("listening on %s, not a loopback address: put authentication in front of this server", host)
+    if not cfg.loopback and cfg.api_key is None:
+        log.warning(
+            "listening on %s, not a loopback address, without --api-key (or APET_API_KEY): anyone who reaches "
+            "it can use it",
+            host,
+        )
 
     def ready(state) -> None:
         log.info("apet serve: ready on http://%s:%d (OpenAI API at /v1, /health, /metrics)", host, port)

@@ -203,7 +203,7 @@ def media_items(cfg: BenchConfig, family) -> list:
         return [to_pil(path)] * cfg.batch
     if family.frames_per_video is None:
         raise ValueError(f"--video: the {family.name} family takes no videos (give --image)")
-    return [read_video(path, family.frames_per_video)] * cfg.batch
+    return [read_video(path, family.frames_per_video, sampling=family.frame_sampling)] * cfg.batch
 
 
 def media_rows(cfg: BenchConfig, pair: EnginePair, pairs: VisionPairs) -> MediaRows:

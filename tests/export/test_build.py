@@ -260,11 +260,16 @@ def test_no_apet_baseline_emits_all_tokens(full, preset, rng):
     emb, pos = ort_run(full, pixels)
     assert torch.equal(pos, torch.arange(N).expand(2, N))
     assert rel_err(emb, hf_image_features(model, pixels)) < 1e-4
-    # omitting --keep is the same build as --no-apet
-    assert manifest_of(full)["build"]["keep"] is None
+    assert manifest_of(full)["build"]["keep"] is None and manifest_of(full)["build"]["no_apet"] is True
 
 
-def test_omitting_keep_builds_the_baseline(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "fields, keep",
+    [(dict(), 64), (dict(basis=8, start=3), 64), (dict(no_apet=True), None), (dict(keep=32), 32)],
+)
+def test_omitting_every_budget_builds_the_paper_setting(tmp_path, monkeypatch, fields, keep):
+    """No --keep / --keep-ratio / --budget / --llm-stage: the family's paper budget (LLaVA-1.5: T=64),
+    with the other options as given; --no-apet is the only way to the uncompressed baseline."""
     captured = {}
 
     def stop(engine, path, **kw):  # capture the module being exported, then stop the build
@@ -273,8 +278,11 @@ def test_omitting_keep_builds_the_baseline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_module, "export_vision_onnx", stop)
     with pytest.raises(RuntimeError, match="stop here"):
-        build(BuildConfig(model=PRESET, out=str(tmp_path / "e")), quiet=True)
-    assert captured["compressor"] is None
+        build(BuildConfig(model=PRESET, out=str(tmp_path / "e"), **fields), quiet=True)
+    compressor = captured["compressor"]
+    assert (compressor.config.keep if compressor is not None else None) == keep
+    if compressor is not None:
+        assert (compressor.config.basis, compressor.config.start) == (fields.get("basis", K), fields.get("start", 0))
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
 
 

@@ -7,7 +7,8 @@ checkpoint saved with save_pretrained and built by path with --keep 32 --llm-sta
   restricted to the base crop's 32 rows; the tiles' rows and every newline row stay;
 - greedy ids with the KV cache equal the slow reference (tests/helpers/stage2.py) that recomputes
   the whole pruned forward without cache at every step, for images of different row counts;
-- what the per-crop engine cannot do (--start random, --image-aspect pad) is refused before weights.
+- what the per-crop engine cannot do (--image-aspect pad) is refused before weights (--start random:
+  tests/test_defaults.py).
 """
 
 from __future__ import annotations
@@ -98,7 +99,6 @@ def test_greedy_ids_with_cache_equal_the_slow_reference(pipe, rng):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(keep=T, start="random"), "llava_next family's vision engine takes no per-image start"),
         (dict(keep=T, image_aspect="pad"), "the llava_next family takes default"),
         (dict(keep=T, llm_stage="1:32"), "KEEP must be below the 32 rows"),
     ],

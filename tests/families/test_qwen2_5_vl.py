@@ -211,6 +211,63 @@ def test_position_ids_are_the_uncompressed_ids_gathered(hf, pipes, images, count
     assert torch.equal(a_kept.position_ids, reference[:, columns])
 
 
+@pytest.mark.parametrize("name", ["ratio", "full"])
+def test_vllm_plugin_fields_are_the_image_columns_of_the_prompt_ids(pipes, images, name):
+    """What `--upstream-format vllm-apet` sends (apet_trt.vllm_plugin) is the Transformers decoder's own
+    position ids of the image's slots, less the image's start id: the plugin adds vLLM's start back."""
+    pipe = pipes[name]
+    for image in images[:2]:
+        [rows] = pipe.encode(image)
+        fields = pipe.family.vllm_plugin_fields(rows)
+        assert set(fields) == {"image_embeds", "apet_mrope_positions", "apet_grid_thw", "apet_num_rows"}
+        assert fields["image_embeds"] is rows.embeddings and int(fields["apet_num_rows"]) == rows.num_rows
+        assert fields["apet_grid_thw"].tolist() == list(rows.extras["grid_thw"])
+        prompt = pipe.assemble("Describe it.", [rows])
+        slots = prompt.position_ids[:, prompt.image_slots]  # [3, R]
+        start = int(prompt.position_ids[0, prompt.image_slots[0] - 1]) + 1  # one past <|vision_start|>
+        assert torch.equal(fields["apet_mrope_positions"].T + start, slots)
+        t, h, w = rows.extras["grid_thw"]
+        after = int(prompt.position_ids[0, prompt.image_slots[-1] + 1])  # <|vision_end|>
+        assert after == start + max(h, w) // 2  # the text continues past the uncompressed grid
+
+
+def test_apet_encode_writes_the_vllm_plugin_part(engines, pipes, images, tmp_path):
+    """`apet encode --format vllm-apet`: vLLM's dict-form part holding the family's plugin fields."""
+    import base64
+    import io
+    import json
+
+    from apet_trt.scripts.cli import main
+
+    path = tmp_path / "image.png"
+    images[1].save(path)
+    out = tmp_path / "part.json"
+    assert (
+        main(
+            [
+                "encode",
+                "--engine",
+                str(engines["ratio"]),
+                "--image",
+                str(path),
+                "--out",
+                str(out),
+                "--format",
+                "vllm-apet",
+            ]
+        )
+        == 0
+    )
+    part = json.loads(out.read_text())
+    assert part["type"] == "image_embeds"
+    got = {k: torch.load(io.BytesIO(base64.b64decode(v)), weights_only=True) for k, v in part["image_embeds"].items()}
+    [rows] = pipes["ratio"].encode(Image.open(path).convert("RGB"))
+    want = pipes["ratio"].family.vllm_plugin_fields(rows)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
 def test_mrope_ids_match_get_rope_index_for_random_grids(hf, rng):
     image_id = hf.config.image_token_id
     for _ in range(5):

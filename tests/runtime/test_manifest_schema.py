@@ -99,6 +99,7 @@ CASES = {
     "token id": (_set("llm.image_token_id", 10**6), r"llm\.image_token_id: 1000000 is not below llm\.vocab_size"),
     "negative id": (_set("llm.pad_token_id", -1), r"llm\.pad_token_id: must be in 0\.\."),
     "unknown field": (_set("model_path", "/etc"), r"model_path: unknown field"),
+    "frame sampling": (_set("vision.frame_sampling", "decord"), r"vision\.frame_sampling: must be one of"),
     "missing": (_drop("batch"), r"batch: missing"),
     "missing nested": (_drop("llm.hidden_size"), r"llm\.hidden_size: missing"),
     "sha256": (lambda d: d["files"]["vision.onnx"].update(sha256="abc"), r"files\.vision\.onnx\.sha256: \"abc\""),

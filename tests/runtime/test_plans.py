@@ -94,6 +94,28 @@ def test_rebuild_command_uses_the_checkpoint_path_and_the_defaults():
     assert rebuild_command(manifest(build=None)) == "apet build --model tiny-llava --out /engines/x --force"
 
 
+def test_rebuild_command_keeps_every_budget_and_parity_option():
+    """A rebuild must not fall back to the family's default budget (docs/DEFAULTS.md) or lose a choice."""
+    build = {"model": "q", "keep": None, "keep_ratio": 0.5, "seed_blend": 0.5, "basis": 8, "start": "random"}
+    build |= {"start_seed": 7, "image_aspect": "default", "frame_sampling": None, "max_pixels": 200704}
+    assert rebuild_command(manifest(build=build)) == (
+        "apet build --model q --keep-ratio 0.5 --seed-blend 0.5 --basis 8 --start random --start-seed 7 "
+        "--max-pixels 200704 --out /engines/x --force"
+    )
+    build = {
+        "model": "v",
+        "budget": 64,
+        "start": 0,
+        "start_seed": 0,
+        "image_aspect": "pad",
+        "frame_sampling": "official",
+    }
+    assert rebuild_command(manifest(build=build)) == (
+        "apet build --model v --start 0 --budget 64 --image-aspect pad --frame-sampling official "
+        "--out /engines/x --force"
+    )
+
+
 # --- through runtime.load, on a real (hand-written) engine directory ------------------------------
 
 

@@ -54,6 +54,23 @@ def test_sampling_is_uniform_and_repeats_short_clips():
     assert sample_indices(1, 8) == [0] * 8
 
 
+def test_official_sampling_is_numpys_linspace(tmp_path):
+    """--frame-sampling official: LanguageBind's np.linspace(0, n - 1, 8, dtype=int), numpy's float
+    steps included (123 frames for 15 is frame 60 there, 61 by exact integer division)."""
+    assert sample_indices(100, 8, "official") == [0, 14, 28, 42, 56, 70, 84, 99]
+    assert sample_indices(3, 8, "official") == [0, 0, 0, 0, 1, 1, 1, 2] and sample_indices(5, 1, "official") == [0]
+    g = np.random.default_rng(2)
+    for total, n in [(123, 15), *zip(g.integers(1, 5000, 200).tolist(), g.integers(1, 33, 200).tolist())]:
+        assert sample_indices(total, n, "official") == np.linspace(0, total - 1, n, dtype=int).tolist(), (total, n)
+    video = read_video(str(CLIP), 8, sampling="official")
+    assert video.indices == [0, 14, 28, 42, 56, 70, 84, 99] and video.total_frames == 100
+    frames = g.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    again = read_video(frames, 8, sampling="official")
+    assert again.indices == [0, 2, 5, 8, 10, 13, 16, 19] and np.array_equal(again.frames, frames[again.indices])
+    with pytest.raises(ValueError, match="frame sampling must be one of"):
+        read_video(str(CLIP), 8, sampling="decord")
+
+
 def test_a_clip_shorter_than_eight_frames_repeats_frames(tmp_path):
     g = np.random.default_rng(0)
     frames = g.integers(0, 256, (3, 64, 96, 3), dtype=np.uint8)

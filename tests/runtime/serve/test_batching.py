@@ -120,18 +120,21 @@ def test_admission_is_bounded(pipe, rng):
     async def main():
         loop = asyncio.get_running_loop()
         b = _batcher(pipe, max_queue=2)
-        jobs = [Job(id=str(i), images=[_image(rng)], rows=[None], loop=loop, conversation=PROMPT) for i in range(3)]
-        b.submit(jobs[0])
-        b.submit(jobs[1])
+        jobs = [Job(id=str(i), images=[_image(rng)], rows=[None], loop=loop, conversation=PROMPT) for i in range(2)]
+        for job in jobs:
+            job.slot = b.admit()  # a slot per request, taken before its body is read
+            b.submit(job)  # the workers hold a share of it
+            job.slot.release()  # and the handler lets go of its own: the slot stays taken
         with pytest.raises(APIError) as err:
-            b.submit(jobs[2])
+            b.admit()
         assert err.value.status == 503 and b.inside == 2
         await asyncio.to_thread(b.close)  # queued requests are answered 503, not dropped
-        for job in jobs[:2]:
+        for job in jobs:
             kind, value = job.events.get_nowait()
             assert kind == "error" and value.status == 503
+        assert b.inside == 0  # their slots came back
         with pytest.raises(APIError, match="shutting down"):
-            b.submit(jobs[2])
+            b.admit()
 
     asyncio.run(main())
 

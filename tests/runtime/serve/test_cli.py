@@ -10,6 +10,7 @@ import threading
 
 import httpx
 import pytest
+from PIL import Image
 
 from apet_trt.scripts.cli import main
 from helpers.engines import build_engine_dir
@@ -96,3 +97,38 @@ def test_config_is_checked(engine):
     ):
         with pytest.raises(ValueError):
             ServeConfig(engine=str(engine), **bad).validate()
+
+
+def test_serving_doc_lists_every_serve_flag():
+    """docs/SERVING.md's flag table names exactly the flags `apet serve` takes."""
+    import argparse
+    from pathlib import Path
+
+    from apet_trt.runtime.serve.cli import register
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    register(sub)
+    serve = sub.choices["serve"]
+    flags = {o for a in serve._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    doc = (Path(__file__).parents[3] / "docs" / "SERVING.md").read_text()
+    table = [ln for ln in doc.splitlines() if ln.startswith("| `--")]
+    documented = {f for ln in table for f in re.findall(r"`(--[a-z-]+)", ln.split("|")[1])}
+    assert documented == flags
+
+
+def test_the_vllm_plugin_format_is_refused_for_families_it_does_not_take(engine, tmp_path, capsys):
+    """--upstream-format vllm-apet / --format vllm-apet is Qwen2.5-VL's route (docs/VLLM_PLUGIN.md): a
+    LLaVA engine is refused at start-up, before any port opens, naming the format that fits."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 48)).save(image)
+    serve = ["serve", "--engine", str(engine), "--port", "0", "--upstream", "http://127.0.0.1:9"]
+    assert main([*serve, "--upstream-format", "vllm-apet"]) == 2
+    out = tmp_path / "x.json"
+    assert (
+        main(["encode", "--engine", str(engine), "--image", str(image), "--out", str(out), "--format", "vllm-apet"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("apet serve: error:") and "vllm-apet:" in err[0] and "use --upstream-format vllm" in err[0]
+    assert err[-1].startswith("apet encode: error:") and "Qwen2.5-VL" in err[-1] and not out.exists()
