@@ -256,8 +256,8 @@ class Qwen25VLFamily(RuntimeFamily):
         if fmt != "vllm-apet" and not grid_positions:
             raise ValueError(
                 "--upstream: vLLM and trtllm-serve place Qwen2.5-VL's image rows on a grid's M-RoPE positions, not "
-                "the kept rows' own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md; "
-                "--upstream-format vllm-apet); pass --upstream-grid-positions to accept approximate positions "
+                "the kept rows' own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md): "
+                "--upstream-format vllm-apet; or pass --upstream-grid-positions to accept approximate positions "
                 "(a compact grid of the kept rows)"
             )
         return "image_embeds"

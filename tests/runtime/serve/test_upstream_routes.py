@@ -72,6 +72,7 @@ def _serve_refusal(engine, *flags) -> list[str]:
 def test_qwen_upstream_without_the_opt_in_is_refused_in_one_line_naming_the_exact_route(qwen):
     [line] = _serve_refusal(qwen)
     assert "the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md)" in line and "--upstream-grid-positions" in line
+    assert _serve_refusal(qwen, "--upstream-format", "trtllm") == [line]  # trtllm-serve infers a grid too
 
 
 def test_llava_upstream_in_trtllm_format_is_refused_in_one_line(llava):
@@ -85,6 +86,7 @@ def test_qwen_grid_payload_holds_exactly_the_rows_sent(qwen, rng):
 
     family = load(qwen, backend="onnxruntime").family
     assert family.upstream_route("vllm", grid_positions=True) == "image_embeds"
+    assert family.upstream_route("vllm-apet") == "image_embeds"  # the plugin: exact, no opt-in
     counts = [1, 2, 7, 16, 64, 97, 256, *torch.randint(1, 2000, (20,), generator=rng).tolist()]
     for r in counts:
         rows = VisualRows(torch.randn(r, 64, generator=rng), torch.arange(r), 4 * r, extras={"grid_thw": (1, 8, 8)})
