@@ -277,23 +277,13 @@ class Qwen25VLFamily(RuntimeFamily):
         return torch.tensor([1, a * self.merge, num_rows // a * self.merge], dtype=torch.int64)
 
     def rows_from_handoff(self, fields: dict[str, torch.Tensor]) -> VisualRows:
-        """An image_embeds part (what handoff_fields sends, or the rows alone): the rows on the part's
-        grid (else the compact grid), positions 0..R-1 of that grid."""
-        extra = sorted(set(fields) - {"image_embeds", "image_grid_thw"})
-        if extra:
-            raise ValueError(f"the {self.name} family takes image_embeds and image_grid_thw, not {extra}")
-        emb = fields["image_embeds"]
-        r = int(emb.shape[0])
-        grid = fields.get("image_grid_thw")
-        grid = self.compact_grid(r) if grid is None else grid.reshape(-1)
-        if grid.numel() != 3 or grid.is_floating_point() or int(grid[0]) != 1:
-            raise ValueError(f"image_grid_thw must be [1, h, w] (one image), got {grid.tolist()}")
-        t, h, w = (int(x) for x in grid)
-        if h % self.merge or w % self.merge or h * w // self.merge**2 != r:
-            raise ValueError(
-                f"image_grid_thw {[t, h, w]} holds {h * w // self.merge**2} merged rows, the embeddings {r}"
-            )
-        return VisualRows(emb, torch.arange(r, dtype=torch.int64), r, extras={"grid_thw": (t, h, w)})
+        """Refused: an image_embeds part does not carry the kept rows' own M-RoPE ids (at most a compact
+        grid), and this decoder places every row exactly or not at all; the image itself (image_url)
+        gives them."""
+        raise ValueError(
+            "Qwen2.5-VL rows in an image_embeds part carry no M-RoPE positions of their own (at most a compact "
+            "grid), which this decoder does not guess; send the image (image_url)"
+        )
 
     # -- the handoff to vLLM with apet-trt's plugin ---------------------------------------------
     def vllm_plugin_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:

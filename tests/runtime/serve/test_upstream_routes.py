@@ -94,11 +94,9 @@ def test_qwen_grid_payload_holds_exactly_the_rows_sent(qwen, rng):
         grid = fields["image_grid_thw"]
         assert grid.dim() == 1 and grid.shape == (3,) and int(grid[0]) == 1
         assert int(grid.prod()) // family.merge**2 == r and int(grid[1]) % family.merge == 0
-        back = family.rows_from_handoff(fields)  # and back, as a decoder fed this part reads it
-        assert back.num_rows == r and back.extras["grid_thw"] == tuple(grid.tolist())
         assert set(family.handoff_fields(rows, "trtllm")) == {"image_embeds"}
-    with pytest.raises(ValueError, match="merged rows"):
-        family.rows_from_handoff({"image_embeds": torch.zeros(5, 64), "image_grid_thw": torch.tensor([1, 4, 4])})
+        with pytest.raises(ValueError, match="no M-RoPE positions of their own"):  # the local decoder guesses none
+            family.rows_from_handoff(fields)
 
 
 def test_completions_answer_becomes_a_chat_completion():
