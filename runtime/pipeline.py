@@ -34,7 +34,7 @@ from .families import EngineBatch, RuntimeFamily, VisualRows, family_for
 from .images import ImageLike, as_image_list, to_pil
 from .manifest import Manifest, load_manifest
 from .prompt import AssembledPrompt, PromptAssembler, engine_prompting
-from .videos import VideoLike, as_video_list, read_video
+from .videos import Video, VideoLike, as_video_list, read_video
 
 log = logging.getLogger("apet.runtime")
 
@@ -86,8 +86,10 @@ class Pipeline:
         return self.family.fixed_rows
 
     def _media(self, images, videos) -> list:
-        """images and videos -> the family's media items: RGB PIL images, then sampled Videos."""
-        items = [to_pil(img, i) for i, img in enumerate(as_image_list(images))] if images is not None else []
+        """images and videos -> the family's media items: RGB PIL images, then sampled Videos (a
+        `Video` among `images`, already sampled, e.g. by apet serve, stays where it is)."""
+        images = as_image_list(images) if images is not None else []
+        items = [img if isinstance(img, Video) else to_pil(img, i) for i, img in enumerate(images)]
         if videos is not None:
             frames = self.family.frames_per_video
             if frames is None:

@@ -14,14 +14,14 @@ API read from TensorRT-LLM's source, tensorrt_llm/runtime/model_runner_cpp.py:
 (examples/multimodal/README.md: "--max_multimodal_len ... [batch_size, num_visual_features,
 visual_hidden_dim] is flattened ... and passed like a prompt embedding table".)
 
-TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for the models whose
-input processor takes precomputed embeddings (LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL; not LLaVA-1.5):
-`LLM(model=hf_dir).generate_async({"prompt": text, "multi_modal_embeddings": {"image": [tensor(R_i, H)
-per image]}}, sampling_params=..., streaming=True)`. The prompt is the conversation text with one
-placeholder per image (the LLM API's input processor expands each to the rows given); the request
-is documented on the class. For M-RoPE models its processor would place the rows on a compact grid
-it invents; prompts with their own position ids (Qwen2.5-VL's gathered ids) replace that grid's ids
-in the mrope_config it returns (llm_api_inputs.py, which cites the source).
+TensorRTLLMAPIDecoder: the LLM API (PyTorch backend, TensorRT-LLM >= 1.0) for the families whose
+rows its input processor takes exactly as precomputed embeddings (LLaVA-NeXT; not LLaVA-1.5, which
+that backend does not have): `LLM(model=hf_dir).generate_async({"prompt": text,
+"multi_modal_embeddings": {"image": [tensor(R_i, H) per image]}}, sampling_params=..., streaming=True)`.
+The prompt is the conversation text with one placeholder per image (the LLM API's input processor
+expands each to the rows given); the request is documented on the class. Not Qwen2.5-VL: for M-RoPE
+models TensorRT-LLM places the rows on a compact grid it infers, so the kept rows' own position ids
+cannot reach it; a prompt that carries them is refused (docs/UPSTREAM.md).
 """
 
 from __future__ import annotations
@@ -203,9 +203,8 @@ class TensorRTLLMAPIDecoder(Decoder):
 
     which gives the language model exactly the sequence `TransformersDecoder` builds (the prompt
     assembler tokenizes the same text with each image token repeated R_i times). Prompts that carry
-    their own position ids (Qwen2.5-VL's M-RoPE ids of the kept rows) hand them to TensorRT-LLM
-    through the mrope_config its input processor returns, in place of the compact grid it would
-    invent (llm_api_inputs.py).
+    their own position ids (Qwen2.5-VL's M-RoPE ids of the kept rows) are refused: this route has no
+    way to hand them over.
     """
 
     name = "tensorrt_llm_api"
@@ -237,15 +236,6 @@ class TensorRTLLMAPIDecoder(Decoder):
         self.max_length = int(max_length)
         self.dtype = dtype
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.own_positions = llm_api_inputs.OwnPositions()
-        processor = getattr(
-            self.llm, "input_processor", None
-        )  # LLM.generate_async calls its attach_multimodal_embeddings
-        self._own_positions_hooked = processor is not None
-        if processor is not None:
-            processor.attach_multimodal_embeddings = llm_api_inputs.with_own_positions(
-                processor.attach_multimodal_embeddings, self.own_positions
-            )
 
     def sampling_params(self, sampling: SamplingConfig):
         """SamplingConfig -> tensorrt_llm.SamplingParams (greedy: top_k 1, temperature 0)."""
@@ -275,15 +265,13 @@ class TensorRTLLMAPIDecoder(Decoder):
                     f"prompt {b}: {p.text.count(self.image_token)} {self.image_token!r} in its text for "
                     f"{len(images)} image(s): TensorRT-LLM expands one per image"
                 )
-            rows = [x.detach().to(device=self.device, dtype=self.dtype).contiguous() for x in images]
-            req = {"prompt": p.text, "multi_modal_embeddings": {"image": rows}}
-            if p.position_ids is not None:  # the family's own ids (Qwen2.5-VL's M-RoPE), by the input processor's hook
-                if not self._own_positions_hooked:
-                    raise RuntimeError(
-                        "this TensorRT-LLM LLM has no input_processor to carry the prompt's own position ids"
-                    )
-                self.own_positions.register(req, p)
-            out.append(req)
+            if p.position_ids is not None:  # the family's own ids (Qwen2.5-VL's M-RoPE): no way to hand them over
+                raise ValueError(
+                    f"prompt {b}: its rows carry their own position ids, which TensorRT-LLM's LLM API cannot take "
+                    "(it infers a grid); use decoder='transformers'"
+                )
+            rows = [x.detach().to(device=self.device, dtype=self.dtype) for x in images]
+            out.append(llm_api_inputs.request(p, rows, self.device))
         return out
 
     def generate(self, prompts: Sequence[AssembledPrompt], visual: Visual, sampling: SamplingConfig) -> DecodeOutput:

@@ -10,7 +10,8 @@ assembly, decoders, the pipeline, the CLI - speaks only this interface:
     rows = family.encode(backend, batch)         # -> list[VisualRows], one per image
     family.position_ids(prompt_ids, slots, rows) # None (1-D positions) or the family's own ids
     family.patch_map(batch, index)               # where image index's uncompressed rows sit (overlays)
-    family.handoff_fields(rows)                  # the rows as an OpenAI-compatible upstream takes them
+    family.upstream_route(fmt, grid_positions)   # how `apet serve --upstream` hands them on (or why not)
+    family.handoff_fields(rows, fmt)             # the rows as an OpenAI-compatible upstream takes them
     family.rows_from_handoff(fields)             # and back (an `image_embeds` content part)
     family.vllm_plugin_fields(rows)              # the rows with their own positions, for apet_trt.vllm_plugin
     family.llm_stage_rows(num_rows)              # the rows ApET's stage inside the LLM prunes (llm_stage)
@@ -100,9 +101,6 @@ class RuntimeFamily(ABC):
     # frames the family samples from a video (runtime/videos.py); None: it takes no videos
     frames_per_video: int | None = None
     frame_sampling: str = "transformers"  # which frames (runtime/videos.py, SAMPLINGS)
-    # an OpenAI-compatible upstream (vLLM, trtllm-serve) takes this family's rows as `image_embeds`
-    # parts (apet serve --upstream); False: no such server registers the model
-    upstream_image_embeds: bool = True
     # apet-trt's vLLM plugin (apet_trt.vllm_plugin) takes this family's rows with their own positions
     # (vllm_plugin_fields; apet serve --upstream-format vllm-apet)
     vllm_plugin: bool = False
@@ -173,10 +171,19 @@ class RuntimeFamily(ABC):
         raise NotImplementedError(f"the {self.name} family has no ApET stage inside the LLM")
 
     # -- the handoff to a serving engine ------------------------------------------------------
-    def handoff_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
-        """One image's rows as the tensors of vLLM's `image_embeds` content part: {"image_embeds":
-        [R, H]} alone (sent as one tensor) for families whose upstream expands the image token to R
-        placeholders (LLaVA-1.5, LLaVA-NeXT); a family whose upstream needs more (Qwen2.5-VL:
+    def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
+        """How `apet serve --upstream` hands this family's rows to an upstream speaking `fmt` ("vllm",
+        "vllm-apet" or "trtllm" image_embeds parts): "image_embeds" (each image part of the chat request becomes
+        an `image_embeds` part) or "prompt_embeds" (the whole prompt as embeddings to the upstream's
+        /v1/completions). `grid_positions`: the operator accepts M-RoPE positions the upstream derives
+        from a compact grid (--upstream-grid-positions). Raises ValueError, one line naming the route
+        that works, when no exact route exists for this family and format."""
+        return "image_embeds"
+
+    def handoff_fields(self, rows: VisualRows, fmt: str = "vllm") -> dict[str, torch.Tensor]:
+        """One image's rows as the tensors of an `image_embeds` content part: {"image_embeds": [R, H]}
+        alone (sent as one tensor) for families whose upstream expands the image token to R
+        placeholders (LLaVA-1.5, LLaVA-NeXT); a family whose upstream needs more (Qwen2.5-VL in vLLM:
         "image_grid_thw") adds its fields and is sent in vLLM's dict form."""
         return {"image_embeds": rows.embeddings}
 

@@ -83,6 +83,14 @@ class LlavaFamily(RuntimeFamily):
     def llm_stage_rows(self, num_rows: int) -> int:
         return num_rows  # all of the image's rows (the official layer_prune)
 
+    def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
+        if fmt == "trtllm":  # its image_embeds part reaches models of the PyTorch backend only
+            raise ValueError(
+                "--upstream-format trtllm: TensorRT-LLM's PyTorch backend has no LLaVA-1.5 model, so trtllm-serve "
+                "cannot take this engine's rows; use vLLM (--upstream-format vllm; docs/UPSTREAM.md)"
+            )
+        return "image_embeds"
+
     # -- pictures -----------------------------------------------------------------------------
     def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:
         crop = self.preprocessor.unnormalize(batch.feeds[INPUT][index])

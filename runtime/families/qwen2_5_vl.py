@@ -194,6 +194,44 @@ class Qwen25VLFamily(RuntimeFamily):
             offset += r.num_rows
         return mrope_position_ids(int(input_ids.numel()), runs, self.merge)
 
+    # -- the handoff to a serving engine ------------------------------------------------------
+    def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
+        """vLLM and trtllm-serve derive an image's M-RoPE ids from a grid (vLLM: the part's
+        image_grid_thw; TensorRT-LLM: one it infers from R), so the kept rows' own ids cannot reach
+        them: only with the operator's explicit consent to those approximate positions. The exact route
+        is vLLM with apet-trt's plugin (--upstream-format vllm-apet, vllm_plugin_fields)."""
+        if fmt != "vllm-apet" and not grid_positions:
+            raise ValueError(
+                "--upstream: vLLM and trtllm-serve place Qwen2.5-VL's image rows on a grid's M-RoPE positions, not "
+                "the kept rows' own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md): "
+                "--upstream-format vllm-apet; or pass --upstream-grid-positions to accept approximate positions "
+                "(a compact grid of the kept rows)"
+            )
+        return "image_embeds"
+
+    def handoff_fields(self, rows: VisualRows, fmt: str = "vllm") -> dict[str, torch.Tensor]:
+        """The one place the Qwen2.5-VL payload is built. vLLM: the dict form, `image_embeds` [R, H] and
+        a 1-D `image_grid_thw` [1, h, w] whose h * w / merge^2 = R (the most square compact grid of the
+        R kept rows; vLLM's M-RoPE ids then come from it: approximate, docs/UPSTREAM.md).
+        trtllm-serve: the rows alone (its processor infers such a grid itself)."""
+        if fmt == "trtllm":
+            return {"image_embeds": rows.embeddings}
+        return {"image_embeds": rows.embeddings, "image_grid_thw": self.compact_grid(rows.num_rows)}
+
+    def compact_grid(self, num_rows: int) -> torch.Tensor:
+        """[1, h, w] patches, h * w / merge^2 = num_rows, h <= w as close to square as num_rows allows."""
+        a = max(d for d in range(1, int(num_rows**0.5) + 1) if num_rows % d == 0)
+        return torch.tensor([1, a * self.merge, num_rows // a * self.merge], dtype=torch.int64)
+
+    def rows_from_handoff(self, fields: dict[str, torch.Tensor]) -> VisualRows:
+        """Refused: an image_embeds part does not carry the kept rows' own M-RoPE ids (at most a compact
+        grid), and this decoder places every row exactly or not at all; the image itself (image_url)
+        gives them."""
+        raise ValueError(
+            "Qwen2.5-VL rows in an image_embeds part carry no M-RoPE positions of their own (at most a compact "
+            "grid), which this decoder does not guess; send the image (image_url)"
+        )
+
     # -- the handoff to vLLM with apet-trt's plugin ---------------------------------------------
     def vllm_plugin_fields(self, rows: VisualRows) -> dict[str, torch.Tensor]:
         """One image's rows as apet_trt.vllm_plugin takes them (`--upstream-format vllm-apet`): the

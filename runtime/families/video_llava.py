@@ -38,9 +38,6 @@ class VideoLlavaFamily(RuntimeFamily):
     name = "video_llava"
     facts = FACTS
     hf_model_class = "VideoLlavaForConditionalGeneration"
-    # vLLM / SGLang register no Video-LLaVA: its rows reach them only as prompt embeddings of the
-    # language model alone (README, "Video-LLaVA"), not as image_embeds parts
-    upstream_image_embeds = False
 
     def __init__(self, manifest):
         super().__init__(manifest)
@@ -148,6 +145,17 @@ class VideoLlavaFamily(RuntimeFamily):
                 )
             )
         return rows
+
+    # -- the handoff to a serving engine ------------------------------------------------------
+    def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
+        """vLLM registers no Video-LLaVA: the rows reach it as prompt embeddings of the language model
+        alone (a vLLM serving the engine's saved LLaMA with --enable-prompt-embeds, docs/UPSTREAM.md)."""
+        if fmt != "vllm":
+            raise ValueError(
+                f"--upstream-format {fmt}: Video-LLaVA's rows go upstream only as prompt embeddings to vLLM's "
+                "/v1/completions (--upstream-format vllm; docs/UPSTREAM.md)"
+            )
+        return "prompt_embeds"
 
     # -- pictures -----------------------------------------------------------------------------
     def patch_map(self, batch: EngineBatch, index: int) -> PatchMap:

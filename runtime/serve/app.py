@@ -63,6 +63,7 @@ class ServerState:
     limits: EmbedsLimits
     upstream: object | None = None
     started: float = 0.0
+    embedder: object | None = None  # the prompt-embeds route's embedding table (prompt_embeds.PromptEmbedder)
 
     @property
     def max_length(self) -> int:
@@ -79,12 +80,7 @@ def load_pipeline(cfg: ServeConfig):
     from .vision_only import VisionOnlyDecoder
 
     pipe = load(cfg.engine, backend=cfg.backend, device=cfg.device, decoder=VisionOnlyDecoder.for_manifest)
-    if not pipe.family.upstream_image_embeds:
-        raise ValueError(
-            f"--upstream: no OpenAI-compatible server takes the {pipe.family.name} family's rows as image_embeds "
-            "parts (vLLM and SGLang register no such model); serve it locally, or feed its language model prompt "
-            "embeddings (README, 'Video-LLaVA')"
-        )
+    pipe.family.upstream_route(cfg.upstream_format, cfg.upstream_grid_positions)  # or refused here, one line
     if cfg.upstream_format == "vllm-apet" and not pipe.family.vllm_plugin:
         raise ValueError(
             f"--upstream-format vllm-apet: apet-trt's vLLM plugin takes Qwen2.5-VL rows with their M-RoPE ids; "
@@ -141,8 +137,12 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
         if cfg.upstream is not None:
             from .upstream import Upstream
 
-            upstream = Upstream(cfg)
+            upstream = Upstream(cfg, p.family.upstream_route(cfg.upstream_format, cfg.upstream_grid_positions))
         state = ServerState(cfg, p, batcher, metrics, model, limits, upstream, time.time())
+        if upstream is not None and upstream.route == "prompt_embeds":
+            from .prompt_embeds import PromptEmbedder
+
+            state.embedder = await anyio.to_thread.run_sync(PromptEmbedder, p.manifest)
         batcher.start()
         holder["state"] = app.state.apet = state
         log.info("apet serve: %s", describe(state))
@@ -573,10 +573,21 @@ async def _forward(
     rid: str,
     t0: float,
 ):
-    """Upstream mode: encode the image_url parts here (batched with other requests), put their rows
-    in as image_embeds parts, and hand the request to the upstream."""
+    """Upstream mode, by the family's route: the image_url parts encoded here (batched with other
+    requests) and put in as image_embeds parts, or the whole prompt as embeddings
+    (runtime/serve/prompt_embeds.py); then the request goes to the upstream."""
+    if state.upstream.route == "prompt_embeds":
+        return await _forward_prompt_embeds(state, request, body, req, slot, budget, rid, t0)
     cfg, pipe = state.cfg, state.pipe
     every = image_parts(body["messages"], cfg.max_images)
+    messages = sorted({p.message for p in every})
+    if len(messages) > 1:  # vLLM takes a request's images from one message (and so does the engine's format)
+        raise bad_request(
+            f"image parts in messages {messages}: the upstream takes the images of one message only; put them in "
+            "one user message",
+            param="messages",
+            code="images_in_several_messages",
+        )
     await _check_given_embeds(state, every, budget)
     parts = [p for p in every if p.kind == "image_url"]
     if parts:
@@ -585,17 +596,88 @@ async def _forward(
         del images
         state.batcher.submit(job)
         rows = (await _wait(state, job, t0, request))["rows"]
-        dtype = torch_dtype(cfg.embeds_dtype or str(pipe.manifest.llm.get("dtype") or "float32"))
+        dtype = _embeds_dtype(state)
+        fmt = cfg.upstream_format
+        fields = [handoff_fields(pipe.family, r, fmt) for r in rows]
+        _check_vllm_batch(cfg, fields)
 
         def encode_all():
-            fmt = cfg.upstream_format
-            return [encode_part(handoff_fields(pipe.family, r, fmt), fmt, dtype) for r in rows]
+            return [encode_part(f, fmt, dtype) for f in fields]
 
         for part, new in zip(parts, await anyio.to_thread.run_sync(encode_all)):
             body["messages"][part.message]["content"][part.part] = new
         _record(state, job, {}, rid, t0)
     t1 = time.perf_counter()
     response = await _unless_gone(request, state.upstream.forward(body, rid, req.stream))
+    state.metrics.observe_stage("upstream", time.perf_counter() - t1)
+    _count(state, response.status_code)
+    return response
+
+
+def _check_vllm_batch(cfg: ServeConfig, fields: list[dict]) -> None:
+    """vLLM 0.32 stacks a request's bare image_embeds tensors: rows of different counts (LLaVA-NeXT's
+    images of different aspect ratios) fail in its engine core ("data contains inconsistent shapes")
+    and take the engine down, so they are refused here (the dict form, split by grid, is not stacked)."""
+    counts = sorted({int(f["image_embeds"].shape[0]) for f in fields if set(f) == {"image_embeds"}})
+    if cfg.upstream_format == "vllm" and len(counts) > 1:
+        raise bad_request(
+            f"images of {counts} rows in one request: vLLM takes several images' embeddings in one request only "
+            "when they have the same number of rows; send one image per request",
+            param="messages",
+            code="images_of_different_sizes",
+        )
+
+
+def _embeds_dtype(state: ServerState):
+    return torch_dtype(state.cfg.embeds_dtype or str(state.pipe.manifest.llm.get("dtype") or "float32"))
+
+
+async def _forward_prompt_embeds(
+    state: ServerState,
+    request: Request,
+    body: dict,
+    req: protocol.ChatCompletionRequest,
+    slot: Slot,
+    budget: DecodeBudget,
+    rid: str,
+    t0: float,
+):
+    """The prompt-embeds route (Video-LLaVA): media encoded here, the prompt assembled and embedded as
+    local decoding does it, sent to the upstream's /v1/completions."""
+    from .payload import tensor_to_base64
+    from .prompt_embeds import completion_body, load_video_url, media_turn
+
+    cfg, pipe = state.cfg, state.pipe
+    tokens = [tok for tok, _ in pipe.assembler.fmt.tokens().values()]
+    turn = media_turn(body["messages"], cfg.max_images, tokens)
+    media, kinds = [], []
+    for kind, url, where in turn.urls:
+        if kind == "video":
+            frames = int(pipe.family.frames_per_video)
+            media.append(await anyio.to_thread.run_sync(load_video_url, url, cfg, frames, where))
+        else:
+            media.append(await load_image_url(url, cfg, where, budget))
+        kinds.append(kind)
+    job = Job(id=rid, images=media, rows=[None] * len(media), loop=asyncio.get_running_loop(), slot=slot)
+    del media
+    state.batcher.submit(job)
+    rows = (await _wait(state, job, t0, request))["rows"]
+    dtype = _embeds_dtype(state)
+
+    def embed():
+        with state.batcher.tokenizer_lock:
+            prompt = pipe.assembler(turn.text, [r.num_rows for r in rows], kinds=kinds)
+        n = state.batcher.plan_tokens(int(prompt.input_ids.numel()), req.requested_max_tokens)
+        return tensor_to_base64(state.embedder(prompt, rows, dtype)), n
+
+    try:
+        embeds, max_tokens = await anyio.to_thread.run_sync(embed)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+    _record(state, job, {}, rid, t0)
+    t1 = time.perf_counter()
+    upstream_body = {**completion_body(body, embeds, await state.upstream.model_name()), "max_tokens": max_tokens}
+    response = await _unless_gone(request, state.upstream.complete(upstream_body, rid, req.stream))
     state.metrics.observe_stage("upstream", time.perf_counter() - t1)
     _count(state, response.status_code)
     return response

@@ -79,14 +79,21 @@ def register(subparsers) -> None:
         "--upstream-format",
         default="vllm",
         choices=["vllm", "vllm-apet", "trtllm"],
-        help="image_embeds part format: vllm, trtllm-serve, or vllm-apet: vLLM with apet-trt's plugin, Qwen2.5-VL's "
-        "rows with their true M-RoPE ids (docs/VLLM_PLUGIN.md)",
+        help="image_embeds part format: vllm (tested: vLLM 0.32; docs/UPSTREAM.md), vllm-apet (vLLM with apet-trt's "
+        "plugin, Qwen2.5-VL's rows with their true M-RoPE ids, docs/VLLM_PLUGIN.md), trtllm (trtllm-serve of a "
+        "TensorRT-LLM that has NVIDIA/TensorRT-LLM PR #9715, Dec 2025; LLaVA-1.5 refused)",
     )
     g.add_argument(
         "--embeds-dtype",
         default=None,
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the rows sent upstream (default: the engine's llm.dtype)",
+    )
+    g.add_argument(
+        "--upstream-grid-positions",
+        action="store_true",
+        help="Qwen2.5-VL: send each image's rows with a compact image_grid_thw and accept the M-RoPE positions the "
+        "upstream derives from it (approximate; the exact route is the apet-trt vLLM plugin, docs/VLLM_PLUGIN.md)",
     )
     g.add_argument(
         "--max-upstream-response-bytes",
@@ -128,6 +135,17 @@ def register(subparsers) -> None:
     e.add_argument("--device", default=None)
     e.set_defaults(func=encode_command)
 
+    c = subparsers.add_parser(
+        "chat-template",
+        help="the engine's conversation format as a Jinja chat template (vllm serve --chat-template)",
+        description="Print (or write to --out) a Jinja chat template that renders exactly the prompt this "
+        "engine builds for a chat request (its prompt_template, one image token per image, the tokenizer's BOS), "
+        "for an upstream that renders chats itself: `vllm serve HF_DIR --chat-template t.jinja`.",
+    )
+    c.add_argument("--engine", required=True, help="engine directory")
+    c.add_argument("--out", default=None, help="write the template to this file (default: print it)")
+    c.set_defaults(func=chat_template_command)
+
 
 def serve_command(args: argparse.Namespace) -> int:
     from .config import ServeConfig
@@ -162,10 +180,25 @@ def serve_command(args: argparse.Namespace) -> int:
         upstream_api_key=args.upstream_api_key,
         upstream_format=args.upstream_format,
         embeds_dtype=args.embeds_dtype,
+        upstream_grid_positions=args.upstream_grid_positions,
         max_upstream_response_bytes=args.max_upstream_response_bytes,
         graceful_shutdown_s=args.graceful_shutdown,
     )
     return serve(cfg)
+
+
+def chat_template_command(args: argparse.Namespace) -> int:
+    from .chat_template import engine_chat_template
+
+    text = engine_chat_template(args.engine)
+    if args.out is not None and Path(args.engine).resolve() in Path(args.out).resolve().parents:
+        raise ValueError(f"--out {args.out}: write it outside the engine directory (its manifest lists every file)")
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"{args.out}: the chat template of {args.engine}", file=sys.stderr)
+    return 0
 
 
 def encode_command(args: argparse.Namespace) -> int:

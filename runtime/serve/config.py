@@ -50,6 +50,7 @@ class ServeConfig:
     # Qwen2.5-VL rows with their own M-RoPE ids, docs/VLLM_PLUGIN.md)
     upstream_format: str = "vllm"
     embeds_dtype: str | None = None  # dtype of the rows sent upstream; None: the manifest's llm.dtype
+    upstream_grid_positions: bool = False  # Qwen2.5-VL: accept the upstream's grid M-RoPE positions (approximate)
     max_upstream_response_bytes: int = 16 << 20  # a non-streamed upstream answer (or error) larger: 502
     graceful_shutdown_s: float = 30.0  # in-flight requests get this long after SIGTERM
 

@@ -77,7 +77,7 @@ def tensor_to_base64(tensor: torch.Tensor) -> str:
 def handoff_fields(family, rows, fmt: str = "vllm") -> dict[str, torch.Tensor]:
     """One image's rows as the tensors the format `fmt` sends: the family's plugin fields for
     "vllm-apet", its handoff fields otherwise."""
-    return family.vllm_plugin_fields(rows) if fmt == "vllm-apet" else family.handoff_fields(rows)
+    return family.vllm_plugin_fields(rows) if fmt == "vllm-apet" else family.handoff_fields(rows, fmt)
 
 
 def encode_part(fields: dict[str, torch.Tensor], fmt: str = "vllm", dtype: torch.dtype = torch.float32) -> dict:

@@ -223,11 +223,14 @@ def test_a_family_without_videos_refuses_them(tmp_path):
         pipe.encode(videos=str(CLIP))
 
 
-def test_serve_upstream_refuses_the_family(engines):
-    """vLLM / SGLang take no Video-LLaVA image_embeds: apet serve --upstream says so in one line."""
+def test_serve_upstream_route_is_prompt_embeds_to_vllm_only(engines):
+    """vLLM registers no Video-LLaVA: apet serve --upstream takes the prompt-embeds route to vLLM (tested
+    against a real vLLM in tests/upstream/) and refuses trtllm-serve's format in one line."""
     pytest.importorskip("fastapi", reason="apet serve needs the [serve] extra")
     from apet_trt.runtime.serve.app import load_pipeline
     from apet_trt.runtime.serve.config import ServeConfig
 
-    with pytest.raises(ValueError, match="no OpenAI-compatible server takes the video_llava family's rows"):
-        load_pipeline(ServeConfig(engine=str(engines[0]), upstream="http://127.0.0.1:9", backend="onnxruntime"))
+    cfg = ServeConfig(engine=str(engines[0]), upstream="http://127.0.0.1:9", backend="onnxruntime")
+    assert load_pipeline(cfg).family.upstream_route("vllm") == "prompt_embeds"
+    with pytest.raises(ValueError, match="only as prompt embeddings to vLLM's /v1/completions"):
+        load_pipeline(ServeConfig(**{**cfg.__dict__, "upstream_format": "trtllm"}))

@@ -41,12 +41,15 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def vllm_python() -> Path:
-    """The vLLM venv's python, or skip (naming the command that builds it)."""
-    venv = Path(os.environ.get("APET_VLLM_VENV", Path.home() / ".cache" / "apet-trt" / "vllm-venv"))
-    python = venv / "bin" / "python"
+    """The vLLM venv's python (helpers.vllm: $APET_VLLM_PYTHON, else scripts/setup_vllm.sh's venv; none:
+    skip, or fail under CI=true), checked to be the pinned vLLM (VLLM_VERSION)."""
+    from helpers.vllm import vllm_python as found
+
+    python = Path(found())
     check = f"import vllm, sys; sys.exit(vllm.__version__ != {VLLM_VERSION!r})"
-    if not python.is_file() or subprocess.run([str(python), "-c", check], capture_output=True).returncode != 0:
-        pytest.skip(f"no vLLM {VLLM_VERSION} venv at {venv}: build it with `bash scripts/setup_vllm.sh`")
+    if subprocess.run([str(python), "-c", check], capture_output=True).returncode != 0:
+        reason = f"{python} is not vLLM {VLLM_VERSION}: rebuild it with `bash scripts/setup_vllm.sh`"
+        pytest.fail(reason) if os.environ.get("CI") == "true" else pytest.skip(reason)
     return python
 
 
