@@ -143,7 +143,10 @@ def register(subparsers) -> None:
         "for an upstream that renders chats itself: `vllm serve HF_DIR --chat-template t.jinja`.",
     )
     c.add_argument("--engine", required=True, help="engine directory")
-    c.add_argument("--out", default=None, help="write the template to this file (default: print it)")
+    c.add_argument(
+        "--out", default=None, help="write the template to this .jinja file (default: print it); never in the engine"
+    )
+    c.add_argument("--force", action="store_true", help="let --out replace an existing file")
     c.set_defaults(func=chat_template_command)
 
 
@@ -188,16 +191,19 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def chat_template_command(args: argparse.Namespace) -> int:
+    from ..output_files import OutputRules, output_target, write_output
     from .chat_template import engine_chat_template
 
+    # --out: --overlay's rules (runtime/output_files.py): never inside the engine directory (its
+    # manifest lists every file), never a link, an existing file only with --force
+    rules = OutputRules("--out", "--force", "chat template", (".jinja", ".j2"), ".jinja", "template.jinja")
+    out = None if args.out is None else output_target(args.out, rules, engine_dir=args.engine, force=args.force)
     text = engine_chat_template(args.engine)
-    if args.out is not None and Path(args.engine).resolve() in Path(args.out).resolve().parents:
-        raise ValueError(f"--out {args.out}: write it outside the engine directory (its manifest lists every file)")
-    if args.out is None:
+    if out is None:
         sys.stdout.write(text)
     else:
-        Path(args.out).write_text(text)
-        print(f"{args.out}: the chat template of {args.engine}", file=sys.stderr)
+        write_output(out, lambda f: f.write(text.encode("utf-8")), force=args.force)
+        print(f"{out}: the chat template of {args.engine}", file=sys.stderr)
     return 0
 
 

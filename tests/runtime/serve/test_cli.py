@@ -132,3 +132,29 @@ def test_the_vllm_plugin_format_is_refused_for_families_it_does_not_take(engine,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("apet serve: error:") and "vllm-apet:" in err[0] and "use --upstream-format vllm" in err[0]
     assert err[-1].startswith("apet encode: error:") and "Qwen2.5-VL" in err[-1] and not out.exists()
+
+
+def test_chat_template_out_follows_the_overlay_rules(engine, tmp_path, capsys):
+    """`apet chat-template --out` writes a new file outside the engine directory; inside it, over an
+    existing file without --force, or through a link it refuses in one line and writes nothing."""
+    assert main(["chat-template", "--engine", str(engine)]) == 0
+    printed = capsys.readouterr().out
+    assert "{" in printed and "messages" in printed  # a Jinja template, on stdout
+
+    out = tmp_path / "t.jinja"
+    assert main(["chat-template", "--engine", str(engine), "--out", str(out)]) == 0
+    assert out.read_text() == printed
+    before = sorted(p.name for p in engine.iterdir())
+    assert main(["chat-template", "--engine", str(engine), "--out", str(engine / "t.jinja")]) == 2
+    assert sorted(p.name for p in engine.iterdir()) == before
+    out.write_text("mine")
+    assert main(["chat-template", "--engine", str(engine), "--out", str(out)]) == 2
+    assert out.read_text() == "mine"
+    link = tmp_path / "link.jinja"
+    link.symlink_to(tmp_path / "elsewhere.jinja")
+    assert main(["chat-template", "--engine", str(engine), "--out", str(link)]) == 2
+    assert not (tmp_path / "elsewhere.jinja").exists()
+    assert main(["chat-template", "--engine", str(engine), "--out", str(out), "--force"]) == 0
+    assert out.read_text() == printed
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("apet chat-template: error:")]
+    assert len(errors) == 3
