@@ -182,6 +182,7 @@ class Qwen3VLExport(Qwen25VLExport):
     # the official ApET Qwen2.5-VL rules (its qwen2_5_vl_custom.py), carried over: seeds blended 0.5 /
     # 0.5 into their slots; the budget is the build's (--keep-ratio 0.3 is the official one)
     apet_defaults = {"seed_blend": 0.5}
+    supports_start_input = False  # no `start` input in this family's engine yet: --start random is refused
 
     def __init__(self, config, processor=None):  # noqa: D107 - Qwen2.5-VL's fields without its windows
         self.config = config

@@ -170,18 +170,26 @@ class Qwen25VLFamily(RuntimeFamily):
                     f"the vision engine returned embeddings {tuple(emb.shape)} and positions {tuple(pos.shape)} "
                     f"for images of {[batch.items[i]['num_rows'] for i in items]} rows; expected {expected} rows"
                 )
-            offset = 0  # positions count over the call's uncompressed rows: make them per image
-            for i, e, p in zip(items, emb.split(expected), pos.split(expected)):
-                item = batch.items[i]
-                p = p - offset
-                if p.numel() and (int(p.min()) < 0 or int(p.max()) >= item["num_rows"]):
-                    raise RuntimeError(
-                        f"{self.manifest.root}: image {i}: the vision engine returned positions outside its "
-                        f"{item['num_rows']} rows; the engine does not match its manifest: rebuild it with `apet build`"
-                    )
-                rows.append(VisualRows(e, p, item["num_rows"], extras={"grid_thw": item["grid"]}))
-                offset += item["num_rows"]
+            rows += self.split_per_image(batch, items, emb, pos, expected)
         check_ascending(self.manifest.root, rows)  # kept rows leave in position order (and so are unique)
+        return rows
+
+    def split_per_image(
+        self, batch: EngineBatch, items: list[int], emb: torch.Tensor, pos: torch.Tensor, expected: list[int]
+    ) -> list[VisualRows]:
+        """One engine call's rows (`expected` per image) as each image's VisualRows: positions count
+        over the call's uncompressed rows, so they are made per image and checked against its N."""
+        rows, offset = [], 0
+        for i, e, p in zip(items, emb.split(expected), pos.split(expected)):
+            item = batch.items[i]
+            p = p - offset
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= item["num_rows"]):
+                raise RuntimeError(
+                    f"{self.manifest.root}: image {i}: the vision engine returned positions outside its "
+                    f"{item['num_rows']} rows; the engine does not match its manifest: rebuild it with `apet build`"
+                )
+            rows.append(VisualRows(e, p, item["num_rows"], extras={"grid_thw": item["grid"]}))
+            offset += item["num_rows"]
         return rows
 
     # -- the prompt ---------------------------------------------------------------------------

@@ -128,17 +128,7 @@ class Qwen3VLFamily(Qwen25VLFamily):
                     f"expected {expected} rows of width {self.hidden} and {self.levels} DeepStack levels"
                 )
             wide = torch.cat([emb, *levels.unbind(0)], dim=-1)  # [rows, H * (1 + L)]
-            offset = 0  # positions count over the call's uncompressed rows: make them per image
-            for i, e, p in zip(items, wide.split(expected), pos.split(expected)):
-                item = batch.items[i]
-                p = p - offset
-                if p.numel() and (int(p.min()) < 0 or int(p.max()) >= item["num_rows"]):
-                    raise RuntimeError(
-                        f"{self.manifest.root}: image {i}: the vision engine returned positions outside its "
-                        f"{item['num_rows']} rows; the engine does not match its manifest: rebuild it with `apet build`"
-                    )
-                rows.append(VisualRows(e, p, item["num_rows"], extras={"grid_thw": item["grid"]}))
-                offset += item["num_rows"]
+            rows += self.split_per_image(batch, items, wide, pos, expected)
         check_ascending(self.manifest.root, rows)
         return rows
 

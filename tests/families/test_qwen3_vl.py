@@ -465,3 +465,12 @@ def test_manifest_has_the_fields_the_family_doc_documents_and_bad_ones_are_refus
         (bad / "manifest.json").write_text(json.dumps({**good, "io": {**good["io"], "outputs": outputs}}))
         with pytest.raises(ManifestError, match=message):
             runtime.load(bad, backend="onnxruntime")
+
+
+def test_start_random_is_refused_before_anything_is_built(tmp_path):
+    """Qwen3-VL's engine has no per-image `start` input yet: --start random is refused in one line,
+    before any weights are built and without an --out directory left behind."""
+    out = tmp_path / "q3"
+    with pytest.raises(ValueError, match=r"--start random: the qwen3_vl family's vision engine takes no per-image"):
+        build(BuildConfig(model="tiny-qwen3-vl", out=str(out), keep_ratio=0.3, start="random"), quiet=True)
+    assert not out.exists()
