@@ -14,7 +14,7 @@ from PIL import Image
 
 from apet_trt import runtime
 from apet_trt.export.build import BuildConfig, build
-from apet_trt.runtime.serve.chat import conversation
+from apet_trt.runtime.prompt import conversation
 from helpers.servers import data_url, image_message
 from helpers.vllm import (
     alive,
@@ -120,7 +120,7 @@ def test_several_images(stack, rng):
     a, b = _images(rng, 2)
     pipe = stack["pipe"]
     answer = ask(c, stack["model"], image_message("Compare.", data_url(a), data_url(b)))
-    text = conversation(pipe.manifest.prompt_template, pipe.manifest.image_token, "Compare.", 2)
+    text = conversation(pipe.manifest.prompt_template, pipe.manifest.image_token, "Compare.", ["image"] * 2)
     assert answer.prompt_token_ids == pipe.assemble(text, pipe.encode([a, b])).input_ids.tolist()
     turn = {"role": "assistant", "content": "ok"}
     messages = [*image_message("A", data_url(a)), turn, *image_message("B", data_url(b))]

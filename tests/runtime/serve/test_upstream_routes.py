@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from apet_trt.runtime.serve.chat import conversation
+from apet_trt.runtime.prompt import conversation
 from apet_trt.runtime.serve.chat_template import engine_chat_template, render_template
 from apet_trt.runtime.serve.prompt_embeds import ChunkTranslator, chat_completion, completion_body
 from helpers.engines import build_engine_dir
@@ -49,7 +49,7 @@ def test_chat_template_renders_the_engines_prompt_token_for_token(engine_name, r
     for images, texts in [(1, ["What is in the picture?"]), (2, ["a", "b c"]), (3, [" spaced  text "]), (1, [])]:
         messages = [{"role": "user", "content": _parts(images, texts)}]
         rendered = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
-        local = conversation(m.prompt_template, m.image_token, "\n".join(texts), images)
+        local = conversation(m.prompt_template, m.image_token, "\n".join(texts), ["image"] * images)
         assert tok(rendered, add_special_tokens=False)["input_ids"] == tok(local)["input_ids"]
     with pytest.raises(Exception, match="one user message"):
         tok.apply_chat_template([{"role": "system", "content": "x"}, *messages], chat_template=template, tokenize=False)
