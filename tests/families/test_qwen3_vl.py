@@ -379,6 +379,16 @@ def test_apet_serve_answers_images_and_takes_its_own_handoff_parts(engines, pipe
             client.chat.completions.create(messages=[{"role": "user", "content": content}], **ask)
 
 
+def test_patch_map_is_the_resized_image_in_32px_blocks(pipes, images):
+    pipe = pipes["keep"]
+    batch = pipe.preprocess([images[1]])
+    pm = pipe.family.patch_map(batch, 0)
+    (_, h, w) = batch.items[0]["grid"]
+    assert pm.crops[0].shape == (h * 16, w * 16, 3) and pm.grid == (h // 2, w // 2) and pm.patch_size == 32
+    resized = images[1].resize((w * 16, h * 16), Image.BICUBIC)
+    assert np.abs(pm.crops[0].astype(int) - np.asarray(resized).astype(int)).max() <= 2
+
+
 def test_upstream_route_needs_the_grid_positions_opt_in_and_vllm(pipes):
     family = pipes["ratio"].family
     with pytest.raises(ValueError, match=r"^--upstream: vLLM places Qwen3-VL's image rows on a grid's M-RoPE"):
