@@ -1,6 +1,6 @@
 """Helpers (no tests here) for the tests against a real vLLM with apet-trt's plugin (apet_trt.vllm_plugin):
 find the vLLM venv (scripts/setup_vllm.sh), install this clone's apet-trt into it (the one place that
-does), save a tiny Qwen2.5-VL checkpoint vLLM loads, and run `vllm serve` on 127.0.0.1.
+does), save a tiny Qwen2.5-VL or Qwen3-VL checkpoint vLLM loads, and run `vllm serve` on 127.0.0.1.
 
 The vLLM venv lives outside the clone (~/.cache/apet-trt/vllm-venv, or $APET_VLLM_VENV); a machine
 without it skips these tests with the command that builds it."""

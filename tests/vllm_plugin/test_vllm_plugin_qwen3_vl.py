@@ -117,7 +117,7 @@ def test_the_grid_route_answers_differently_so_positions_and_levels_are_checked(
     Transformers alike) while the plugin's part always gives the DeepStack decoder's answer; with the
     DeepStack levels zeroed too, so the levels reach vLLM's layers at the kept tokens' slots."""
     pipe, model, hidden = pipes["ratio"], model_of(vllm), pipes["ratio"].family.hidden
-    differs = []
+    differs, answers = [], []
     for i, image in enumerate(images):
         [rows] = pipe.encode(image)
         flat = rows.embeddings.clone()
@@ -130,4 +130,6 @@ def test_the_grid_route_answers_differently_so_positions_and_levels_are_checked(
             part = encode_part(handoff_fields(pipe.family, kept, "vllm-apet"), "vllm-apet")
             assert vllm_ids(chat(vllm, model, [part], text), pipe) == exact
             differs.append(exact[1] != grid[1])
+            answers.append(exact[1])
     assert any(differs), "no image's answer depends on the positions: the equality tests could not catch a grid"
+    assert answers[0::2] != answers[1::2], "no answer depends on the DeepStack levels: the test could not miss them"
