@@ -1,18 +1,21 @@
-"""apet-trt's vLLM plugin: Qwen2.5-VL's ApET rows with their true M-RoPE ids.
+"""apet-trt's vLLM plugin: Qwen2.5-VL's and Qwen3-VL's ApET rows with their true M-RoPE ids.
 
 vLLM loads `register` through the `vllm.general_plugins` entry point (pyproject.toml) in each of its
-processes; it registers one out-of-tree architecture, selected per server with
+processes; it registers two out-of-tree architectures (ARCHITECTURES), one selected per server with
 
     vllm serve CHECKPOINT --hf-overrides '{"architectures": ["ApetQwen2_5_VLForConditionalGeneration"]}' \\
         --enable-mm-embeds --limit-mm-per-prompt '{"image": 0}'
 
-(docs/VLLM_PLUGIN.md). This module imports nothing but the standard library: the model class
-(apet_trt.vllm_plugin.qwen2_5_vl, which imports vllm and torch) loads only when vLLM builds the model.
+(ApetQwen3VLForConditionalGeneration for a Qwen3-VL checkpoint; docs/VLLM_PLUGIN.md). This module
+imports nothing but the standard library: the model classes (apet_trt.vllm_plugin.qwen2_5_vl and
+qwen3_vl, which import vllm and torch) load only when vLLM builds the model.
 
 The payload: one `image_embeds` chat content part per image, vLLM's dict form, every field a base64
 `torch.save`d tensor:
 
-    image_embeds          [R, H] float   the kept rows, in the order they sit in the prompt
+    image_embeds          [R, W] float   the kept rows, in the order they sit in the prompt (W: the
+                                         hidden size H; Qwen3-VL: H * (1 + DeepStack levels), the
+                                         main row and each level's side by side)
     apet_mrope_positions  [R, 3] int64   each row's (t, row, column) M-RoPE id relative to the image's
                                          start, as Transformers' get_rope_index lays out the
                                          uncompressed image (ids gathered, never renumbered)
@@ -29,6 +32,11 @@ from __future__ import annotations
 
 ARCHITECTURE = "ApetQwen2_5_VLForConditionalGeneration"
 MODEL_CLASS = "apet_trt.vllm_plugin.qwen2_5_vl:ApetQwen2_5_VLForConditionalGeneration"
+QWEN3_VL_ARCHITECTURE = "ApetQwen3VLForConditionalGeneration"
+ARCHITECTURES = {  # architecture -> its class, for vLLM's registry
+    ARCHITECTURE: MODEL_CLASS,
+    QWEN3_VL_ARCHITECTURE: "apet_trt.vllm_plugin.qwen3_vl:ApetQwen3VLForConditionalGeneration",
+}
 
 POSITIONS = "apet_mrope_positions"
 GRID = "apet_grid_thw"
@@ -38,9 +46,10 @@ VLLM_VERSIONS = ("0.32",)  # the minor versions this plugin was checked against 
 
 
 def register() -> None:
-    """vLLM's `vllm.general_plugins` entry point: register the architecture (lazily, by name: vLLM
-    imports the class only when a server asks for it). Safe to call more than once."""
+    """vLLM's `vllm.general_plugins` entry point: register the architectures (lazily, by name: vLLM
+    imports a class only when a server asks for it). Safe to call more than once."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    for name, model_class in ARCHITECTURES.items():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, model_class)

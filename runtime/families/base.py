@@ -102,8 +102,10 @@ class RuntimeFamily(ABC):
     frames_per_video: int | None = None
     frame_sampling: str = "transformers"  # which frames (runtime/videos.py, SAMPLINGS)
     # apet-trt's vLLM plugin (apet_trt.vllm_plugin) takes this family's rows with their own positions
-    # (vllm_plugin_fields; apet serve --upstream-format vllm-apet)
+    # (vllm_plugin_fields; apet serve --upstream-format vllm-apet), as the architecture named here
+    # (vllm serve --hf-overrides '{"architectures": [...]}')
     vllm_plugin: bool = False
+    vllm_plugin_architecture: str | None = None
     # TensorRT-LLM's LLM API (PyTorch backend) takes this family's rows as `multi_modal_embeddings`
     # (its input processor implements attach_multimodal_embeddings)
     tensorrt_llm_api: bool = False
@@ -201,8 +203,8 @@ class RuntimeFamily(ABC):
         """One image's rows as apet_trt.vllm_plugin takes them (families with `vllm_plugin`): the
         fields of vLLM's dict-form `image_embeds` part, the rows' positions among them."""
         raise ValueError(
-            f"apet-trt's vLLM plugin takes Qwen2.5-VL rows; the {self.name} family's rows go to vLLM as plain "
-            "image_embeds parts (--upstream-format vllm)"
+            f"apet-trt's vLLM plugin takes Qwen2.5-VL and Qwen3-VL rows; the {self.name} family's rows go to vLLM "
+            "as plain image_embeds parts (--upstream-format vllm)"
         )
 
     # -- pictures -----------------------------------------------------------------------------

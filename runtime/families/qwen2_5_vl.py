@@ -77,6 +77,7 @@ class Qwen25VLFamily(RuntimeFamily):
     facts = FACTS
     hf_model_class = "Qwen2_5_VLForConditionalGeneration"
     vllm_plugin = True  # apet_trt.vllm_plugin takes its rows with their M-RoPE ids (vllm_plugin_fields)
+    vllm_plugin_architecture = "ApetQwen2_5_VLForConditionalGeneration"  # the --hf-overrides architecture
 
     def __init__(self, manifest):
         super().__init__(manifest)

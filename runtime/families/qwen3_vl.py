@@ -64,6 +64,9 @@ class Qwen3VLFamily(Qwen25VLFamily):
     name = "qwen3_vl"
     facts = FACTS
     hf_model_class = "Qwen3VLForConditionalGeneration"
+    # apet_trt.vllm_plugin's ApetQwen3VLForConditionalGeneration takes the rows [R, H * (1 + L)] with
+    # their M-RoPE ids: Qwen2.5-VL's vllm_plugin_fields (the image rule of M-RoPE is the same)
+    vllm_plugin_architecture = "ApetQwen3VLForConditionalGeneration"
 
     def __init__(self, manifest):  # Qwen2.5-VL's fields without its windows
         super(Qwen25VLFamily, self).__init__(manifest)
@@ -135,20 +138,21 @@ class Qwen3VLFamily(Qwen25VLFamily):
     # -- the handoff to a serving engine ------------------------------------------------------
     def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
         """How `apet serve --upstream` hands the rows on (the interface of issue 22's routes): vLLM's
-        `image_embeds` dict form, and only with the operator's consent to approximate positions
-        (--upstream-grid-positions): vLLM derives the M-RoPE ids from the part's grid, not the kept
-        rows' own, and no exact route (a plugin) takes Qwen3-VL yet. trtllm-serve: not checked with
-        DeepStack rows, refused."""
-        if fmt != "vllm":
+        `image_embeds` dict form. Exact with apet-trt's plugin (--upstream-format vllm-apet: the kept
+        rows' own M-RoPE ids, `vllm_plugin_fields`, Qwen2.5-VL's); vLLM's own Qwen3-VL only with the
+        operator's consent to approximate positions (--upstream-grid-positions): it derives the ids from
+        the part's grid. trtllm-serve: not checked with DeepStack rows, refused."""
+        if fmt not in ("vllm", "vllm-apet"):
             raise ValueError(
                 f"--upstream-format {fmt}: Qwen3-VL's rows [T, hidden x (1 + DeepStack levels)] are checked against "
-                "vLLM only; use --upstream-format vllm"
+                "vLLM only; use --upstream-format vllm-apet (vLLM with apet-trt's plugin) or vllm"
             )
-        if not grid_positions:
+        if fmt == "vllm" and not grid_positions:
             raise ValueError(
-                "--upstream: vLLM places Qwen3-VL's image rows on a grid's M-RoPE positions, not the kept rows' own "
-                "(no exact route takes Qwen3-VL yet); pass --upstream-grid-positions to accept approximate "
-                "positions (a compact grid of the kept rows; docs/families/qwen3_vl.md)"
+                "--upstream: vLLM's own Qwen3-VL places image rows on a grid's M-RoPE positions, not the kept rows' "
+                "own; the exact route is the apet-trt vLLM plugin (docs/VLLM_PLUGIN.md): --upstream-format vllm-apet; "
+                "or pass --upstream-grid-positions to accept approximate positions (a compact grid of the kept rows; "
+                "docs/families/qwen3_vl.md)"
             )
         return "image_embeds"
 

@@ -83,7 +83,8 @@ def load_pipeline(cfg: ServeConfig):
     pipe.family.upstream_route(cfg.upstream_format, cfg.upstream_grid_positions)  # or refused here, one line
     if cfg.upstream_format == "vllm-apet" and not pipe.family.vllm_plugin:
         raise ValueError(
-            f"--upstream-format vllm-apet: apet-trt's vLLM plugin takes Qwen2.5-VL rows with their M-RoPE ids; "
+            "--upstream-format vllm-apet: apet-trt's vLLM plugin takes Qwen2.5-VL and Qwen3-VL rows with their "
+            "M-RoPE ids; "
             f"the {pipe.family.name} family's positions are 1-D and survive vLLM's own path: use --upstream-format vllm"
         )
     return pipe

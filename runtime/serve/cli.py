@@ -80,7 +80,8 @@ def register(subparsers) -> None:
         default="vllm",
         choices=["vllm", "vllm-apet", "trtllm"],
         help="image_embeds part format: vllm (tested: vLLM 0.32; docs/UPSTREAM.md), vllm-apet (vLLM with apet-trt's "
-        "plugin, Qwen2.5-VL's rows with their true M-RoPE ids, docs/VLLM_PLUGIN.md), trtllm (trtllm-serve of a "
+        "plugin, Qwen2.5-VL's and Qwen3-VL's rows with their true M-RoPE ids, docs/VLLM_PLUGIN.md), "
+        "trtllm (trtllm-serve of a "
         "TensorRT-LLM that has NVIDIA/TensorRT-LLM PR #9715, Dec 2025; LLaVA-1.5 refused)",
     )
     g.add_argument(
@@ -123,7 +124,8 @@ def register(subparsers) -> None:
         "--format",
         default="vllm",
         choices=["vllm", "vllm-apet", "trtllm"],
-        help="content part format (vllm); vllm-apet: for vLLM with apet-trt's plugin (Qwen2.5-VL, docs/VLLM_PLUGIN.md)",
+        help="content part format (vllm); vllm-apet: for vLLM with apet-trt's plugin "
+        "(Qwen2.5-VL, Qwen3-VL; docs/VLLM_PLUGIN.md)",
     )
     e.add_argument(
         "--embeds-dtype",

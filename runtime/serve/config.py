@@ -47,7 +47,7 @@ class ServeConfig:
     upstream_model: str | None = None  # the model name upstream; None: the first of its /v1/models
     upstream_api_key: str | None = None
     # how image_embeds parts are written: "vllm" | "trtllm" | "vllm-apet" (vLLM with apet_trt.vllm_plugin:
-    # Qwen2.5-VL rows with their own M-RoPE ids, docs/VLLM_PLUGIN.md)
+    # Qwen2.5-VL and Qwen3-VL rows with their own M-RoPE ids, docs/VLLM_PLUGIN.md)
     upstream_format: str = "vllm"
     embeds_dtype: str | None = None  # dtype of the rows sent upstream; None: the manifest's llm.dtype
     upstream_grid_positions: bool = False  # Qwen2.5-VL: accept the upstream's grid M-RoPE positions (approximate)

@@ -389,13 +389,57 @@ def test_patch_map_is_the_resized_image_in_32px_blocks(pipes, images):
     assert np.abs(pm.crops[0].astype(int) - np.asarray(resized).astype(int)).max() <= 2
 
 
-def test_upstream_route_needs_the_grid_positions_opt_in_and_vllm(pipes):
+def test_upstream_route_is_the_plugin_or_vllm_with_the_grid_positions_opt_in(pipes):
     family = pipes["ratio"].family
-    with pytest.raises(ValueError, match=r"^--upstream: vLLM places Qwen3-VL's image rows on a grid's M-RoPE"):
+    assert family.upstream_route("vllm-apet") == "image_embeds"  # apet-trt's plugin: exact, no opt-in
+    with pytest.raises(ValueError, match=r"^--upstream: vLLM's own Qwen3-VL places image rows on a grid's M-RoPE"):
         family.upstream_route("vllm")
     assert family.upstream_route("vllm", grid_positions=True) == "image_embeds"
-    with pytest.raises(ValueError, match=r"--upstream-format trtllm: .* use --upstream-format vllm"):
+    with pytest.raises(ValueError, match=r"--upstream-format trtllm: .* use --upstream-format vllm-apet"):
         family.upstream_route("trtllm", grid_positions=True)
+
+
+def test_apet_encode_writes_the_vllm_plugin_part_with_the_prompts_own_ids(engines, pipes, images, tmp_path):
+    """`apet encode --format vllm-apet` (apet_trt.vllm_plugin's ApetQwen3VLForConditionalGeneration): the
+    wide rows [R, H * (1 + L)] as they are and each row's id = the Transformers decoder's position ids of
+    the image's slots less the image's start; the text after the image continues past the uncompressed grid."""
+    import base64
+    import io
+    import json
+
+    from apet_trt.scripts.cli import main
+
+    pipe = pipes["ratio"]
+    path, out = tmp_path / "image.png", tmp_path / "part.json"
+    images[1].save(path)
+    assert (
+        main(
+            [
+                "encode",
+                "--engine",
+                str(engines["ratio"]),
+                "--image",
+                str(path),
+                "--out",
+                str(out),
+                "--format",
+                "vllm-apet",
+            ]
+        )
+        == 0
+    )
+    part = json.loads(out.read_text())["image_embeds"]
+    got = {k: torch.load(io.BytesIO(base64.b64decode(v)), weights_only=True) for k, v in part.items()}
+    [rows] = pipe.encode(Image.open(path).convert("RGB"))
+    assert set(got) == {"image_embeds", "apet_mrope_positions", "apet_grid_thw", "apet_num_rows"}
+    assert rows.num_rows < rows.num_patches and got["image_embeds"].shape == (rows.num_rows, pipe.family.row_width)
+    assert torch.equal(got["image_embeds"].float(), rows.embeddings.float().to(got["image_embeds"].dtype).float())
+    assert int(got["apet_num_rows"]) == rows.num_rows and got["apet_grid_thw"].tolist() == list(rows.extras["grid_thw"])
+    prompt = pipe.assemble("Describe it.", [rows])
+    start = int(prompt.position_ids[0, prompt.image_slots[0] - 1]) + 1  # one past <|vision_start|>
+    assert torch.equal(got["apet_mrope_positions"].T + start, prompt.position_ids[:, prompt.image_slots])
+    _, h, w = rows.extras["grid_thw"]
+    assert int(prompt.position_ids[0, prompt.image_slots[-1] + 1]) == start + max(h, w) // 2
 
 
 # -- errors, limits, manifest ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Helpers (no tests here) for the tests against a real vLLM with apet-trt's plugin (apet_trt.vllm_plugin):
 find the vLLM venv (scripts/setup_vllm.sh), install this clone's apet-trt into it (the one place that
-does), save a tiny Qwen2.5-VL checkpoint vLLM loads, and run `vllm serve` on 127.0.0.1.
+does), save a tiny Qwen2.5-VL or Qwen3-VL checkpoint vLLM loads, and run `vllm serve` on 127.0.0.1.
 
 The vLLM venv lives outside the clone (~/.cache/apet-trt/vllm-venv, or $APET_VLLM_VENV); a machine
 without it skips these tests with the command that builds it."""
@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_VERSION = "0.32.0"
 ARCHITECTURE = "ApetQwen2_5_VLForConditionalGeneration"  # apet_trt.vllm_plugin.ARCHITECTURE
+QWEN3_VL_ARCHITECTURE = "ApetQwen3VLForConditionalGeneration"  # apet_trt.vllm_plugin.QWEN3_VL_ARCHITECTURE
 
 # Qwen2.5-VL's conversation format (system turn, then each content part in order: an image as
 # <|vision_start|><|image_pad|><|vision_end|>, text as written), what the real checkpoints carry.
@@ -86,9 +87,18 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(python: Path, checkpoint: Path, *, plugin: bool = True, startup_timeout: float = 600.0):
+def vllm_server(
+    python: Path,
+    checkpoint: Path,
+    *,
+    plugin: bool = True,
+    architecture: str = ARCHITECTURE,
+    limits: str = '{"image": 0, "video": 0}',  # rows arrive as embeddings only; no tower to profile
+    startup_timeout: float = 600.0,
+):
     """`vllm serve CHECKPOINT` (the OpenAI server) on 127.0.0.1 for precomputed image embeddings, with
-    apet-trt's architecture (plugin=True) or vLLM's own Qwen2.5-VL; -> its base URL. Stopped at exit."""
+    apet-trt's `architecture` (plugin=True) or vLLM's own (the checkpoint's), `limits` its
+    --limit-mm-per-prompt; -> its base URL. Stopped at exit."""
     port = _free_port()
     cmd = [
         str(python),
@@ -108,12 +118,12 @@ def vllm_server(python: Path, checkpoint: Path, *, plugin: bool = True, startup_
         "4",
         "--enable-mm-embeds",
         "--limit-mm-per-prompt",
-        '{"image": 0, "video": 0}',  # rows arrive as embeddings only; nothing to profile the towers with
+        limits,
         "--seed",
         "0",
     ]
     if plugin:
-        cmd += ["--hf-overrides", f'{{"architectures": ["{ARCHITECTURE}"]}}']
+        cmd += ["--hf-overrides", f'{{"architectures": ["{architecture}"]}}']
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -173,6 +183,22 @@ def tiny_qwen_checkpoint(path: Path) -> Path:
         for layer in loaded.model.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(6.0)
             layer.self_attn.k_proj.weight.mul_(6.0)
+    return save_vllm_checkpoint(loaded, path)
+
+
+def tiny_qwen3_checkpoint(path: Path) -> Path:
+    """The tiny-qwen3-vl preset (LLM head size 32, 3 DeepStack levels), its language model's attention
+    sharpened (Qwen3 normalises q and k per head, so the norms' weights x 2.5: logits x ~6), saved as
+    vLLM loads it."""
+    import torch
+
+    from apet_trt.export.presets import load_preset
+
+    loaded = load_preset("tiny-qwen3-vl")
+    with torch.no_grad():
+        for layer in loaded.model.model.language_model.layers:
+            layer.self_attn.q_norm.weight.mul_(2.5)
+            layer.self_attn.k_norm.weight.mul_(2.5)
     return save_vllm_checkpoint(loaded, path)
 
 
