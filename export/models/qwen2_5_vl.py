@@ -37,6 +37,7 @@ None (where Qwen's special tokens start in the tokenizer: 151643 in the real voc
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -89,6 +90,9 @@ def parts(model):
 class VisionParts(nn.Module):
     """Only the vision tower (with its merger, the projector): a 7B language model stays unbuilt."""
 
+    # Transformers' vision tower class: transformers.models.<module>.modeling_<module>.<class>
+    tower = ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel")
+
     def __init__(self, visual: nn.Module, config):
         super().__init__()
         self.visual = visual
@@ -96,9 +100,9 @@ class VisionParts(nn.Module):
 
     @classmethod
     def from_config(cls, config) -> VisionParts:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        return cls(Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config), config).eval()
+        module, name = cls.tower
+        tower = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+        return cls(tower._from_config(config.vision_config), config).eval()
 
 
 # -- the layout of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds

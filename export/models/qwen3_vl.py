@@ -47,6 +47,7 @@ from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
 
 from ..tokenizer import QWEN_IMAGE_TOKEN
 from .qwen2_5_vl import Qwen25VLExport, parts, qwen_image_processor, segment_attention
+from .qwen2_5_vl import VisionParts as Qwen25VisionParts
 
 QWEN3_MEAN = [0.5, 0.5, 0.5]
 QWEN3_STD = [0.5, 0.5, 0.5]
@@ -57,19 +58,10 @@ CHAT_TEMPLATE = (
 )
 
 
-class VisionParts(nn.Module):
+class VisionParts(Qwen25VisionParts):
     """Only the vision tower (with its mergers): a 7B-class language model stays unbuilt."""
 
-    def __init__(self, visual: nn.Module, config):
-        super().__init__()
-        self.visual = visual
-        self.config = config
-
-    @classmethod
-    def from_config(cls, config) -> VisionParts:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        return cls(Qwen3VLVisionModel._from_config(config.vision_config), config).eval()
+    tower = ("qwen3_vl", "Qwen3VLVisionModel")
 
 
 # -- the index inputs of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds
