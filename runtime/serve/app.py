@@ -162,7 +162,7 @@ async def _start(cfg: ServeConfig, pipe) -> ServerState:
 
 def _model_name(cfg: ServeConfig, manifest) -> str:
     """--served-model-name, else the checkpoint's id the engine was built from, else the directory's name."""
-    return cfg.served_model_name or str(manifest.data["model"].get("id") or manifest.root.name)
+    return cfg.served_model_name or manifest.model.id or manifest.root.name
 
 
 def _batcher(cfg: ServeConfig, pipe, metrics: Metrics) -> Batcher:
