@@ -171,16 +171,24 @@ class Qwen25VLFamily(RuntimeFamily):
         for first in range(0, count, self.images_per_call):
             items = list(range(first, min(count, first + self.images_per_call)))
             out = run(self.call_feeds(batch, items))
-            emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
             expected = [self.rows_for(batch.items[i]["num_rows"]) for i in items]
-            if tuple(emb.shape[:1]) != (sum(expected),) or tuple(pos.shape) != (sum(expected),):
-                raise RuntimeError(
-                    f"the vision engine returned embeddings {tuple(emb.shape)} and positions {tuple(pos.shape)} "
-                    f"for images of {[batch.items[i]['num_rows'] for i in items]} rows; expected {expected} rows"
-                )
+            emb, pos = self.call_rows(out, [batch.items[i]["num_rows"] for i in items], expected)
             rows += self.split_per_image(batch, items, emb, pos, expected)
         check_ascending(self.manifest.root, rows)  # kept rows leave in position order (and so are unique)
         return rows
+
+    def call_rows(
+        self, out: dict[str, torch.Tensor], sizes: list[int], expected: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One engine call's outputs -> (rows [sum(expected), width], positions), checked against the
+        rows `expected` of images of N = `sizes`."""
+        emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
+        if tuple(emb.shape[:1]) != (sum(expected),) or tuple(pos.shape) != (sum(expected),):
+            raise RuntimeError(
+                f"the vision engine returned embeddings {tuple(emb.shape)} and positions {tuple(pos.shape)} "
+                f"for images of {sizes} rows; expected {expected} rows"
+            )
+        return emb, pos
 
     def split_per_image(
         self, batch: EngineBatch, items: list[int], emb: torch.Tensor, pos: torch.Tensor, expected: list[int]

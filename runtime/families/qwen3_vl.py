@@ -31,7 +31,6 @@ slots: the kept tokens' own levels at the kept tokens' slots.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -39,10 +38,9 @@ import torch
 
 from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
 
-from ..checks import check_ascending
 from ..decoders.transformers import TransformersDecoder
 from ..manifest import ManifestError
-from .base import EngineBatch, VisualRows, submodule
+from .base import VisualRows, submodule
 from .qwen2_5_vl import Qwen25VLFamily, grids_from_inputs
 
 
@@ -91,32 +89,24 @@ class Qwen3VLFamily(Qwen25VLFamily):
         """The engine's index inputs for these grids (no windows; the position table's taps)."""
         return engine_layout(grids, self.merge, self.side)
 
-    def encode(
-        self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
-    ) -> list[VisualRows]:
-        rows: list[VisualRows] = []
-        count = len(batch.items)
-        for first in range(0, count, self.images_per_call):
-            items = list(range(first, min(count, first + self.images_per_call)))
-            out = run(self.call_feeds(batch, items))
-            emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
-            levels = out["deepstack"].float().cpu()
-            expected = [self.rows_for(batch.items[i]["num_rows"]) for i in items]
-            total = sum(expected)
-            if (
-                tuple(emb.shape) != (total, self.hidden)
-                or tuple(pos.shape) != (total,)
-                or tuple(levels.shape) != (self.levels, total, self.hidden)
-            ):
-                raise RuntimeError(
-                    f"the vision engine returned embeddings {tuple(emb.shape)}, deepstack {tuple(levels.shape)} and "
-                    f"positions {tuple(pos.shape)} for images of {[batch.items[i]['num_rows'] for i in items]} rows; "
-                    f"expected {expected} rows of width {self.hidden} and {self.levels} DeepStack levels"
-                )
-            wide = torch.cat([emb, *levels.unbind(0)], dim=-1)  # [rows, H * (1 + L)]
-            rows += self.split_per_image(batch, items, wide, pos, expected)
-        check_ascending(self.manifest.root, rows)
-        return rows
+    def call_rows(
+        self, out: dict[str, torch.Tensor], sizes: list[int], expected: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One engine call's main rows and DeepStack levels side by side: [rows, H * (1 + L)], and the positions."""
+        emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
+        levels = out["deepstack"].float().cpu()
+        total = sum(expected)
+        if (
+            tuple(emb.shape) != (total, self.hidden)
+            or tuple(pos.shape) != (total,)
+            or tuple(levels.shape) != (self.levels, total, self.hidden)
+        ):
+            raise RuntimeError(
+                f"the vision engine returned embeddings {tuple(emb.shape)}, deepstack {tuple(levels.shape)} and "
+                f"positions {tuple(pos.shape)} for images of {sizes} rows; "
+                f"expected {expected} rows of width {self.hidden} and {self.levels} DeepStack levels"
+            )
+        return torch.cat([emb, *levels.unbind(0)], dim=-1), pos
 
     # -- the handoff to a serving engine ------------------------------------------------------
     def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
