@@ -577,25 +577,34 @@ class Qwen25VLExport(ExportFamily):
     def manifest_fields(self, apet: ApetConfig | None) -> dict:
         v = self.config.vision_config
         return {
-            "vision": {
-                "patch_size": self.patch_size,
-                "temporal_patch_size": self.temporal_patch_size,
-                "spatial_merge_size": self.merge,
-                "window_size": v.window_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
-                "min_tokens": self.min_tokens,
-                "max_tokens": self.max_tokens,
-                "feature_dim": self.feature_dim,
-            },
+            "vision": self.vision_fields(
+                window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes)
+            ),
             "num_visual_tokens": self.rows_per_item(apet),
-            FACTS.section: {
-                "images_per_call": 1 if apet is not None else None,
-                # TensorRT: a ratio budget's TopK K is computed at run time from N (ITopKLayer input 1,
-                # TensorRT >= 8.6) and must stay <= 3840; null: no limit
-                "tensorrt_max_tokens": self.tensorrt_token_limit(),
-                "image_token_id": self.config.image_token_id,
-                "vision_start_token_id": self.config.vision_start_token_id,
-                "tokens_per_second": getattr(v, "tokens_per_second", 2),
-            },
+            FACTS.section: {**self.section_fields(apet), "tokens_per_second": getattr(v, "tokens_per_second", 2)},
+        }
+
+    def vision_fields(self, **own) -> dict:
+        """The manifest's vision section: the geometry of every Qwen-VL engine, the family's `own` fields
+        after the merge size."""
+        return {
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "spatial_merge_size": self.merge,
+            **own,
+            "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
+            "min_tokens": self.min_tokens,
+            "max_tokens": self.max_tokens,
+            "feature_dim": self.feature_dim,
+        }
+
+    def section_fields(self, apet: ApetConfig | None) -> dict:
+        """The family section's fields every Qwen-VL engine carries (each family adds its own)."""
+        return {
+            "images_per_call": 1 if apet is not None else None,
+            # TensorRT: a ratio budget's TopK K is computed at run time from N (ITopKLayer input 1,
+            # TensorRT >= 8.6) and must stay <= 3840; null: no limit
+            "tensorrt_max_tokens": self.tensorrt_token_limit(),
+            "image_token_id": self.config.image_token_id,
+            "vision_start_token_id": self.config.vision_start_token_id,
         }

@@ -242,21 +242,10 @@ class Qwen3VLExport(Qwen25VLExport):
     def manifest_fields(self, apet: ApetConfig | None) -> dict:
         v = self.config.vision_config
         return {
-            "vision": {
-                "patch_size": self.patch_size,
-                "temporal_patch_size": self.temporal_patch_size,
-                "spatial_merge_size": self.merge,
-                "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
-                "min_tokens": self.min_tokens,
-                "max_tokens": self.max_tokens,
-                "feature_dim": self.feature_dim,
-            },
+            "vision": self.vision_fields(),
             "num_visual_tokens": self.rows_per_item(apet),
-            "qwen3_vl": {
-                "images_per_call": 1 if apet is not None else None,
-                "tensorrt_max_tokens": self.tensorrt_token_limit(),
-                "image_token_id": self.config.image_token_id,
-                "vision_start_token_id": self.config.vision_start_token_id,
+            FACTS.section: {
+                **self.section_fields(apet),
                 # DeepStack: level l is added to the LLM's hidden states after decoder layer l
                 "deepstack_visual_indexes": [int(i) for i in v.deepstack_visual_indexes],
                 "num_position_embeddings": int(v.num_position_embeddings),
