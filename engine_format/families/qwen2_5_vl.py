@@ -15,6 +15,14 @@ from ..schema import MAX_TOKENS, Field, int_field
 from . import FamilyFacts
 
 SECTION = "qwen2_5_vl"
+# the section fields of every Qwen-VL family (Qwen3-VL's adds its own)
+QWEN_SECTION_FIELDS = {
+    "images_per_call": int_field(1, 4096, null=True),  # null: up to batch.max (no ApET)
+    # TensorRT: a ratio budget's TopK K is computed at run time from N and must stay <= this
+    "tensorrt_max_tokens": int_field(1, 1 << 24, null=True),
+    "image_token_id": int_field(0, 1 << 24),
+    "vision_start_token_id": int_field(0, 1 << 24),
+}
 FACTS = FamilyFacts(
     vision={
         "temporal_patch_size": int_field(1, 64),
@@ -26,14 +34,7 @@ FACTS = FamilyFacts(
         "max_tokens": int_field(1, MAX_TOKENS),
     },
     section=SECTION,
-    fields={
-        "images_per_call": int_field(1, 4096, null=True),  # null: up to batch.max (no ApET)
-        # TensorRT: a ratio budget's TopK K is computed at run time from N and must stay <= this
-        "tensorrt_max_tokens": int_field(1, 1 << 24, null=True),
-        "image_token_id": int_field(0, 1 << 24),
-        "vision_start_token_id": int_field(0, 1 << 24),
-        "tokens_per_second": Field("number", lo=0, hi=1e6),
-    },
+    fields={**QWEN_SECTION_FIELDS, "tokens_per_second": Field("number", lo=0, hi=1e6)},
 )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..schema import Field, int_field
 from . import FamilyFacts
-from .qwen2_5_vl import segments
+from .qwen2_5_vl import QWEN_SECTION_FIELDS, segments
 
 SECTION = "qwen3_vl"
 FACTS = FamilyFacts(
@@ -26,10 +26,7 @@ FACTS = FamilyFacts(
     },
     section=SECTION,
     fields={
-        "images_per_call": int_field(1, 4096, null=True),  # null: up to batch.max (no ApET)
-        "tensorrt_max_tokens": int_field(1, 1 << 24, null=True),
-        "image_token_id": int_field(0, 1 << 24),
-        "vision_start_token_id": int_field(0, 1 << 24),
+        **QWEN_SECTION_FIELDS,
         # DeepStack: the blocks whose hidden states have their own merger; level l is added to the LLM's
         # hidden states after its decoder layer l
         "deepstack_visual_indexes": Field("list", max_len=64),

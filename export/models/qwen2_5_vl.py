@@ -37,6 +37,7 @@ None (where Qwen's special tokens start in the tokenizer: 151643 in the real voc
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -89,6 +90,9 @@ def parts(model):
 class VisionParts(nn.Module):
     """Only the vision tower (with its merger, the projector): a 7B language model stays unbuilt."""
 
+    # Transformers' vision tower class: transformers.models.<module>.modeling_<module>.<class>
+    tower = ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel")
+
     def __init__(self, visual: nn.Module, config):
         super().__init__()
         self.visual = visual
@@ -96,9 +100,9 @@ class VisionParts(nn.Module):
 
     @classmethod
     def from_config(cls, config) -> VisionParts:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        return cls(Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config), config).eval()
+        module, name = cls.tower
+        tower = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+        return cls(tower._from_config(config.vision_config), config).eval()
 
 
 # -- the layout of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds
@@ -235,16 +239,17 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
-def image_processor(min_pixels: int, max_pixels: int):
-    """Qwen2-VL's image processor (what Qwen2.5-VL ships), PIL backend: no torchvision needed."""
+def qwen_image_processor(min_pixels: int, max_pixels: int, *, patch_size: int, mean, std):
+    """Qwen2-VL's image processor class (what Qwen2.5-VL and Qwen3-VL ship), PIL backend: no
+    torchvision needed; the families differ in patch size and normalisation."""
     return pil_image_processor_class("Qwen2VLImageProcessor")(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        patch_size=14,
+        patch_size=patch_size,
         temporal_patch_size=2,
         merge_size=2,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=mean,
+        image_std=std,
         do_resize=True,
         do_rescale=True,
         rescale_factor=1 / 255,
@@ -252,6 +257,35 @@ def image_processor(min_pixels: int, max_pixels: int):
         do_convert_rgb=True,
         resample=3,
     )
+
+
+def image_processor(min_pixels: int, max_pixels: int):
+    """Qwen2.5-VL's image processor: 14 px patches, CLIP's mean/std."""
+    return qwen_image_processor(min_pixels, max_pixels, patch_size=14, mean=CLIP_MEAN, std=CLIP_STD)
+
+
+def qwen_config(config_class, fields: dict, tokenizer):
+    """A Qwen-VL config (`config_class`: Transformers' Qwen2_5_VLConfig or Qwen3VLConfig) from a
+    preset's vision and text fields, its special token ids read from the tokenizer."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    tokens = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    text = {"vocab_size": len(tokenizer), **fields["text"], **tokens}
+    config = config_class(
+        vision_config=dict(fields["vision"]),
+        text_config=text,
+        image_token_id=ids[QWEN_IMAGE_TOKEN],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    for key, value in tokens.items():  # on the outer config too, whichever way its class takes them
+        setattr(config, key, value)
+    return config
 
 
 def _with_pixels(processor, min_pixels: int, max_pixels: int):
@@ -285,53 +319,42 @@ class Qwen25VLExport(ExportFamily):
     supports_start_input = True  # --start random: one start per image (one image per engine call)
     paper_budget = {"keep_ratio": 0.3}  # the official Qwen2.5-VL budget
     paper_budget_text = "T = floor(0.3 N) rows per image (ratio 0.3), seeds blended 0.5/0.5"
+    hf_config_class = "Qwen2_5_VLConfig"  # Transformers' config class of the presets
+    preset_processor = staticmethod(image_processor)
+    default_pixels = (56 * 56, 28 * 28 * 1280)  # (min, max) pixels where no processor is given
 
     def __init__(self, config, processor=None):
         super().__init__(config, processor)
         v = config.vision_config
         self.patch_size, self.merge = v.patch_size, v.spatial_merge_size
         self.temporal_patch_size = v.temporal_patch_size
-        self.window_blocks = v.window_size // v.spatial_merge_size // v.patch_size
         self.feature_dim = v.out_hidden_size
         self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
         self.factor = self.patch_size * self.merge
         # the token range of the processor the engine is built for (its min/max pixels): profiles,
         # example inputs and the `--keep` check
-        lo, hi = processor_pixels(processor) if processor is not None else (56 * 56, 28 * 28 * 1280)
+        lo, hi = processor_pixels(processor) if processor is not None else self.default_pixels
         self.min_tokens = max(1, math.ceil(lo / self.factor**2))
         self.max_tokens = max(self.min_tokens, hi // self.factor**2)
         self.max_pixels = hi
         check_token_bound(self.max_tokens, hi, self.factor)
         self.apet: ApetConfig | None = None  # the build's (check_apet): example images must meet it
         self.attention_chunk = ATTENTION_CHUNK
+        self.read_vision(v)
+
+    def read_vision(self, v) -> None:
+        """The family's own vision geometry: Qwen2.5-VL's attention windows (in merge blocks)."""
+        self.window_blocks = v.window_size // v.spatial_merge_size // v.patch_size
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def preset_config(cls, preset: Preset):
-        from transformers import Qwen2_5_VLConfig
+        import transformers
 
         f = preset.fields
         tokenizer = qwen_tokenizer(f.get("first_special_id"))
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-        text = dict(f["text"])
-        text.setdefault("vocab_size", len(tokenizer))
-        text.update(
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]
-        )
-        config = Qwen2_5_VLConfig(
-            vision_config=dict(f["vision"]),
-            text_config=text,
-            image_token_id=ids[QWEN_IMAGE_TOKEN],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
-        )
-        processor = image_processor(**f["processor"])
-        return config, processor, tokenizer
+        config = qwen_config(getattr(transformers, cls.hf_config_class), f, tokenizer)
+        return config, cls.preset_processor(**f["processor"]), tokenizer
 
     def vision_parts(self) -> nn.Module:
         return VisionParts.from_config(self.config)
@@ -434,8 +457,7 @@ class Qwen25VLExport(ExportFamily):
 
     def tensorrt_profile(self, apet: ApetConfig | None, opt_batch: int, max_batch: int) -> dict:
         """min: one image of the fewest tokens; opt: opt_batch images of the geometric middle of the
-        token range; max: max_batch images of the most tokens (the windows: the most any image
-        shape in range makes)."""
+        token range; max: max_batch images of the most tokens (profile_dims: each dynamic axis)."""
         limit = self.tensorrt_token_limit()
         if limit is not None and self.max_tokens > limit:
             raise ValueError(
@@ -443,11 +465,21 @@ class Qwen25VLExport(ExportFamily):
                 f"K <= 3840, so a TensorRT plan takes N <= {limit} tokens per image; build with --max-pixels <= "
                 f"{limit * self.factor**2} (or --no-tensorrt for the ONNX engine alone)"
             )
-        unit, win = self.merge**2, self.window_blocks**2
         opt_tokens = min(self.max_tokens, max(self.min_tokens, round(math.sqrt(self.min_tokens * self.max_tokens))))
+        dims = self.profile_dims(opt_tokens, opt_batch, max_batch)
+        profile = {}
+        for t in self.io(apet)["inputs"]:
+            shape = [dims[d] if isinstance(d, str) else (d, d, d) for d in t["shape"]]
+            profile[t["name"]] = tuple(tuple(s[i] for s in shape) for i in range(3))
+        return profile
+
+    def profile_dims(self, opt_tokens: int, opt_batch: int, max_batch: int) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each dynamic axis of the engine's inputs (the windows: the most any
+        image shape in range makes)."""
+        unit, win = self.merge**2, self.window_blocks**2
         side = max(1, round(math.sqrt(opt_tokens)))
         opt_windows = math.ceil(side / self.window_blocks) ** 2
-        dims = {
+        return {
             "patches": (unit * self.min_tokens, unit * opt_tokens * opt_batch, unit * self.max_tokens * max_batch),
             "tokens": (self.min_tokens, opt_tokens * opt_batch, self.max_tokens * max_batch),
             "images": (1, opt_batch, max_batch),
@@ -455,11 +487,6 @@ class Qwen25VLExport(ExportFamily):
             "windows": (1, opt_windows * opt_batch, self.max_windows() * max_batch),
             "window_patches": (unit, unit * min(win, opt_tokens), unit * win),
         }
-        profile = {}
-        for t in self.io(apet)["inputs"]:
-            shape = [dims[d] if isinstance(d, str) else (d, d, d) for d in t["shape"]]
-            profile[t["name"]] = tuple(tuple(s[i] for s in shape) for i in range(3))
-        return profile
 
     def max_windows(self) -> int:
         """The most attention windows one image of at most max_tokens merge blocks can make (any
@@ -550,25 +577,34 @@ class Qwen25VLExport(ExportFamily):
     def manifest_fields(self, apet: ApetConfig | None) -> dict:
         v = self.config.vision_config
         return {
-            "vision": {
-                "patch_size": self.patch_size,
-                "temporal_patch_size": self.temporal_patch_size,
-                "spatial_merge_size": self.merge,
-                "window_size": v.window_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
-                "min_tokens": self.min_tokens,
-                "max_tokens": self.max_tokens,
-                "feature_dim": self.feature_dim,
-            },
+            "vision": self.vision_fields(
+                window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes)
+            ),
             "num_visual_tokens": self.rows_per_item(apet),
-            FACTS.section: {
-                "images_per_call": 1 if apet is not None else None,
-                # TensorRT: a ratio budget's TopK K is computed at run time from N (ITopKLayer input 1,
-                # TensorRT >= 8.6) and must stay <= 3840; null: no limit
-                "tensorrt_max_tokens": self.tensorrt_token_limit(),
-                "image_token_id": self.config.image_token_id,
-                "vision_start_token_id": self.config.vision_start_token_id,
-                "tokens_per_second": getattr(v, "tokens_per_second", 2),
-            },
+            FACTS.section: {**self.section_fields(apet), "tokens_per_second": getattr(v, "tokens_per_second", 2)},
+        }
+
+    def vision_fields(self, **own) -> dict:
+        """The manifest's vision section: the geometry of every Qwen-VL engine, the family's `own` fields
+        after the merge size."""
+        return {
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "spatial_merge_size": self.merge,
+            **own,
+            "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
+            "min_tokens": self.min_tokens,
+            "max_tokens": self.max_tokens,
+            "feature_dim": self.feature_dim,
+        }
+
+    def section_fields(self, apet: ApetConfig | None) -> dict:
+        """The family section's fields every Qwen-VL engine carries (each family adds its own)."""
+        return {
+            "images_per_call": 1 if apet is not None else None,
+            # TensorRT: a ratio budget's TopK K is computed at run time from N (ITopKLayer input 1,
+            # TensorRT >= 8.6) and must stay <= 3840; null: no limit
+            "tensorrt_max_tokens": self.tensorrt_token_limit(),
+            "image_token_id": self.config.image_token_id,
+            "vision_start_token_id": self.config.vision_start_token_id,
         }

@@ -38,19 +38,16 @@ Qwen3VLTextConfig kwargs, "processor": {"min_pixels", "max_pixels"}, "first_spec
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from apet_trt.apet_ops import ApetCompressor, ApetConfig
-from apet_trt.apet_ops.compat import pil_image_processor_class
 from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
 
-from ..tokenizer import QWEN_IMAGE_TOKEN, QWEN_SPECIALS, qwen_tokenizer
-from .base import Preset
-from .qwen2_5_vl import Qwen25VLExport, check_token_bound, parts, processor_pixels, segment_attention
+from ..tokenizer import QWEN_IMAGE_TOKEN
+from .qwen2_5_vl import Qwen25VLExport, parts, qwen_image_processor, segment_attention
+from .qwen2_5_vl import VisionParts as Qwen25VisionParts
 
 QWEN3_MEAN = [0.5, 0.5, 0.5]
 QWEN3_STD = [0.5, 0.5, 0.5]
@@ -61,19 +58,10 @@ CHAT_TEMPLATE = (
 )
 
 
-class VisionParts(nn.Module):
+class VisionParts(Qwen25VisionParts):
     """Only the vision tower (with its mergers): a 7B-class language model stays unbuilt."""
 
-    def __init__(self, visual: nn.Module, config):
-        super().__init__()
-        self.visual = visual
-        self.config = config
-
-    @classmethod
-    def from_config(cls, config) -> VisionParts:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        return cls(Qwen3VLVisionModel._from_config(config.vision_config), config).eval()
+    tower = ("qwen3_vl", "Qwen3VLVisionModel")
 
 
 # -- the index inputs of a batch of grids (example inputs): the format's numpy layout, which the runtime feeds
@@ -151,21 +139,7 @@ class Qwen3VLVisionEngine(nn.Module):
 
 def image_processor(min_pixels: int, max_pixels: int):
     """Qwen3-VL's image processor (Qwen2-VL's class with 16 px patches and 0.5 mean/std), PIL backend."""
-    return pil_image_processor_class("Qwen2VLImageProcessor")(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=QWEN3_MEAN,
-        image_std=QWEN3_STD,
-        do_resize=True,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        do_convert_rgb=True,
-        resample=3,
-    )
+    return qwen_image_processor(min_pixels, max_pixels, patch_size=16, mean=QWEN3_MEAN, std=QWEN3_STD)
 
 
 class Qwen3VLExport(Qwen25VLExport):
@@ -183,82 +157,32 @@ class Qwen3VLExport(Qwen25VLExport):
     # 0.5 into their slots; the budget is the build's (--keep-ratio 0.3 is the official one)
     apet_defaults = {"seed_blend": 0.5}
     supports_start_input = False  # no `start` input in this family's engine yet: --start random is refused
+    hf_config_class = "Qwen3VLConfig"
+    preset_processor = staticmethod(image_processor)
+    default_pixels = (64 * 32 * 32, 16384 * 32 * 32)
 
-    def __init__(self, config, processor=None):  # noqa: D107 - Qwen2.5-VL's fields without its windows
-        self.config = config
-        self.processor = processor
-        v = config.vision_config
-        self.patch_size, self.merge = v.patch_size, v.spatial_merge_size
-        self.temporal_patch_size = v.temporal_patch_size
-        self.feature_dim = v.out_hidden_size
+    def read_vision(self, v) -> None:
+        """Qwen3-VL's own geometry (no windows): the DeepStack levels and the position table's side."""
         self.levels = len(v.deepstack_visual_indexes)
         self.side = int(v.num_position_embeddings**0.5)
-        self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
-        self.factor = self.patch_size * self.merge
-        lo, hi = processor_pixels(processor) if processor is not None else (64 * 32 * 32, 16384 * 32 * 32)
-        self.min_tokens = max(1, math.ceil(lo / self.factor**2))
-        self.max_tokens = max(self.min_tokens, hi // self.factor**2)
-        self.max_pixels = hi
-        check_token_bound(self.max_tokens, hi, self.factor)
-        self.apet: ApetConfig | None = None
         # the engine attends over each image whole (not in query slices), so `apet build` estimates its
         # memory (check_memory) with the whole score matrix; the estimate's constants were fitted on
         # Qwen2.5-VL's tower (docs/LIMITS.md) and are not re-fitted for Qwen3-VL's
         self.attention_chunk = None
 
     # -- loading ------------------------------------------------------------------------------
-    @classmethod
-    def preset_config(cls, preset: Preset):
-        from transformers import Qwen3VLConfig
-
-        f = preset.fields
-        tokenizer = qwen_tokenizer(f.get("first_special_id"))
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-        text = dict(f["text"])
-        text.setdefault("vocab_size", len(tokenizer))
-        text.update(
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]
-        )
-        config = Qwen3VLConfig(
-            vision_config=dict(f["vision"]),
-            text_config=text,
-            image_token_id=ids[QWEN_IMAGE_TOKEN],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=False,
-        )
-        for key, value in (("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>")):
-            setattr(config, key, ids[value])
-        config.pad_token_id = ids["<|endoftext|>"]
-        return config, image_processor(**f["processor"]), tokenizer
-
     def vision_parts(self) -> nn.Module:
         return VisionParts.from_config(self.config)
 
     # -- the engine ---------------------------------------------------------------------------
-    def tensorrt_profile(self, apet: ApetConfig | None, opt_batch: int, max_batch: int) -> dict:
-        """min: one image of the fewest tokens; opt: opt_batch images of the geometric middle of the
-        token range; max: max_batch images of the most tokens."""
-        limit = self.tensorrt_token_limit()
-        if limit is not None and self.max_tokens > limit:
-            raise ValueError(
-                f"images of up to {self.max_tokens} tokens with {self.apet.to_dict()}: TensorRT's TopK takes "
-                f"K <= 3840, so a TensorRT plan takes N <= {limit} tokens per image; build with --max-pixels <= "
-                f"{limit * self.factor**2} (or --no-tensorrt for the ONNX engine alone)"
-            )
+    def profile_dims(self, opt_tokens: int, opt_batch: int, max_batch: int) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each dynamic axis of the engine's inputs (no windows)."""
         unit = self.merge**2
-        opt_tokens = min(self.max_tokens, max(self.min_tokens, round(math.sqrt(self.min_tokens * self.max_tokens))))
-        dims = {
+        return {
             "patches": (unit * self.min_tokens, unit * opt_tokens * opt_batch, unit * self.max_tokens * max_batch),
             "images": (1, opt_batch, max_batch),
             "image_patches": (unit * self.min_tokens, unit * opt_tokens, unit * self.max_tokens),
         }
-        profile = {}
-        for t in self.io(apet)["inputs"]:
-            shape = [dims[d] if isinstance(d, str) else (d, d, d) for d in t["shape"]]
-            profile[t["name"]] = tuple(tuple(s[i] for s in shape) for i in range(3))
-        return profile
 
     def vision_module(self, model: nn.Module, apet: ApetConfig | None) -> nn.Module:
         return Qwen3VLVisionEngine(model, apet)
@@ -318,21 +242,10 @@ class Qwen3VLExport(Qwen25VLExport):
     def manifest_fields(self, apet: ApetConfig | None) -> dict:
         v = self.config.vision_config
         return {
-            "vision": {
-                "patch_size": self.patch_size,
-                "temporal_patch_size": self.temporal_patch_size,
-                "spatial_merge_size": self.merge,
-                "num_patches": None,  # rows per image depend on the image: min_tokens..max_tokens
-                "min_tokens": self.min_tokens,
-                "max_tokens": self.max_tokens,
-                "feature_dim": self.feature_dim,
-            },
+            "vision": self.vision_fields(),
             "num_visual_tokens": self.rows_per_item(apet),
-            "qwen3_vl": {
-                "images_per_call": 1 if apet is not None else None,
-                "tensorrt_max_tokens": self.tensorrt_token_limit(),
-                "image_token_id": self.config.image_token_id,
-                "vision_start_token_id": self.config.vision_start_token_id,
+            FACTS.section: {
+                **self.section_fields(apet),
                 # DeepStack: level l is added to the LLM's hidden states after decoder layer l
                 "deepstack_visual_indexes": [int(i) for i in v.deepstack_visual_indexes],
                 "num_position_embeddings": int(v.num_position_embeddings),

@@ -81,7 +81,20 @@ class Qwen25VLFamily(RuntimeFamily):
 
     def __init__(self, manifest):
         super().__init__(manifest)
-        v, q = manifest.vision, manifest.section()
+        q = manifest.section()
+        self.read_geometry(manifest, q)
+        self.apet = None
+        if manifest.apet is not None:
+            from apet_trt.apet_ops import ApetConfig
+
+            self.apet = ApetConfig.from_dict(manifest.apet)
+        per_call = q.get("images_per_call")
+        self.images_per_call = manifest.batch_max if per_call is None else int(per_call)
+        self.preprocessor = ImagePreprocessor(manifest.root / "processor", size_in_pixels=True)
+
+    def read_geometry(self, manifest, section: dict) -> None:
+        """The family's geometry from the manifest: patch, merge, attention windows, token range."""
+        v = manifest.vision
         try:
             self.patch_size, self.merge = int(v["patch_size"]), int(v["spatial_merge_size"])
             self.window_blocks = int(v["window_size"]) // self.merge // self.patch_size
@@ -91,14 +104,6 @@ class Qwen25VLFamily(RuntimeFamily):
                 f"{manifest.root}: the qwen2_5_vl family needs vision.patch_size/spatial_merge_size/window_size/"
                 f"min_tokens/max_tokens: {exc}"
             ) from exc
-        self.apet = None
-        if manifest.apet is not None:
-            from apet_trt.apet_ops import ApetConfig
-
-            self.apet = ApetConfig.from_dict(manifest.apet)
-        per_call = q.get("images_per_call")
-        self.images_per_call = manifest.batch_max if per_call is None else int(per_call)
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor", size_in_pixels=True)
 
     @property
     def fixed_rows(self) -> int | None:
@@ -150,11 +155,14 @@ class Qwen25VLFamily(RuntimeFamily):
         pixels = np.concatenate(
             [batch.feeds[INPUT][p["patch_start"] : p["patch_start"] + p["num_patches"]] for p in parts]
         )
-        layout = engine_layout([p["grid"] for p in parts], self.merge, self.window_blocks)
-        feeds = {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+        feeds = {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **self.index_inputs([p["grid"] for p in parts])}
         if self.feeds_start:  # an ApET engine: one image per call
             feeds[START] = np.concatenate([p["start"] for p in parts])
         return feeds
+
+    def index_inputs(self, grids: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
+        """The engine's index inputs for these grids (the engine format's numpy layout)."""
+        return engine_layout(grids, self.merge, self.window_blocks)
 
     def encode(
         self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
@@ -164,16 +172,24 @@ class Qwen25VLFamily(RuntimeFamily):
         for first in range(0, count, self.images_per_call):
             items = list(range(first, min(count, first + self.images_per_call)))
             out = run(self.call_feeds(batch, items))
-            emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
             expected = [self.rows_for(batch.items[i]["num_rows"]) for i in items]
-            if tuple(emb.shape[:1]) != (sum(expected),) or tuple(pos.shape) != (sum(expected),):
-                raise RuntimeError(
-                    f"the vision engine returned embeddings {tuple(emb.shape)} and positions {tuple(pos.shape)} "
-                    f"for images of {[batch.items[i]['num_rows'] for i in items]} rows; expected {expected} rows"
-                )
+            emb, pos = self.call_rows(out, [batch.items[i]["num_rows"] for i in items], expected)
             rows += self.split_per_image(batch, items, emb, pos, expected)
         check_ascending(self.manifest.root, rows)  # kept rows leave in position order (and so are unique)
         return rows
+
+    def call_rows(
+        self, out: dict[str, torch.Tensor], sizes: list[int], expected: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One engine call's outputs -> (rows [sum(expected), width], positions), checked against the
+        rows `expected` of images of N = `sizes`."""
+        emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
+        if tuple(emb.shape[:1]) != (sum(expected),) or tuple(pos.shape) != (sum(expected),):
+            raise RuntimeError(
+                f"the vision engine returned embeddings {tuple(emb.shape)} and positions {tuple(pos.shape)} "
+                f"for images of {sizes} rows; expected {expected} rows"
+            )
+        return emb, pos
 
     def split_per_image(
         self, batch: EngineBatch, items: list[int], emb: torch.Tensor, pos: torch.Tensor, expected: list[int]
@@ -301,12 +317,7 @@ class Qwen25VLTorchVision(torch.nn.Module):
         self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
 
     def forward(self, pixel_values, patch_positions, image_gather, start=None, **_) -> dict[str, torch.Tensor]:
-        lengths = (image_gather >= 0).sum(dim=1).tolist()
-        grids, first = [], 0
-        for n in lengths:
-            rc = patch_positions[first : first + n]
-            grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
-            first += n
+        grids = grids_from_inputs(patch_positions, image_gather)
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pixel_values.to(dtype), grid_thw=torch.tensor(grids, device=pixel_values.device))
         rows = getattr(out, "pooler_output", out).float()  # Transformers 5 returns a model output
@@ -316,3 +327,14 @@ class Qwen25VLTorchVision(torch.nn.Module):
             raise ValueError(f"an ApET engine call takes one image, got {len(grids)}")
         tokens, positions = self.compressor(rows.unsqueeze(0), start)
         return {"embeddings": tokens[0].float(), "positions": positions[0]}
+
+
+def grids_from_inputs(patch_positions: torch.Tensor, image_gather: torch.Tensor) -> list[list[int]]:
+    """Each image's (1, h, w) patch grid, read back from the engine inputs: its patch count from
+    image_gather, its rows and columns from patch_positions."""
+    grids, first = [], 0
+    for n in (image_gather >= 0).sum(dim=1).tolist():
+        rc = patch_positions[first : first + n]
+        grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
+        first += n
+    return grids

@@ -31,7 +31,6 @@ slots: the kept tokens' own levels at the kept tokens' slots.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -39,12 +38,10 @@ import torch
 
 from apet_trt.engine_format.families.qwen3_vl import FACTS, engine_layout
 
-from ..checks import check_ascending
 from ..decoders.transformers import TransformersDecoder
-from ..images import ImagePreprocessor
 from ..manifest import ManifestError
-from .base import EngineBatch, VisualRows, submodule
-from .qwen2_5_vl import INPUT, Qwen25VLFamily
+from .base import VisualRows, submodule
+from .qwen2_5_vl import Qwen25VLFamily, grids_from_inputs
 
 
 def compact_grid(rows: int, merge: int) -> tuple[int, int, int]:
@@ -68,9 +65,9 @@ class Qwen3VLFamily(Qwen25VLFamily):
     # their M-RoPE ids: Qwen2.5-VL's vllm_plugin_fields (the image rule of M-RoPE is the same)
     vllm_plugin_architecture = "ApetQwen3VLForConditionalGeneration"
 
-    def __init__(self, manifest):  # Qwen2.5-VL's fields without its windows
-        super(Qwen25VLFamily, self).__init__(manifest)
-        v, q = manifest.vision, manifest.section()
+    def read_geometry(self, manifest, section: dict) -> None:
+        """Qwen2.5-VL's geometry without its windows, plus the DeepStack levels and position table."""
+        v = manifest.vision
         try:
             self.patch_size, self.merge = int(v["patch_size"]), int(v["spatial_merge_size"])
             self.min_tokens, self.max_tokens = int(v["min_tokens"]), int(v["max_tokens"])
@@ -80,18 +77,10 @@ class Qwen3VLFamily(Qwen25VLFamily):
                 f"{manifest.root}: the qwen3_vl family needs vision.patch_size/spatial_merge_size/min_tokens/"
                 f"max_tokens: {exc}"
             ) from exc
-        self.levels = len(q["deepstack_visual_indexes"])
-        self.side = int(round(int(q["num_position_embeddings"]) ** 0.5))
-        if self.side**2 != int(q["num_position_embeddings"]):
+        self.levels = len(section["deepstack_visual_indexes"])
+        self.side = int(round(int(section["num_position_embeddings"]) ** 0.5))
+        if self.side**2 != int(section["num_position_embeddings"]):
             raise ManifestError(f"{manifest.root}: qwen3_vl.num_position_embeddings must be a square number")
-        self.apet = None
-        if manifest.apet is not None:
-            from apet_trt.apet_ops import ApetConfig
-
-            self.apet = ApetConfig.from_dict(manifest.apet)
-        per_call = q.get("images_per_call")
-        self.images_per_call = manifest.batch_max if per_call is None else int(per_call)
-        self.preprocessor = ImagePreprocessor(manifest.root / "processor", size_in_pixels=True)
 
     @property
     def row_width(self) -> int:
@@ -99,41 +88,28 @@ class Qwen3VLFamily(Qwen25VLFamily):
         return self.hidden * (1 + self.levels)
 
     # -- engine outputs -> rows ---------------------------------------------------------------
-    def call_feeds(self, batch: EngineBatch, items: Sequence[int]) -> dict[str, np.ndarray]:
-        """The engine's named inputs for the images `items` of the batch (one engine call)."""
-        parts = [batch.items[i] for i in items]
-        pixels = np.concatenate(
-            [batch.feeds[INPUT][p["patch_start"] : p["patch_start"] + p["num_patches"]] for p in parts]
-        )
-        layout = engine_layout([p["grid"] for p in parts], self.merge, self.side)
-        return {INPUT: np.ascontiguousarray(pixels, dtype=np.float32), **layout}
+    def index_inputs(self, grids: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
+        """The engine's index inputs for these grids (no windows; the position table's taps)."""
+        return engine_layout(grids, self.merge, self.side)
 
-    def encode(
-        self, run: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]], batch: EngineBatch
-    ) -> list[VisualRows]:
-        rows: list[VisualRows] = []
-        count = len(batch.items)
-        for first in range(0, count, self.images_per_call):
-            items = list(range(first, min(count, first + self.images_per_call)))
-            out = run(self.call_feeds(batch, items))
-            emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
-            levels = out["deepstack"].float().cpu()
-            expected = [self.rows_for(batch.items[i]["num_rows"]) for i in items]
-            total = sum(expected)
-            if (
-                tuple(emb.shape) != (total, self.hidden)
-                or tuple(pos.shape) != (total,)
-                or tuple(levels.shape) != (self.levels, total, self.hidden)
-            ):
-                raise RuntimeError(
-                    f"the vision engine returned embeddings {tuple(emb.shape)}, deepstack {tuple(levels.shape)} and "
-                    f"positions {tuple(pos.shape)} for images of {[batch.items[i]['num_rows'] for i in items]} rows; "
-                    f"expected {expected} rows of width {self.hidden} and {self.levels} DeepStack levels"
-                )
-            wide = torch.cat([emb, *levels.unbind(0)], dim=-1)  # [rows, H * (1 + L)]
-            rows += self.split_per_image(batch, items, wide, pos, expected)
-        check_ascending(self.manifest.root, rows)
-        return rows
+    def call_rows(
+        self, out: dict[str, torch.Tensor], sizes: list[int], expected: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One engine call's main rows and DeepStack levels side by side: [rows, H * (1 + L)], and the positions."""
+        emb, pos = out["embeddings"].float().cpu(), out["positions"].to(torch.int64).cpu()
+        levels = out["deepstack"].float().cpu()
+        total = sum(expected)
+        if (
+            tuple(emb.shape) != (total, self.hidden)
+            or tuple(pos.shape) != (total,)
+            or tuple(levels.shape) != (self.levels, total, self.hidden)
+        ):
+            raise RuntimeError(
+                f"the vision engine returned embeddings {tuple(emb.shape)}, deepstack {tuple(levels.shape)} and "
+                f"positions {tuple(pos.shape)} for images of {sizes} rows; "
+                f"expected {expected} rows of width {self.hidden} and {self.levels} DeepStack levels"
+            )
+        return torch.cat([emb, *levels.unbind(0)], dim=-1), pos
 
     # -- the handoff to a serving engine ------------------------------------------------------
     def upstream_route(self, fmt: str, grid_positions: bool = False) -> str:
@@ -277,12 +253,7 @@ class Qwen3VLTorchVision(torch.nn.Module):
         self.compressor = None if apet is None else ApetCompressor(ApetConfig.from_dict(apet))
 
     def forward(self, pixel_values, patch_positions, image_gather, **_) -> dict[str, torch.Tensor]:
-        lengths = (image_gather >= 0).sum(dim=1).tolist()
-        grids, start = [], 0
-        for n in lengths:
-            rc = patch_positions[start : start + n]
-            grids.append([1, int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1])
-            start += n
+        grids = grids_from_inputs(patch_positions, image_gather)
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pixel_values.to(dtype), grid_thw=torch.tensor(grids, device=pixel_values.device))
         rows, levels = out.pooler_output.float(), [x.float() for x in out.deepstack_features]

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -116,123 +116,184 @@ def create_app(cfg: ServeConfig, pipe=None, on_ready=None) -> FastAPI:
     """`pipe`: a ready runtime.Pipeline (tests share one), else loaded at startup. `on_ready(state)`
     is called once the server can answer (the CLI prints its startup line there)."""
     cfg.validate()
-    holder: dict[str, ServerState] = {}
+    app = FastAPI(
+        title="apet serve", lifespan=_lifespan(cfg, pipe, on_ready), docs_url=None, redoc_url=None, openapi_url=None
+    )
+    _add_access_control(app, cfg)
+    _add_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+# -- startup and shutdown -------------------------------------------------------------------------
+def _lifespan(cfg: ServeConfig, pipe, on_ready):
+    """The app's lifespan: start (the port opens once the model can answer), serve, stop."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        p = pipe if pipe is not None else await anyio.to_thread.run_sync(load_pipeline, cfg)
-        model = cfg.served_model_name or str(p.manifest.data["model"].get("id") or p.manifest.root.name)
-        metrics = Metrics(model)
-        family_batch = int(p.manifest.batch_max)
-        batcher = Batcher(
-            p,
-            max_batch=cfg.max_batch or family_batch,
-            batch_wait_ms=cfg.batch_wait_ms,
-            max_queue=cfg.max_queue,
-            default_max_tokens=cfg.default_max_tokens,
-            metrics=metrics,
-            decode=cfg.upstream is None,
-        )
-        limits = EmbedsLimits(p.family.row_width, int(p.manifest.llm["max_position_embeddings"]))
-        upstream = None
-        if cfg.upstream is not None:
-            from .upstream import Upstream
-
-            upstream = Upstream(cfg, p.family.upstream_route(cfg.upstream_format, cfg.upstream_grid_positions))
-        state = ServerState(cfg, p, batcher, metrics, model, limits, upstream, time.time())
-        if upstream is not None and upstream.route == "prompt_embeds":
-            from .prompt_embeds import PromptEmbedder
-
-            state.embedder = await anyio.to_thread.run_sync(PromptEmbedder, p.manifest)
-        batcher.start()
-        holder["state"] = app.state.apet = state
+        state = await _start(cfg, pipe)
+        app.state.apet = state
         log.info("apet serve: %s", describe(state))
         if on_ready is not None:
             on_ready(state)
         try:
             yield
         finally:
-            log.info("apet serve: shutting down (%d request(s) inside)", batcher.inside)
-            await anyio.to_thread.run_sync(batcher.close)
-            if upstream is not None:
-                await upstream.aclose()
+            await _stop(state)
 
-    app = FastAPI(title="apet serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    return lifespan
+
+
+async def _start(cfg: ServeConfig, pipe) -> ServerState:
+    """The pipeline (loaded unless given), the batcher, the upstream (and its prompt embedder), the
+    workers started."""
+    p = pipe if pipe is not None else await anyio.to_thread.run_sync(load_pipeline, cfg)
+    model = _model_name(cfg, p.manifest)
+    metrics = Metrics(model)
+    state = ServerState(
+        cfg, p, _batcher(cfg, p, metrics), metrics, model, _embeds_limits(p), _upstream(cfg, p), time.time()
+    )
+    if state.upstream is not None and state.upstream.route == "prompt_embeds":
+        from .prompt_embeds import PromptEmbedder
+
+        state.embedder = await anyio.to_thread.run_sync(PromptEmbedder, p.manifest)
+    state.batcher.start()
+    return state
+
+
+def _model_name(cfg: ServeConfig, manifest) -> str:
+    """--served-model-name, else the checkpoint's id the engine was built from, else the directory's name."""
+    return cfg.served_model_name or manifest.model.id or manifest.root.name
+
+
+def _batcher(cfg: ServeConfig, pipe, metrics: Metrics) -> Batcher:
+    return Batcher(
+        pipe,
+        max_batch=cfg.max_batch or int(pipe.manifest.batch_max),
+        batch_wait_ms=cfg.batch_wait_ms,
+        max_queue=cfg.max_queue,
+        default_max_tokens=cfg.default_max_tokens,
+        metrics=metrics,
+        decode=cfg.upstream is None,
+    )
+
+
+def _embeds_limits(pipe) -> EmbedsLimits:
+    return EmbedsLimits(pipe.family.row_width, int(pipe.manifest.llm["max_position_embeddings"]))
+
+
+def _upstream(cfg: ServeConfig, pipe):
+    """The upstream server's client (--upstream), else None."""
+    if cfg.upstream is None:
+        return None
+    from .upstream import Upstream
+
+    return Upstream(cfg, pipe.family.upstream_route(cfg.upstream_format, cfg.upstream_grid_positions))
+
+
+async def _stop(state: ServerState) -> None:
+    """Refuse new requests, answer the queued ones (503), stop the workers, close the upstream client."""
+    log.info("apet serve: shutting down (%d request(s) inside)", state.batcher.inside)
+    await anyio.to_thread.run_sync(state.batcher.close)
+    if state.upstream is not None:
+        await state.upstream.aclose()
+
+
+# -- access and errors ----------------------------------------------------------------------------
+def _add_access_control(app: FastAPI, cfg: ServeConfig) -> None:
+    """--api-key: every path but /health needs it."""
     if cfg.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=cfg.api_key, open_paths=("/health",))
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return exc.response()
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers in OpenAI's error shape; an unexpected one is logged with its traceback."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return APIError(500, f"internal error ({type(exc).__name__}); see the server log").response()
 
-    @app.get("/health")
-    async def health():
-        """Ready: loaded, not shutting down, every worker running (not: has room; /metrics says that)."""
-        state = holder.get("state")
-        if state is None or not state.batcher.alive:
-            return APIError(503, "not ready").response()
-        return {"status": "ok"}
+async def _api_error(request: Request, exc: APIError):
+    return exc.response()
 
-    @app.get("/v1/models")
-    async def models():
-        state = holder["state"]
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model,
-                    "object": "model",
-                    "created": int(state.started),
-                    "owned_by": "apet-trt",
-                    "root": state.model,  # not the engine's path: clients need not know the server's files
-                    "max_model_len": state.max_length,
-                }
-            ],
-        }
 
-    @app.get("/metrics")
-    async def metrics():
-        state = holder["state"]
-        return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return APIError(exc.status_code, str(exc.detail)).response()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        state = holder["state"]
-        given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        t0 = time.perf_counter()
-        slot = None
-        try:
-            _check_headers(request, state.cfg)
-            slot = state.batcher.admit()  # before a byte of the body is read
-            body = await _read_json(request, state.cfg)
-        except APIError as err:
-            if slot is not None:
-                slot.release()
-            return _refused(state, err, rid, close=True)  # the body is not read: the connection ends
-        try:
-            response = await _chat(state, request, body, slot, rid, t0)
-        except APIError as err:
+
+async def _internal_error(request: Request, exc: Exception):
+    log.exception("unhandled error")
+    return APIError(500, f"internal error ({type(exc).__name__}); see the server log").response()
+
+
+# -- the routes -----------------------------------------------------------------------------------
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.apet
+
+
+@router.get("/health")
+async def route_health(request: Request):
+    """Ready: loaded, not shutting down, every worker running (not: has room; /metrics says that)."""
+    state = getattr(request.app.state, "apet", None)
+    if state is None or not state.batcher.alive:
+        return APIError(503, "not ready").response()
+    return {"status": "ok"}
+
+
+@router.get("/v1/models")
+async def route_models(request: Request):
+    state = _state(request)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.model,
+                "object": "model",
+                "created": int(state.started),
+                "owned_by": "apet-trt",
+                "root": state.model,  # not the engine's path: clients need not know the server's files
+                "max_model_len": state.max_length,
+            }
+        ],
+    }
+
+
+@router.get("/metrics")
+async def route_metrics(request: Request):
+    state = _state(request)
+    return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+
+
+@router.post("/v1/chat/completions")
+async def route_chat_completions(request: Request):
+    state = _state(request)
+    given = request.headers.get("x-request-id", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    t0 = time.perf_counter()
+    slot = None
+    try:
+        _check_headers(request, state.cfg)
+        slot = state.batcher.admit()  # before a byte of the body is read
+        body = await _read_json(request, state.cfg)
+    except APIError as err:
+        if slot is not None:
             slot.release()
-            return _refused(state, err, rid)
-        except BaseException:
-            slot.release()
-            raise
-        if not isinstance(response, SlotStream):  # a stream lets go of the slot when it ends
-            slot.release()
-        response.headers["X-Request-Id"] = rid
-        return response
-
-    return app
+        return _refused(state, err, rid, close=True)  # the body is not read: the connection ends
+    try:
+        response = await _chat(state, request, body, slot, rid, t0)
+    except APIError as err:
+        slot.release()
+        return _refused(state, err, rid)
+    except BaseException:
+        slot.release()
+        raise
+    if not isinstance(response, SlotStream):  # a stream lets go of the slot when it ends
+        slot.release()
+    response.headers["X-Request-Id"] = rid
+    return response
 
 
 class SlotStream(StreamingResponse):
