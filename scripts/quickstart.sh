@@ -24,4 +24,5 @@ else
 fi
 apet inspect "$ENGINE"
 apet run --engine "$ENGINE" --image assets/grace_hopper.jpg \
-  --prompt "What is the person in this photo wearing?" --max-new-tokens 24 --grid --overlay "$OVERLAY"
+  --prompt "What is the person in this photo wearing?" --max-new-tokens 24 --grid --overlay "$OVERLAY" \
+  --force-overlay   # the quick start's own overlay, replaced on every run
