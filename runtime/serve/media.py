@@ -58,17 +58,22 @@ def decode_image_bytes(raw: bytes, cfg: ServeConfig, where: str, budget: DecodeB
         raise bad_request(f"{where}: {exc}") from exc
 
 
-def _data_url(url: str, cfg: ServeConfig, where: str, budget: DecodeBudget | None) -> Image.Image:
+def data_url_bytes(url: str, cfg: ServeConfig, where: str, kind: str = "image", limit: str = "image") -> bytes:
+    """A base64 `data:` URL's bytes, its length checked against --max-image-bytes before decoding
+    (`kind` names the media type in the message, `limit` the limit)."""
     spec, sep, data = url[5:].partition(",")
     if not sep or not spec.endswith(";base64"):
-        raise bad_request(f"{where}: only base64 data URLs (data:image/...;base64,...) are accepted")
+        raise bad_request(f"{where}: only base64 data URLs (data:{kind}/...;base64,...) are accepted")
     if len(data) > cfg.max_image_bytes * 4 // 3 + 4:
-        raise bad_request(f"{where}: the data URL exceeds the {cfg.max_image_bytes}-byte image limit")
+        raise bad_request(f"{where}: the data URL exceeds the {cfg.max_image_bytes}-byte {limit} limit")
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise bad_request(f"{where}: the data URL is not valid base64 ({exc})") from exc
-    return decode_image_bytes(raw, cfg, where, budget)
+
+
+def _data_url(url: str, cfg: ServeConfig, where: str, budget: DecodeBudget | None) -> Image.Image:
+    return decode_image_bytes(data_url_bytes(url, cfg, where), cfg, where, budget)
 
 
 def _file_url(url: str, cfg: ServeConfig, where: str, budget: DecodeBudget | None) -> Image.Image:

@@ -15,8 +15,6 @@ Per chat request (one user message: text, image_url and video_url parts):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import tempfile
 import time
@@ -29,6 +27,7 @@ import torch
 from ..families import VisualRows
 from .config import ServeConfig
 from .errors import bad_request
+from .media import data_url_bytes
 
 # the chat request's fields that mean the same on /v1/completions (others are not forwarded)
 SAMPLING_FIELDS = (
@@ -99,15 +98,7 @@ def load_video_url(url: str, cfg: ServeConfig, num_frames: int, where: str):
     from ..videos import read_video
 
     if url.startswith("data:"):
-        spec, sep, data = url[5:].partition(",")
-        if not sep or not spec.endswith(";base64"):
-            raise bad_request(f"{where}: only base64 data URLs (data:video/...;base64,...) are accepted")
-        if len(data) > cfg.max_image_bytes * 4 // 3 + 4:
-            raise bad_request(f"{where}: the data URL exceeds the {cfg.max_image_bytes}-byte media limit")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise bad_request(f"{where}: the data URL is not valid base64 ({exc})") from exc
+        raw = data_url_bytes(url, cfg, where, kind="video", limit="media")
         with tempfile.NamedTemporaryFile(suffix=".video") as f:
             f.write(raw)
             f.flush()
